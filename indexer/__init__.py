@@ -1,0 +1,1 @@
+"""Lookahead memory indexer, heuristic baselines, labels, training and chunk index backends."""
