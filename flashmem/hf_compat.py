@@ -1,0 +1,216 @@
+"""Everything that touches transformers internals lives here (supported: transformers 5.2 .. 5.x).
+
+* ``register()`` puts the ``"flashmem"`` attention function and its mask function into
+  transformers' registries. The mask function returns ``None``: the attention applies causality
+  itself from the true position of every cached slot.
+* ``use_attention(model, name)`` temporarily switches a model's attention implementation.
+* ``forward_kwargs(model, cache)`` names the cache argument the way the installed release expects
+  (``cache=`` from 5.24, ``past_key_values=`` before).
+* ``active_runner`` is the context variable through which the attention function finds the object
+  that owns the paged cache of the forward pass in flight.
+* Rotary helpers: ``rotary_cos_sin`` calls the model's own rotary embedding (so rope scaling such as
+  llama3 or YaRN is respected) and ``unrotate`` recovers pre-RoPE vectors.
+* ``capture_attention_inputs`` records post-RoPE queries/keys of chosen layers during a plain forward
+  (used by calibration and label generation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+ATTENTION_NAME = "flashmem"
+CAPTURE_NAME = "flashmem_capture"
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+active_runner: contextvars.ContextVar[Any] = contextvars.ContextVar("flashmem_active_runner", default=None)
+_capture_callback: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "flashmem_capture_callback", default=None
+)
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "model", model)
+
+
+def _no_mask(*args, **kwargs):
+    """Mask function for the flashmem attention: causality comes from slot positions."""
+    return None
+
+
+def _flashmem_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    runner = active_runner.get()
+    if runner is None:
+        raise RuntimeError(
+            "the 'flashmem' attention ran outside a flashmem forward pass; call the model through "
+            "flashmem.wrap(model, config)"
+        )
+    return runner.attend(module.layer_idx, query, scaling), None
+
+
+def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    callback = _capture_callback.get()
+    if callback is not None:
+        callback(module.layer_idx, query, key, value)
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register the flashmem attention (and its mask) with transformers; idempotent."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _flashmem_attention)
+    AttentionInterface.register(CAPTURE_NAME, _capture_attention)
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    except ImportError:  # pragma: no cover - very old releases
+        ALL_MASK_ATTENTION_FUNCTIONS = None
+    if ALL_MASK_ATTENTION_FUNCTIONS is not None:
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, _no_mask)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(CAPTURE_NAME, sdpa_mask)
+    _registered = True
+
+
+@contextlib.contextmanager
+def use_attention(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """Switch the model's attention implementation for the duration of the block."""
+    register()
+    config = model.config
+    previous = config._attn_implementation
+    configs = [config] + [c for c in (getattr(config, "text_config", None),) if c is not None]
+    try:
+        for c in configs:
+            c._attn_implementation = name
+        yield
+    finally:
+        for c in configs:
+            c._attn_implementation = previous
+
+
+def cache_argument_name(model: torch.nn.Module) -> str:
+    """``"cache"`` on releases whose forward takes it (5.24+), else ``"past_key_values"``."""
+    params = inspect.signature(_base_model(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def forward_kwargs(model: torch.nn.Module, cache) -> dict:
+    return {cache_argument_name(model): cache, "use_cache": True}
+
+
+# ---- model checks ------------------------------------------------------------------------------
+def text_config(model: torch.nn.Module):
+    config = model.config
+    return getattr(config, "text_config", None) or config
+
+
+def validate_model(model: torch.nn.Module) -> None:
+    """Refuse models flashmem cannot run exactly, with a message that says why."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError(
+            f"expected a Hugging Face causal LM (torch.nn.Module with .config), got {type(model)}"
+        )
+    config = text_config(model)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model type {model_type!r} is not supported; flashmem supports {SUPPORTED_MODEL_TYPES} "
+            "(decoder-only, full attention, rotary position embeddings)"
+        )
+    if getattr(_base_model(model), "rotary_emb", None) is None:
+        raise ValueError(
+            "the model has no rotary embedding (model.model.rotary_emb); flashmem needs RoPE models"
+        )
+    layer_types = getattr(config, "layer_types", None) or []
+    other = sorted({t for t in layer_types if t != "full_attention"})
+    if other:
+        raise ValueError(
+            f"unsupported attention types {other}: flashmem supports full causal attention in every layer"
+        )
+    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+        raise ValueError("sliding-window attention is not supported; disable use_sliding_window")
+
+
+def kv_geometry(model: torch.nn.Module) -> tuple[int, int, int, int]:
+    """(num_layers, num_q_heads, num_kv_heads, head_dim) of a supported model."""
+    config = text_config(model)
+    num_q = config.num_attention_heads
+    num_kv = getattr(config, "num_key_value_heads", None) or num_q
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_q
+    return config.num_hidden_layers, num_q, num_kv, head_dim
+
+
+def model_fingerprint(model: torch.nn.Module) -> dict:
+    """What must match for calibration stats or an indexer checkpoint to apply to a model."""
+    config = text_config(model)
+    layers, num_q, num_kv, head_dim = kv_geometry(model)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope = {
+        k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+        for k, v in rope.items()
+    }
+    if "rope_theta" not in rope and getattr(config, "rope_theta", None) is not None:
+        rope["rope_theta"] = float(config.rope_theta)
+    return {
+        "architecture": getattr(config, "model_type", "unknown"),
+        "num_layers": int(layers),
+        "num_attention_heads": int(num_q),
+        "num_key_value_heads": int(num_kv),
+        "head_dim": int(head_dim),
+        "hidden_size": int(config.hidden_size),
+        "rope": {k: v for k, v in sorted(rope.items()) if isinstance(v, (int, float, str))},
+    }
+
+
+# ---- rotary ------------------------------------------------------------------------------------
+def rotary_cos_sin(
+    model: torch.nn.Module, positions: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[T, D]`` of the model's own rotary embedding at ``positions`` ``[T]``."""
+    rotary = _base_model(model).rotary_emb
+    device = positions.device
+    probe = torch.empty((), dtype=dtype, device=device)
+    cos, sin = rotary(probe, positions.reshape(1, -1).long())
+    return cos[0].to(dtype), sin[0].to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply RoPE as transformers does: ``x [..., T, D]`` with ``cos, sin [T, D]``."""
+    return x * cos + _rotate_half(x) * sin
+
+
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Invert :func:`rotate` (also when cos/sin carry an attention scaling factor)."""
+    return (x * cos - _rotate_half(x) * sin) / (cos * cos + sin * sin)
+
+
+@contextlib.contextmanager
+def capture_attention_inputs(model: torch.nn.Module, callback: Callable) -> Iterator[None]:
+    """During the block, every attention call of ``model`` first calls
+    ``callback(layer_idx, query [B, H_q, T, D], key [B, H_kv, S, D], value [B, H_kv, S, D])``
+    with post-RoPE tensors, then computes SDPA attention as usual."""
+    token = _capture_callback.set(callback)
+    try:
+        with use_attention(model, CAPTURE_NAME):
+            yield
+    finally:
+        _capture_callback.reset(token)
