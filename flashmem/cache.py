@@ -1,0 +1,181 @@
+"""``FlashMemCache``: a transformers ``Cache`` whose storage is a paged device cache.
+
+The decode loop (:mod:`flashmem.wrapper`) drives one step at a time:
+
+    cache.begin_step(positions)      # reserve slots for the T new tokens (positions: [T] int64)
+    model(input_ids, position_ids=..., cache=cache)   # every layer: update() writes, attend() reads
+    cache.end_step()                 # commit host-side counters
+
+``update`` stores the layer's new post-RoPE keys/values in the reserved slots, and the registered
+``"flashmem"`` attention function (see :mod:`flashmem.hf_compat`) calls :meth:`attend`, which
+reads only the paged cache: a single-token step goes through the paged decode kernel, a
+multi-token step through SDPA over the gathered slots with a causal mask built from each slot's
+true position (so compacted and recalled slots are handled exactly).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from flashmem.kernels.paged_decode import paged_decode_attention, reference_paged_decode_attention
+from flashmem.offload.paged_cache import PagedKVCache
+
+
+class _PagedLayerView(CacheLayerMixin):
+    """Per-layer facade transformers' mask utilities query for sizes; storage lives in the pool."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, owner: FlashMemCache, layer_idx: int) -> None:
+        super().__init__()
+        self._owner = owner
+        self._layer_idx = layer_idx
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        return None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self._owner.update(key_states, value_states, self._layer_idx)
+
+    def get_mask_sizes(self, query_length: int, *args, **kwargs) -> tuple[int, int]:
+        return self._owner.num_slots + query_length, 0
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self._owner.logical_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        return None
+
+
+class FlashMemCache(Cache):
+    """Paged KV storage for one sequence (batch size 1).
+
+    keys/values per layer live in ``paged.pool`` as ``[num_blocks, block_size, H_kv, D]``.
+    """
+
+    def __init__(
+        self,
+        paged: PagedKVCache,
+        num_q_heads: int,
+        attention_backend: str = "torch",
+    ) -> None:
+        pool = paged.pool
+        super().__init__(layers=[_PagedLayerView(self, i) for i in range(pool.num_layers)])
+        self.paged = paged
+        self.seq_id = paged.add_sequence()
+        self.num_q_heads = num_q_heads
+        self.attention_backend = attention_backend
+        self._positions: torch.Tensor | None = None
+        self._slot_index: torch.Tensor | None = None
+        self._fresh = False
+        self._new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._block_tables: torch.Tensor | None = None
+        self._block_valid: torch.Tensor | None = None
+        self._read_index: torch.Tensor | None = None
+
+    # ---- counters (host side) ----------------------------------------------------------------
+    @property
+    def logical_length(self) -> int:
+        return self.paged.logical_length(self.seq_id)
+
+    @property
+    def num_slots(self) -> int:
+        return self.paged.num_slots(self.seq_id)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.logical_length
+
+    # ---- step protocol -----------------------------------------------------------------------
+    def begin_step(self, positions: torch.Tensor) -> None:
+        """Reserve slots for ``positions`` ``[T]`` (true token positions, on the pool's device)."""
+        num_new = int(positions.shape[0])
+        paged = self.paged
+        self._fresh = paged.num_slots(self.seq_id) == 0
+        paged.begin_append(self.seq_id, num_new)
+        self._positions = positions
+        self._slot_index = paged.pending_slot_indices(self.seq_id)
+        self._new = {}
+        if num_new == 1:
+            total = paged.num_slots(self.seq_id) + 1
+            table = paged.block_table_tensor(self.seq_id)
+            nb = table.shape[0]
+            bs = paged.block_size
+            valid = [bs] * (nb - 1) + [total - bs * (nb - 1)]
+            self._block_tables = table.view(1, nb)
+            self._block_valid = torch.tensor([valid], dtype=torch.int32, device=table.device)
+            self._read_index = None
+        else:
+            self._block_tables = self._block_valid = None
+            self._read_index = None if self._fresh else paged.slot_indices(self.seq_id, include_pending=True)
+
+    def end_step(self) -> None:
+        self.paged.end_append(self.seq_id)
+        self._positions = self._slot_index = None
+        self._new = {}
+        self._block_tables = self._block_valid = self._read_index = None
+
+    def abort_step(self) -> None:
+        self.paged.abort_append(self.seq_id)
+        self._positions = self._slot_index = None
+        self._new = {}
+
+    # ---- transformers hooks ------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Store the step's keys/values ``[1, H_kv, T, D]`` (post-RoPE) in the reserved slots."""
+        if self._positions is None:
+            raise RuntimeError("FlashMemCache.update outside begin_step/end_step")
+        if key_states.shape[0] != 1:
+            raise ValueError(f"FlashMemCache holds one sequence; got batch size {key_states.shape[0]}")
+        k = key_states[0].transpose(0, 1)
+        v = value_states[0].transpose(0, 1)
+        self.paged.write(self.seq_id, layer_idx, k, v, self._positions, slot_index=self._slot_index)
+        if self._fresh:
+            self._new[layer_idx] = (key_states, value_states)
+        return key_states, value_states
+
+    def attend(self, layer_idx: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        """Attention of ``query`` ``[1, H_q, T, D]`` over the sequence's slots -> ``[1, T, H_q, D]``."""
+        num_q = query.shape[2]
+        pool = self.paged.pool
+        if num_q == 1:
+            attention = (
+                paged_decode_attention
+                if self.attention_backend == "triton"
+                else reference_paged_decode_attention
+            )
+            out, _ = attention(
+                query[:, :, 0, :],
+                pool.keys[layer_idx],
+                pool.values[layer_idx],
+                self._block_tables,
+                self._block_valid,
+                slot_positions=pool.positions[layer_idx],
+                scale=scaling,
+            )
+            return out.unsqueeze(1)
+        group = query.shape[1] // pool.num_kv_heads
+        if self._fresh:
+            # First chunk of an empty cache: plain causal attention over the new tokens.
+            k, v = self._new[layer_idx]
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+            out = F.scaled_dot_product_attention(
+                query, k.to(query.dtype), v.to(query.dtype), is_causal=True, scale=scaling
+            )
+            return out.transpose(1, 2)
+        k, v, pos = self.paged.gather(self.seq_id, layer_idx, slot_index=self._read_index)
+        # k, v: [S, H_kv, D]; pos: [S, H_kv]; query positions: [T]
+        qpos = self._positions.to(pos.device)
+        allowed = (pos.T[:, None, :] <= qpos[None, :, None]) & (pos.T[:, None, :] >= 0)  # [H_kv, T, S]
+        allowed = allowed.repeat_interleave(group, dim=0).unsqueeze(0)  # [1, H_q, T, S]
+        k = k.permute(1, 0, 2).repeat_interleave(group, dim=0).unsqueeze(0).to(query.dtype)
+        v = v.permute(1, 0, 2).repeat_interleave(group, dim=0).unsqueeze(0).to(query.dtype)
+        out = F.scaled_dot_product_attention(query, k, v, attn_mask=allowed, scale=scaling)
+        return out.transpose(1, 2)

@@ -1,0 +1,372 @@
+"""``flashmem.wrap(model, config) -> FlashMemModel``: long-context generation over a paged device cache.
+
+One decode loop: the prompt is prefilled in chunks into the paged cache, then tokens are decoded
+one at a time; under a token budget the TriAttention policy compacts the cache every
+``compaction_interval`` tokens so whole blocks return to the pool. Every byte figure in
+:meth:`FlashMemModel.memory_report` comes from the block allocator.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from flashmem.offload.block_pool import BlockPool
+from flashmem.offload.paged_cache import PagedKVCache
+
+from . import hf_compat
+from .cache import FlashMemCache
+from .config import FlashMemConfig
+
+_GENERATE_KWARGS = {
+    "eos_token_id",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "progress",
+    "collect_logits",
+    "stream",
+}
+
+
+def _resolve_backend(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return name
+
+
+class FlashMemModel:
+    """A Hugging Face causal LM decoding through flashmem's paged device cache (batch size 1).
+
+    Attributes after :meth:`generate`: ``step_logits`` (``[N, vocab]`` fp32 when
+    ``collect_logits=True``), ``last_logits`` (``[vocab]``, logits of the last step).
+    """
+
+    def __init__(self, model: torch.nn.Module, config: FlashMemConfig) -> None:
+        if not isinstance(config, FlashMemConfig):
+            raise TypeError(f"config must be a FlashMemConfig, got {type(config).__name__}")
+        hf_compat.validate_model(model)
+        self.model = model
+        self.config = config
+        self.num_layers, self.num_q_heads, self.num_kv_heads, self.head_dim = hf_compat.kv_geometry(model)
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = param.dtype
+        self.attention_backend = _resolve_backend(config.attention_backend, self.device)
+        self.policy = self._make_policy() if config.budget_tokens is not None else None
+        self.cache: FlashMemCache | None = None
+        self.pool: BlockPool | None = None
+        self.step_logits: torch.Tensor | None = None
+        self.last_logits: torch.Tensor | None = None
+        self._share_sum = 0.0
+        self._share_steps = 0
+        self._decode_steps = 0
+        self._compactions = 0
+        self._prompt_len = 0
+        self._timings: dict[str, float] = {}
+
+    # ---- construction helpers ----------------------------------------------------------------
+    def _make_policy(self):
+        from flashmem.offload.triattention import TriAttentionPolicy, load_stats_for_model
+
+        c = self.config
+        stats = load_stats_for_model(self.model, c.stats_path)
+        return TriAttentionPolicy(
+            stats,
+            budget_tokens=c.budget_tokens,
+            compaction_interval=c.compaction_interval,
+            window_tokens=c.window_tokens,
+            sink_tokens=c.sink_tokens,
+            mode=c.triattention_mode,
+            protect_prompt=c.protect_prompt,
+            backend="triton" if self.attention_backend == "triton" else "torch",
+        )
+
+    def _prefill_chunk(self) -> int:
+        c = self.config
+        if c.budget_tokens is None:
+            return c.prefill_chunk_tokens
+        return min(c.prefill_chunk_tokens, c.compaction_interval)
+
+    def _pool_blocks(self, total_tokens: int) -> int:
+        c = self.config
+        full = math.ceil(total_tokens / c.block_size)
+        if c.budget_tokens is None:
+            return full
+        # Never more than budget + one interval (or one prefill chunk) on the device, plus one
+        # partially filled block.
+        cap = c.budget_tokens + max(c.compaction_interval, self._prefill_chunk())
+        return min(full, math.ceil(cap / c.block_size) + 1)
+
+    # ---- input checks (all before any work) --------------------------------------------------
+    def _check_inputs(self, input_ids, max_new_tokens: int, kwargs: dict) -> torch.Tensor:
+        unknown = set(kwargs) - _GENERATE_KWARGS
+        if unknown:
+            raise TypeError(f"generate() got unexpected keyword arguments {sorted(unknown)}")
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a LongTensor [1, T], got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [1, T], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[0] != 1:
+            raise ValueError(
+                f"flashmem decodes one sequence at a time (batch size 1); got batch size {input_ids.shape[0]}"
+            )
+        if input_ids.shape[1] < 1:
+            raise ValueError("input_ids is empty; give at least one prompt token")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        total = input_ids.shape[1] + max_new_tokens
+        if total > self.config.max_context_tokens:
+            raise ValueError(
+                f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+                f"max_context_tokens ({self.config.max_context_tokens}); raise FlashMemConfig.max_context_tokens"
+            )
+        vocab = hf_compat.text_config(self.model).vocab_size
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+            raise ValueError(f"input_ids hold ids outside the vocabulary [0, {vocab})")
+        c = self.config
+        if (
+            c.budget_tokens is not None
+            and c.protect_prompt
+            and input_ids.shape[1] + c.window_tokens > c.budget_tokens
+        ):
+            raise ValueError(
+                f"protect_prompt keeps all {input_ids.shape[1]} prompt tokens, more than budget_tokens "
+                f"({c.budget_tokens}) allows with a {c.window_tokens}-token window"
+            )
+        return input_ids.to(self.device)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def _new_cache(self, total_tokens: int) -> None:
+        self.cache = None
+        self.pool = None
+        self.pool = BlockPool(
+            self.num_layers,
+            self._pool_blocks(total_tokens),
+            self.num_kv_heads,
+            self.head_dim,
+            block_size=self.config.block_size,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.cache = FlashMemCache(PagedKVCache(self.pool), self.num_q_heads, self.attention_backend)
+        self._share_sum = 0.0
+        self._share_steps = 0
+        self._decode_steps = 0
+        self._compactions = 0
+        self._timings = {"prefill_s": 0.0, "decode_s": 0.0, "compaction_s": 0.0}
+
+    def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Run ``ids`` ``[1, T]`` at positions ``start ..``; returns logits of the last token ``[vocab]``."""
+        cache = self.cache
+        positions = torch.arange(start, start + ids.shape[1], device=self.device)
+        cache.begin_step(positions)
+        token = hf_compat.active_runner.set(cache)
+        try:
+            with hf_compat.use_attention(self.model, hf_compat.ATTENTION_NAME):
+                out = self.model(
+                    input_ids=ids,
+                    position_ids=positions.unsqueeze(0),
+                    logits_to_keep=1,
+                    **hf_compat.forward_kwargs(self.model, cache),
+                )
+        except BaseException:
+            cache.abort_step()
+            raise
+        finally:
+            hf_compat.active_runner.reset(token)
+        cache.end_step()
+        return out.logits[0, -1].float()
+
+    def _maybe_compact(self) -> None:
+        if self.policy is None:
+            return
+        cache = self.cache
+        if self.policy.should_compact(cache.num_slots):
+            t0 = time.perf_counter()
+            self.policy.compact(
+                cache.paged, cache.seq_id, cache.logical_length, prompt_len=self._prompt_len, model=self.model
+            )
+            self._compactions += 1
+            self._timings["compaction_s"] += time.perf_counter() - t0
+
+    def _record_share(self) -> None:
+        full = self.cache.logical_length * self.pool.kv_bytes_per_token
+        self._share_sum += self.pool.device_kv_bytes / full
+        self._share_steps += 1
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, **kwargs) -> torch.Tensor:
+        """Greedy (or sampled) generation; returns ``[1, T + N]`` token ids (N <= max_new_tokens,
+        fewer when an end-of-sequence token is produced).
+
+        kwargs: ``eos_token_id`` (int or list; default from the model's generation config, ``None``
+        disables stopping), ``do_sample`` (False), ``temperature`` (1.0), ``top_k``, ``top_p``,
+        ``seed``, ``progress`` (show a prefill progress bar; default True for prompts over 8K tokens),
+        ``collect_logits`` (keep every step's logits in ``self.step_logits``), ``stream`` (a callable
+        receiving each new token id).
+        """
+        input_ids = self._check_inputs(input_ids, max_new_tokens, kwargs)
+        eos = kwargs.get("eos_token_id", self._default_eos())
+        eos_set = set([eos] if isinstance(eos, int) else (eos or []))
+        sampler = _Sampler(
+            kwargs.get("do_sample", False),
+            kwargs.get("temperature", 1.0),
+            kwargs.get("top_k"),
+            kwargs.get("top_p"),
+            kwargs.get("seed"),
+            self.device,
+        )
+        collect = bool(kwargs.get("collect_logits", False))
+        stream: Callable[[int], None] | None = kwargs.get("stream")
+        prompt_len = input_ids.shape[1]
+        self._prompt_len = prompt_len
+        self._new_cache(prompt_len + max_new_tokens)
+
+        logits = self._prefill(input_ids, kwargs.get("progress"))
+        generated: list[int] = []
+        step_logits = []
+        t0 = time.perf_counter()
+        for step in range(max_new_tokens):
+            if collect:
+                step_logits.append(logits)
+            token = sampler(logits)
+            generated.append(token)
+            if stream is not None:
+                stream(token)
+            if token in eos_set or step == max_new_tokens - 1:
+                break
+            ids = torch.tensor([[token]], device=self.device)
+            logits = self._forward(ids, self.cache.logical_length)
+            self._decode_steps += 1
+            self._record_share()
+            self._maybe_compact()
+        self._timings["decode_s"] += time.perf_counter() - t0
+        self.last_logits = logits
+        self.step_logits = torch.stack(step_logits) if collect and step_logits else None
+        new = torch.tensor([generated], dtype=input_ids.dtype, device=input_ids.device)
+        return torch.cat([input_ids, new], dim=1)
+
+    def _prefill(self, input_ids: torch.Tensor, progress: bool | None) -> torch.Tensor:
+        total = input_ids.shape[1]
+        chunk = self._prefill_chunk()
+        show = progress if progress is not None else total > 8192
+        bar = tqdm(total=total, unit="tok", desc="prefill", disable=not show, leave=False)
+        t0 = time.perf_counter()
+        logits = None
+        for start in range(0, total, chunk):
+            ids = input_ids[:, start : start + chunk]
+            logits = self._forward(ids, start)
+            self._maybe_compact()
+            bar.update(ids.shape[1])
+            bar.set_postfix(device_kv=_fmt_bytes(self.pool.device_kv_bytes), refresh=False)
+        bar.close()
+        self._timings["prefill_s"] += time.perf_counter() - t0
+        self._record_share()
+        return logits
+
+    def _default_eos(self):
+        gen = getattr(self.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        if eos is None:
+            eos = getattr(hf_compat.text_config(self.model), "eos_token_id", None)
+        return eos
+
+    # ---- reporting ---------------------------------------------------------------------------
+    def memory_report(self) -> dict:
+        """Device and host KV figures of the last :meth:`generate` call (all from the allocator).
+
+        Keys: device_kv_bytes, peak_device_kv_bytes, full_kv_bytes (a dense cache of the same
+        tokens), host_kv_bytes, blocks_in_use, blocks_freed, blocks_allocated, peak_blocks_in_use,
+        pool_blocks, pool_capacity_bytes, kv_block_bytes, kv_bytes_per_token, block_size,
+        logical_tokens, device_slots, device_share, peak_device_share, avg_device_share,
+        compactions, decode_steps, budget_tokens, timings.
+        """
+        if self.pool is None:
+            raise RuntimeError("memory_report() is available after generate()")
+        pool, cache = self.pool, self.cache
+        full = cache.logical_length * pool.kv_bytes_per_token
+        peak_full = full  # the dense cache is largest at the end
+        return {
+            "device_kv_bytes": pool.device_kv_bytes,
+            "peak_device_kv_bytes": pool.peak_device_kv_bytes,
+            "full_kv_bytes": full,
+            "host_kv_bytes": 0,
+            "blocks_in_use": pool.blocks_in_use,
+            "blocks_freed": pool.blocks_freed_total,
+            "blocks_allocated": pool.blocks_allocated_total,
+            "peak_blocks_in_use": pool.peak_blocks_in_use,
+            "pool_blocks": pool.num_blocks,
+            "pool_capacity_bytes": pool.capacity_bytes,
+            "kv_block_bytes": pool.kv_block_bytes,
+            "kv_bytes_per_token": pool.kv_bytes_per_token,
+            "block_size": pool.block_size,
+            "logical_tokens": cache.logical_length,
+            "device_slots": cache.num_slots,
+            "device_share": pool.device_kv_bytes / full if full else 0.0,
+            "peak_device_share": pool.peak_device_kv_bytes / peak_full if peak_full else 0.0,
+            "avg_device_share": self._share_sum / self._share_steps if self._share_steps else 0.0,
+            "compactions": self._compactions,
+            "decode_steps": self._decode_steps,
+            "budget_tokens": self.config.budget_tokens,
+            "timings": dict(self._timings),
+        }
+
+
+class _Sampler:
+    """Greedy by default; temperature / top-k / top-p sampling when ``do_sample``."""
+
+    def __init__(self, do_sample, temperature, top_k, top_p, seed, device) -> None:
+        if temperature is not None and (not isinstance(temperature, (int, float)) or temperature <= 0):
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+        if top_p is not None and not (0 < top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        self.do_sample = bool(do_sample)
+        self.temperature = float(temperature or 1.0)
+        self.top_k = top_k
+        self.top_p = top_p
+        self.generator = None
+        if self.do_sample:
+            self.generator = torch.Generator(device=device)
+            if seed is not None:
+                self.generator.manual_seed(int(seed))
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        if not self.do_sample:
+            return int(logits.argmax())
+        logits = logits / self.temperature
+        if self.top_k is not None:
+            kth = torch.topk(logits, min(self.top_k, logits.shape[-1])).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if self.top_p is not None:
+            sorted_p, order = probs.sort(descending=True)
+            drop = sorted_p.cumsum(0) - sorted_p > self.top_p
+            sorted_p[drop] = 0
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def wrap(model: torch.nn.Module, config: FlashMemConfig | None = None) -> FlashMemModel:
+    """Wrap a Hugging Face causal LM (Llama, Qwen2, Qwen3, Mistral families) for flashmem decoding."""
+    return FlashMemModel(model, config if config is not None else FlashMemConfig())
