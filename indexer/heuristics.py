@@ -1,0 +1,161 @@
+"""The ``Indexer`` protocol, heuristic indexers, the oracle, and the registry by name.
+
+An indexer scores the closed chunks of ONE layer for a query state at refresh position ``t``:
+``Indexer.score(query, summaries) -> [..., N]`` (higher = more likely needed in ``[t, t + tau)``).
+Scores are per layer: per-head scores are reduced over the layer's query heads (``head_reduce``):
+
+* ``"softmax_mean"`` (default): softmax over chunks per query head (logits scaled by ``1/sqrt(D)``),
+  then mean over heads: an estimate of the layer's attention-mass share per chunk;
+* ``"max"``: max over heads of the raw per-head score.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from .summaries import ChunkSummaries
+
+
+@dataclass
+class QueryState:
+    """What an indexer may look at when it refreshes at position ``position`` (one layer).
+
+    q_pre:  [..., H_q, D] pre-RoPE query of the token at ``position``
+    q_rope: [..., H_q, D] the same query after RoPE (Quest and mean-key heuristics need it)
+    position: absolute position of that token (host int)
+    hidden: [..., hidden_size] decode-time hidden state entering the layer, or None
+    oracle_mass: [..., N] true attention mass per chunk over the window (oracle only), or None
+    """
+
+    q_pre: torch.Tensor
+    q_rope: torch.Tensor
+    position: int
+    hidden: torch.Tensor | None = None
+    oracle_mass: torch.Tensor | None = None
+
+
+@runtime_checkable
+class Indexer(Protocol):
+    name: str
+
+    def score(self, query: QueryState, summaries: ChunkSummaries) -> torch.Tensor:
+        """query: QueryState with q [..., H_q, D]; summaries of N chunks -> scores [..., N]."""
+        ...
+
+
+def _expand_heads(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+    """[N, H_kv, D] -> [N, H_q, D] by GQA grouping (query head h reads KV head h // group)."""
+    h_kv = x.shape[1]
+    if num_q_heads % h_kv:
+        raise ValueError(f"{num_q_heads} query heads are not a multiple of {h_kv} KV heads")
+    return x.repeat_interleave(num_q_heads // h_kv, dim=1)
+
+
+def reduce_heads(per_head: torch.Tensor, head_reduce: str, head_dim: int) -> torch.Tensor:
+    """per_head: [..., H_q, N] logits -> [..., N]."""
+    if per_head.shape[-1] == 0:
+        return per_head.sum(dim=-2)
+    if head_reduce == "softmax_mean":
+        return torch.softmax(per_head / math.sqrt(head_dim), dim=-1).mean(dim=-2)
+    if head_reduce == "max":
+        return per_head.amax(dim=-2)
+    raise ValueError(f"head_reduce must be 'softmax_mean' or 'max', got {head_reduce!r}")
+
+
+def _check(query: QueryState, summaries: ChunkSummaries) -> None:
+    if query.q_rope.shape[-1] != summaries.mean_key.shape[-1]:
+        raise ValueError(
+            f"query head_dim {query.q_rope.shape[-1]} != summary head_dim {summaries.mean_key.shape[-1]}"
+        )
+
+
+class MeanKeyIndexer:
+    """Dot product of the post-RoPE query with each chunk's mean post-RoPE key: the exact mean logit
+    over the chunk (``prerope=True`` uses pre-RoPE query and mean key instead, ignoring position)."""
+
+    def __init__(self, head_reduce: str = "softmax_mean", prerope: bool = False):
+        self.head_reduce = head_reduce
+        self.prerope = prerope
+        self.name = "mean_key_prerope" if prerope else "mean_key"
+
+    def score(self, query: QueryState, summaries: ChunkSummaries) -> torch.Tensor:
+        _check(query, summaries)
+        q = query.q_pre if self.prerope else query.q_rope
+        k = summaries.mean_key if self.prerope else summaries.mean_key_rope
+        k = _expand_heads(k.to(q.dtype), q.shape[-2])  # [N, H_q, D]
+        logits = torch.einsum("...hd,nhd->...hn", q, k)
+        return reduce_heads(logits, self.head_reduce, q.shape[-1])
+
+
+class QuestIndexer:
+    """Quest upper bound ``sum_d max(q_d * min_d, q_d * max_d)`` with post-RoPE query and bounds."""
+
+    name = "quest"
+
+    def __init__(self, head_reduce: str = "softmax_mean"):
+        self.head_reduce = head_reduce
+
+    def score(self, query: QueryState, summaries: ChunkSummaries) -> torch.Tensor:
+        _check(query, summaries)
+        q = query.q_rope
+        lo = _expand_heads(summaries.min_key.to(q.dtype), q.shape[-2])  # [N, H_q, D]
+        hi = _expand_heads(summaries.max_key.to(q.dtype), q.shape[-2])
+        qe = q.unsqueeze(-3)  # [..., 1, H_q, D]
+        bound = torch.maximum(qe * lo, qe * hi).sum(dim=-1)  # [..., N, H_q]
+        return reduce_heads(bound.transpose(-1, -2), self.head_reduce, q.shape[-1])
+
+
+class RecencyIndexer:
+    """Most recent chunks first (ignores the query)."""
+
+    name = "recency"
+
+    def score(self, query: QueryState, summaries: ChunkSummaries) -> torch.Tensor:
+        s = summaries.start.to(query.q_rope.dtype)
+        return s.expand(*query.q_rope.shape[:-2], s.shape[0]).clone()
+
+
+class OracleIndexer:
+    """True attention mass per chunk over the window (``QueryState.oracle_mass``); evaluation only."""
+
+    name = "oracle"
+
+    def score(self, query: QueryState, summaries: ChunkSummaries) -> torch.Tensor:
+        if query.oracle_mass is None:
+            raise ValueError(
+                "the oracle indexer needs QueryState.oracle_mass (true attention mass per chunk)"
+            )
+        if query.oracle_mass.shape[-1] != summaries.num_chunks:
+            raise ValueError(
+                f"oracle_mass has {query.oracle_mass.shape[-1]} chunks, summaries have {summaries.num_chunks}"
+            )
+        return query.oracle_mass
+
+
+INDEXERS: dict[str, type] = {}
+
+
+def register_indexer(name: str, factory) -> None:
+    """Make ``get_indexer(name)`` build indexers with ``factory(**kwargs)``."""
+    INDEXERS[name] = factory
+
+
+def get_indexer(name: str, **kwargs) -> Indexer:
+    """Build a registered indexer by name (``mean_key``, ``mean_key_prerope``, ``quest``, ``recency``,
+    ``oracle``, ``lookahead``)."""
+    if name not in INDEXERS:
+        raise ValueError(f"unknown indexer {name!r}; choose one of {sorted(INDEXERS)}")
+    return INDEXERS[name](**kwargs)
+
+
+register_indexer("mean_key", lambda **kw: MeanKeyIndexer(prerope=False, **kw))
+register_indexer("mean_key_prerope", lambda **kw: MeanKeyIndexer(prerope=True, **kw))
+register_indexer("quest", QuestIndexer)
+register_indexer("recency", RecencyIndexer)
+register_indexer("oracle", OracleIndexer)
+
+HEURISTICS = ("mean_key", "mean_key_prerope", "quest", "recency")
