@@ -66,7 +66,8 @@ class OffloadManager:
     ) -> tuple[list[int], list[int]]:
         """Make chunks resident for the current window; returns ``(hits, misses)``.
 
-        Hits move to the most-recent end of the LRU order and are pinned. Misses get blocks
+        All requested chunks move to the most-recent end of the LRU order (in request order) and
+        are pinned. Misses get blocks
         (evicting LRU unpinned chunks if needed), are copied asynchronously and pinned. A resident
         chunk loaded while it was the partial last chunk, that has since grown, is reloaded when it
         is not pinned. Raises (state unchanged) on unknown chunk ids or when the pool cannot fit them.
@@ -104,8 +105,7 @@ class OffloadManager:
                 self.resident.complete_load(plan.chunk_ids)
                 self.resident.evict(plan.chunk_ids)
                 raise
-        if hits:
-            self.resident.touch(hits)
+        self.resident.touch(ids)  # request order = recency order, hits and new loads alike
         self.resident.pin(ids)
         return hits, misses
 
@@ -134,8 +134,23 @@ class OffloadManager:
             return
         if self.resident.loading_chunks():
             raise ValueError("refresh_positions with chunks in flight; call ensure_ready() first")
-        positions = self._positions(ids, resident_per_head)
+        if len(resident_per_head) != self.pool.num_kv_heads:
+            raise ValueError(
+                f"resident_per_head needs one entry per KV head ({self.pool.num_kv_heads}), "
+                f"got {len(resident_per_head)}"
+            )
+        positions = dedupe_positions(self.loaded_positions(ids), resident_per_head)
         self.engine.write_positions([self.resident.blocks(c) for c in ids], positions)
+
+    def loaded_positions(self, chunk_ids: Iterable[int]) -> torch.Tensor:
+        """True positions of the slots of resident chunks as loaded, ``[n * chunk_size]`` int32 (CPU):
+        -1 past the tokens the chunk held when it was copied (the mirror may have grown since)."""
+        cs = self.chunk_size
+        out = []
+        for c in chunk_ids:
+            valid = self.resident.get(c).valid_tokens
+            out.extend(c * cs + r if r < valid else -1 for r in range(cs))
+        return torch.tensor(out, dtype=torch.int32)
 
     def resident_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks of the ready chunks in token order and their valid slot counts.

@@ -1,0 +1,141 @@
+"""HostMirror: lossless chunked storage, exact byte accounting, capacity refused up front."""
+
+import pytest
+import torch
+from flashmem.offload import host_mirror as hm
+from flashmem.offload.host_mirror import HostMirror
+
+L, H, D = 3, 2, 5
+
+
+def _fill(mirror: HostMirror, n: int, seed: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    ks = [torch.randn(n, H, D, generator=g).to(dtype) for _ in range(L)]
+    vs = [torch.randn(n, H, D, generator=g).to(dtype) for _ in range(L)]
+    for l in range(L):
+        mirror.append(l, ks[l], vs[l])
+    mirror.commit(n)
+    return ks, vs
+
+
+def test_lossless_rows_and_bytes_equal_dense_kv():
+    mirror = HostMirror(L, H, D, chunk_size=8, dtype=torch.bfloat16)
+    ks, vs = [], []
+    for i, n in enumerate([13, 1, 1, 7, 20]):
+        k, v = _fill(mirror, n, seed=i, dtype=torch.bfloat16)
+        ks.append(k)
+        vs.append(v)
+    total = 42
+    assert mirror.num_tokens == total
+    assert mirror.num_chunks == 6  # ceil(42 / 8)
+    # full dense KV bytes of the tokens seen: 2 (K,V) * L * H * D * 2 bytes (bf16) per token
+    assert mirror.host_kv_bytes == total * 2 * L * H * D * 2
+    assert mirror.capacity_bytes >= mirror.host_kv_bytes
+    assert mirror.capacity_tokens % 8 == 0
+    for l in range(L):
+        dense_k = torch.cat([k[l] for k in ks])
+        dense_v = torch.cat([v[l] for v in vs])
+        assert torch.equal(mirror.keys[l][:total], dense_k)
+        assert torch.equal(mirror.values[l][:total], dense_v)
+        k, v, pos = mirror.chunk_rows(l, [5, 1])
+        # chunk 5 holds tokens 40, 41 then the empty tail; chunk 1 holds 8..15
+        assert pos.tolist() == [40, 41] + [-1] * 6 + list(range(8, 16))
+        assert torch.equal(k[:2], dense_k[40:42]) and torch.equal(v[8:], dense_v[8:16])
+    assert mirror.d2h_bytes == mirror.host_kv_bytes
+    assert mirror.d2h_copies == 2 * L * 5  # one copy per tensor per call, never per token
+
+
+def test_commit_requires_every_layer():
+    mirror = HostMirror(L, H, D, chunk_size=4, dtype=torch.float32)
+    mirror.append(0, torch.zeros(3, H, D), torch.zeros(3, H, D))
+    with pytest.raises(RuntimeError, match="layers"):
+        mirror.commit(3)
+    assert mirror.num_tokens == 0
+    mirror.rollback()
+    _fill(mirror, 3, 0)
+    assert mirror.num_tokens == 3
+
+
+def test_bad_input_is_refused_before_any_write():
+    mirror = HostMirror(L, H, D, chunk_size=4, dtype=torch.float32, capacity_tokens=8)
+    storage = mirror.storage
+    with pytest.raises(TypeError, match="lossless"):
+        mirror.append(0, torch.zeros(2, H, D, dtype=torch.float16), torch.zeros(2, H, D, dtype=torch.float16))
+    with pytest.raises(ValueError, match="shape"):
+        mirror.append(0, torch.zeros(2, H + 1, D), torch.zeros(2, H + 1, D))
+    with pytest.raises(ValueError, match="layer"):
+        mirror.append(L, torch.zeros(2, H, D), torch.zeros(2, H, D))
+    with pytest.raises(ValueError, match="out of range"):
+        mirror.chunk_rows(0, [0])  # no committed tokens yet
+    assert mirror.storage is storage and mirror.num_tokens == 0 and mirror.d2h_bytes == 0
+
+
+def test_growth_keeps_rows():
+    mirror = HostMirror(L, H, D, chunk_size=4, dtype=torch.float32, capacity_tokens=4)
+    k1, v1 = _fill(mirror, 3, 1)
+    k2, v2 = _fill(mirror, 9, 2)  # forces a reallocation
+    assert mirror.capacity_tokens >= 12 and mirror.reallocations >= 1
+    for l in range(L):
+        assert torch.equal(mirror.keys[l][:12], torch.cat([k1[l], k2[l]]))
+        assert torch.equal(mirror.values[l][:12], torch.cat([v1[l], v2[l]]))
+
+
+def test_huge_reserve_refused_up_front_state_unchanged():
+    mirror = HostMirror(L, H, D, chunk_size=4, dtype=torch.float32, capacity_tokens=8)
+    _fill(mirror, 5, 0)
+    storage, cap, n = mirror.storage, mirror.capacity_tokens, mirror.num_tokens
+    snapshot = storage.clone()
+    physical, _ = hm.host_memory_bytes()
+    too_many = physical // mirror.kv_bytes_per_token + 1000
+    with pytest.raises(ValueError, match="GiB"):
+        mirror.reserve(too_many)
+    assert mirror.storage is storage and mirror.capacity_tokens == cap and mirror.num_tokens == n
+    assert torch.equal(mirror.storage, snapshot)
+
+
+def test_reserve_over_available_memory_refused(monkeypatch):
+    mirror = HostMirror(L, H, D, chunk_size=4, dtype=torch.float32)
+    monkeypatch.setattr(hm, "host_memory_bytes", lambda: (1 << 40, 1000 * mirror.kv_bytes_per_token))
+    with pytest.raises(ValueError, match="available"):
+        mirror.reserve(2000)
+    assert mirror.capacity_tokens == 0
+    mirror.reserve(800)
+    assert mirror.capacity_tokens == 800
+
+
+def test_user_cap_refused_at_construction_and_on_append():
+    per_token = 2 * L * H * D * 4
+    with pytest.raises(ValueError, match="max_host_bytes"):
+        HostMirror(
+            L, H, D, chunk_size=4, dtype=torch.float32, capacity_tokens=100, max_host_bytes=per_token * 50
+        )
+    mirror = HostMirror(L, H, D, chunk_size=4, dtype=torch.float32, max_host_bytes=per_token * 8)
+    _fill(mirror, 8, 0)
+    storage = mirror.storage
+    with pytest.raises(ValueError, match="max_host_bytes"):
+        mirror.append(0, torch.zeros(1, H, D), torch.zeros(1, H, D))
+    assert mirror.storage is storage and mirror.num_tokens == 8
+
+
+def test_rounding_and_chunk_counts():
+    mirror = HostMirror(1, 1, 2, chunk_size=64, dtype=torch.float16, capacity_tokens=65)
+    assert mirror.capacity_tokens == 128
+    assert mirror.capacity_bytes == 128 * 2 * 1 * 1 * 2 * 2
+    assert mirror.num_chunks == 0 and mirror.host_kv_bytes == 0
+    mirror.append(0, torch.ones(64, 1, 2, dtype=torch.float16), torch.ones(64, 1, 2, dtype=torch.float16))
+    mirror.commit(64)
+    assert mirror.num_chunks == 1 and mirror.chunk_num_tokens(0) == 64 and mirror.chunk_num_tokens(1) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned memory, async device-to-host)")
+def test_cuda_append_is_pinned_and_exact():
+    mirror = HostMirror(L, H, D, chunk_size=8, dtype=torch.bfloat16, capacity_tokens=64)
+    assert mirror.storage.is_pinned()
+    k = torch.randn(L, 20, H, D, device="cuda").to(torch.bfloat16)
+    v = torch.randn(L, 20, H, D, device="cuda").to(torch.bfloat16)
+    for l in range(L):
+        mirror.append(l, k[l], v[l])
+    mirror.commit(20)
+    for l in range(L):
+        kr, vr, _ = mirror.chunk_rows(l, [0, 1, 2])
+        assert torch.equal(kr[:20], k[l].cpu()) and torch.equal(vr[:20], v[l].cpu())
