@@ -100,7 +100,9 @@ def test_trig_term_is_mean_dot_product_of_rotated_vectors(seed):
             q_rot = rotate(q_mean[h][None], cos_q, sin_q)  # [1, D]
             expected[:, h] += (k_rot * q_rot).sum(-1) / len(OFFSETS)
 
-    ref = reference_triattention_score(keys.float(), positions, qr.float(), qi.float(), q_abs.float(), omega, t)
+    ref = reference_triattention_score(
+        keys.float(), positions, qr.float(), qi.float(), q_abs.float(), omega, t
+    )
     torch.testing.assert_close(ref.double(), expected, atol=1e-4, rtol=1e-4)
     got = triattention_score(
         keys.float().to(DEVICE),
@@ -187,7 +189,9 @@ def test_post_rope_keys_score_like_unrotated_keys_at_their_positions():
     equal scores of the pre-RoPE keys at their positions, for kernel and reference."""
     head_dim, n, num_kv, group = 64, 40, 3, 3
     holder = _llama_rotary(head_dim, {"rope_type": "default", "rope_theta": 100000.0})
-    keys, positions, qr, qi, qa, _, _ = make_case(n, num_kv, group, head_dim, torch.float32, seed=5, max_pos=2000)
+    keys, positions, qr, qi, qa, _, _ = make_case(
+        n, num_kv, group, head_dim, torch.float32, seed=5, max_pos=2000
+    )
     omega = holder.rotary_emb.inv_freq.float().to(DEVICE)
     post = torch.empty_like(keys)
     for h in range(num_kv):
