@@ -44,6 +44,7 @@ _LN2 = 0.6931471805599453
 _MIN_SLOTS_PER_SPLIT = 256
 _MAX_SPLITS = 128
 _MAX_BLOCK_H = 64
+_TILE_BYTES = 16384
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +141,13 @@ def _paged_decode_kernel(
             + offs_d[None, :]
         )
         k = tl.load(k_ptrs, mask=mask_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
+        # V is loaded before the scores are computed so both tiles are in flight together.
+        v_ptrs = (
+            v_ptr
+            + (block_ids * stride_vb + offs_slot * stride_vs + kv_head64 * stride_vh)[:, None]
+            + offs_d[None, :]
+        )
+        v = tl.load(v_ptrs, mask=mask_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
         scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [BLOCK_H, BLOCK_N]
         scores = tl.where(mask_n[None, :], scores, float("-inf"))
 
@@ -149,12 +157,6 @@ def _paged_decode_kernel(
         p = tl.exp2(scores - m_safe[:, None])  # [BLOCK_H, BLOCK_N]; 0 on masked slots
         l_i = l_i * alpha + tl.sum(p, axis=1)
 
-        v_ptrs = (
-            v_ptr
-            + (block_ids * stride_vb + offs_slot * stride_vs + kv_head64 * stride_vh)[:, None]
-            + offs_d[None, :]
-        )
-        v = tl.load(v_ptrs, mask=mask_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 
@@ -409,7 +411,8 @@ def paged_decode_attention(
     block_h = min(max(16, triton.next_power_of_2(group)), _MAX_BLOCK_H)
     num_head_blocks = triton.cdiv(group, block_h)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_n = max(64, triton.next_power_of_2(block_size)) if block_d <= 128 else 32
+    # Slots per tile: K and V tiles of at most 16 KiB each (no register spills at D=128 in fp32).
+    block_n = min(64, max(16, _TILE_BYTES // (block_d * query.element_size())))
 
     programs = batch * num_kv_heads * num_head_blocks
     if num_splits is None:
@@ -469,7 +472,7 @@ def paged_decode_attention(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         HAS_POS=has_pos,
-        num_warps=4,
+        num_warps=8 if query.element_size() == 4 else 4,  # fp32 tiles at 4 warps spill registers on sm_90
         num_stages=2,
     )
     if num_splits > 1:
