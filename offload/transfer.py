@@ -200,7 +200,7 @@ class TransferEngine:
             raise ValueError(f"chunks {busy[:8]} already have a copy in flight")
 
         # 1. gather into one staging buffer (host)
-        m.wait_rows(int(rows[-1]) + 1 if n_rows else 0)
+        m.wait_rows(int(rows.max()) + 1)  # chunks may come in any order
         nbytes = self._layout(n_rows)[3]
         staging_index, buf = self._take_staging(nbytes)
         s_slots, s_kv, s_pos = self._views(buf, n_rows)

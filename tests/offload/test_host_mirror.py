@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from flashmem.offload import host_mirror as hm
 from flashmem.offload.host_mirror import HostMirror
 

@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+
 from flashmem.offload.block_pool import BlockPool, BlockPoolExhausted
 from flashmem.offload.host_mirror import HostMirror
 from flashmem.offload.offload_manager import OffloadManager

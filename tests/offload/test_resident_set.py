@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from flashmem.offload.block_pool import BlockPool, BlockPoolExhausted
 from flashmem.offload.resident_set import ChunkState, ResidentSet, dedupe_positions
 
