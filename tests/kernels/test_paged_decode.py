@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from flashmem.kernels.paged_decode import (
     block_valid_from_num_slots,
     merge_attention_states,
@@ -98,10 +99,18 @@ def make_case(
     key_cache[~live] = float("nan")
     value_cache[~live] = float("nan")
     to = dict(device=DEVICE)
+
+    def move(t):  # keeps the strides of a strided view (a plain .to() may make it contiguous)
+        return (
+            torch.empty_strided(t.shape, t.stride(), dtype=dtype, **to).copy_(t)
+            if strided
+            else t.to(dtype=dtype, **to)
+        )
+
     return dict(
-        query=query.to(dtype=dtype, **to),
-        key_cache=key_cache.to(dtype=dtype, **to),
-        value_cache=value_cache.to(dtype=dtype, **to),
+        query=move(query),
+        key_cache=move(key_cache),
+        value_cache=move(value_cache),
         block_tables=tables.to(**to),
         block_valid=valid.to(**to),
         slot_positions=positions.to(**to) if holes else None,
@@ -138,6 +147,7 @@ CASES = [
     ([17, 63], 8, 8, 32, torch.float32, True, 1, {}),
     ([40, 3], 6, 2, 32, torch.float16, False, 5, dict(block_size=5)),
     ([33, 20], 9, 3, 64, torch.float32, True, 2, dict(strided=True)),
+    ([21, 40], 4, 2, 64, torch.float16, False, 1, dict(strided=True)),
     ([50], 72, 1, 32, torch.float32, False, 2, {}),  # group of 72: two head tiles per KV head
     ([70], 4, 2, 80, torch.float16, False, 1, dict(mid_partial=False)),
     ([100, 30], 8, 2, 64, torch.float32, False, None, {}),
@@ -154,6 +164,8 @@ CASES = [
 )
 def test_kernel_matches_reference(num_slots, hq, hkv, d, dtype, holes, splits, extra):
     case = make_case(num_slots, hq, hkv, d, dtype, holes=holes, seed=len(num_slots) * 1000 + d + hq, **extra)
+    if extra.get("strided"):
+        assert case["query"].stride(1) == 2 * d and case["key_cache"].stride(2) == 2 * d
     assert_matches_reference(case, splits)
 
 
