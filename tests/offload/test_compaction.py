@@ -36,8 +36,18 @@ def make(num_layers=2, num_kv=3, head_dim=8, num_blocks=64, block_size=16, seed=
 
 
 def snapshot(cache: PagedKVCache) -> list[torch.Tensor]:
+    """Raw bytes of the whole pool (unwritten slots may hold NaN, so compare bits)."""
     pool = cache.pool
-    return [t.clone() for t in pool.keys + pool.values + pool.positions]
+    return [t.clone().view(torch.uint8) for t in pool.keys + pool.values] + [
+        t.clone() for t in pool.positions
+    ]
+
+
+def snapshot_blocks(pool: BlockPool, blocks: torch.Tensor) -> list[torch.Tensor]:
+    """Raw bytes of some blocks in every layer (K, V as bits, positions as ints)."""
+    return [t[blocks].clone().view(torch.uint8) for t in pool.keys + pool.values] + [
+        t[blocks].clone() for t in pool.positions
+    ]
 
 
 def random_keep(num_slots, n_keep, shape, gen) -> torch.Tensor:
@@ -60,7 +70,7 @@ def test_survivors_in_order_and_exact_freed_blocks(backend, per_layer, num_slots
     other_before = {layer: cache.gather(other, layer) for layer in range(pool.num_layers)}
     other_table = cache.block_table(other)
     other_blocks = torch.tensor(other_table)
-    other_raw = [t[other_blocks].clone() for t in pool.keys + pool.values + pool.positions]
+    other_raw = snapshot_blocks(pool, other_blocks)
     allocated = len(cache.block_table(seq))
     in_use = pool.blocks_in_use
     shape = (pool.num_layers, pool.num_kv_heads) if per_layer else (pool.num_kv_heads,)
@@ -86,7 +96,7 @@ def test_survivors_in_order_and_exact_freed_blocks(backend, per_layer, num_slots
         for got, exp in zip(cache.gather(other, layer), other_before[layer]):
             assert torch.equal(got, exp)
     assert cache.block_table(other) == other_table
-    for raw, now in zip(other_raw, [t[other_blocks] for t in pool.keys + pool.values + pool.positions]):
+    for raw, now in zip(other_raw, snapshot_blocks(pool, other_blocks)):
         assert torch.equal(raw, now)
     # slots past the survivors in the last kept block are marked empty
     if n_keep % pool.block_size:
