@@ -184,19 +184,25 @@ def layer_window_targets(
     recent_tokens: int = 128,
     scaling: float | None = None,
     brute_force: bool = False,
+    window_stride: int = 1,
 ) -> WindowTargets:
     """Targets of one layer. q_rope: [H_q, T, D], k_rope: [H_kv, T, D] post-RoPE at positions 0..T-1;
-    ``refresh`` positions with ``t + tau <= T``. Chunks: N = T // chunk_size full chunks."""
+    ``refresh`` positions with ``t + tau <= T``. Chunks: N = T // chunk_size full chunks.
+    ``window_stride > 1`` uses every ``window_stride``-th query of each window (a cheaper approximation;
+    1 is the exact definition)."""
+    if window_stride <= 0 or tau % window_stride:
+        raise ValueError(f"window_stride must be a positive divisor of tau={tau}, got {window_stride}")
     T = k_rope.shape[1]
     for t in refresh:
         if t < 0 or t + tau > T:
             raise ValueError(f"refresh position {t} with tau {tau} does not fit in {T} tokens")
     n = T // chunk_size
-    positions = torch.tensor([t + j for t in refresh for j in range(tau)], dtype=torch.int64)
+    offsets = range(0, tau, window_stride)
+    positions = torch.tensor([t + j for t in refresh for j in offsets], dtype=torch.int64)
     q_sel = q_rope[:, positions]
     fn = brute_force_chunk_attention_mass if brute_force else chunk_attention_mass
     mass = fn(q_sel, k_rope, positions, chunk_size, scaling)[:, :, :n]  # [R*W, H, N]
-    mass = mass.mean(dim=1).reshape(len(refresh), tau, n)
+    mass = mass.mean(dim=1).reshape(len(refresh), len(offsets), n)
     cand = candidate_mask(refresh, n, chunk_size, recent_tokens, num_sink_chunks)
     return targets_from_mass(mass, cand, torch.tensor(refresh, dtype=torch.int64), top_p)
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from flashmem.indexer.labels import (
     brute_force_chunk_attention_mass,
     chunk_attention_mass,

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from flashmem.indexer.chunk_index import (
     FaissChunkIndex,
     TorchChunkIndex,

@@ -1,0 +1,285 @@
+"""The learned lookahead memory indexer.
+
+Per layer ``l`` and query head ``h`` (KV group ``g(h)``), at refresh position ``t``, for chunk ``c``:
+
+    s[h, c] = (q_pre[h] @ Wq[l, h]) . kc[c, g(h)]  +  a[l, h] * (q_rope[h] . mean_key_rope[c, g(h)]) / sqrt(D)
+    kc[c, g] = mean_key[c, g] @ Wk[l, g]                         (the compressed key, [r], stored per chunk)
+    z[c] = sum_h w[l, h] * relu(s[h, c] - mean_c' s[h, c'] + b[l, h]) + dist_bias[l, bucket(t, c)] + bias[l]
+    score[c] = sigmoid(z[c])
+
+* the first term is the learned, position-free content match (pre-RoPE query, compressed pre-RoPE mean
+  key): it is trained on the union of the chunks attended over the next ``tau`` steps, so the query
+  projection learns to point at what the coming window will read, not only at what ``q_t`` reads;
+* the second is the exact mean attention logit of the chunk for the current query (a ``mean_key``
+  heuristic term, weighted per head);
+* centring by the mean over the scored chunks makes the per-head threshold ``b`` independent of the
+  query's logit offset (softmax is shift-invariant, a fixed ReLU threshold is not);
+* ``bucket`` = ``floor(log2(1 + chunks between c and t))`` (16 buckets): a learned distance prior.
+
+Selection: chunks with score > ``threshold`` or the top ``budget`` chunks, always plus sinks and the
+recency tail (:func:`select_chunks`). Refresh every ``tau`` steps.
+
+Cost per refresh and layer at N chunks: ``N * H_q * (r + D) * 2`` FLOPs for the two dot products plus
+``O(N * H_q)`` for the rest; the query projection is ``H_q * D * r * 2``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .heuristics import QueryState, register_indexer
+from .summaries import ChunkSummaries
+
+NUM_DISTANCE_BUCKETS = 16
+CHECKPOINT_FORMAT = "flashmem-lookahead-indexer/1"
+
+
+@dataclass
+class LookaheadConfig:
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rank: int = 32
+    chunk_size: int = 64
+    tau: int = 64
+    threshold: float = 0.5
+    num_sink_chunks: int = 1
+    recent_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim", "rank", "chunk_size", "tau"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"LookaheadConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_q_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_q_heads ({self.num_q_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+
+
+def distance_buckets(position: int | torch.Tensor, start: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """position: int or [...]; start: [N] -> bucket ids [..., N] in [0, 16)."""
+    pos = torch.as_tensor(position, device=start.device, dtype=torch.float32).unsqueeze(-1)
+    gap = ((pos - (start.float() + chunk_size)) / chunk_size).clamp_min(0)
+    return torch.log2(1 + gap).floor().long().clamp(0, NUM_DISTANCE_BUCKETS - 1)
+
+
+class LookaheadIndexer(torch.nn.Module):
+    """All layers' indexer parameters; ``for_layer(l)`` gives an :class:`Indexer` for one layer.
+
+    Wq: [L, H_q, D, r]; Wk: [L, H_kv, D, r]; a, w, b: [L, H_q]; dist_bias: [L, 16]; bias: [L]
+    """
+
+    def __init__(self, config: LookaheadConfig, fingerprint: dict | None = None):
+        super().__init__()
+        self.config = config
+        self.fingerprint = fingerprint
+        c = config
+        g = torch.Generator().manual_seed(0)
+        self.Wq = torch.nn.Parameter(
+            torch.randn(c.num_layers, c.num_q_heads, c.head_dim, c.rank, generator=g) / math.sqrt(c.head_dim)
+        )
+        self.Wk = torch.nn.Parameter(
+            torch.randn(c.num_layers, c.num_kv_heads, c.head_dim, c.rank, generator=g) / math.sqrt(c.head_dim)
+        )
+        self.a = torch.nn.Parameter(torch.ones(c.num_layers, c.num_q_heads))
+        self.w = torch.nn.Parameter(torch.ones(c.num_layers, c.num_q_heads))
+        self.b = torch.nn.Parameter(torch.zeros(c.num_layers, c.num_q_heads))
+        self.dist_bias = torch.nn.Parameter(torch.zeros(c.num_layers, NUM_DISTANCE_BUCKETS))
+        self.bias = torch.nn.Parameter(torch.zeros(c.num_layers))
+
+    @torch.no_grad()
+    def init_from_keys(self, keys_pre: torch.Tensor) -> None:
+        """Initialise Wq = Wk = the top-r principal directions of pre-RoPE keys ``[L, M, H_kv, D]``
+        (scaled so that the content term starts as a projected dot product / sqrt(D))."""
+        c = self.config
+        scale = c.head_dim**-0.25
+        for layer in range(c.num_layers):
+            for g in range(c.num_kv_heads):
+                x = keys_pre[layer, :, g].float()
+                _, _, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
+                basis = vh[: c.rank].T * scale  # [D, r]
+                self.Wk[layer, g] = basis
+                group = c.num_q_heads // c.num_kv_heads
+                self.Wq[layer, g * group : (g + 1) * group] = basis
+
+    # ---- scoring -------------------------------------------------------------------------------
+    def compress(self, layer: int, mean_key: torch.Tensor) -> torch.Tensor:
+        """mean_key: [..., N, H_kv, D] pre-RoPE -> compressed keys [..., N, H_kv, r]."""
+        return torch.einsum("...ngd,gdr->...ngr", mean_key.float(), self.Wk[layer])
+
+    def logits(
+        self,
+        layer: int,
+        q_pre: torch.Tensor,
+        q_rope: torch.Tensor,
+        position: int | torch.Tensor,
+        mean_key_rope: torch.Tensor,
+        compressed: torch.Tensor,
+        start: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Pre-sigmoid scores.
+
+        q_pre, q_rope: [..., H_q, D]; position: int or [...]; mean_key_rope: [N, H_kv, D];
+        compressed: [N, H_kv, r]; start: [N]; mask: [..., N] bool of scored chunks (None = all)
+        -> z [..., N] (masked entries are -inf).
+        """
+        c = self.config
+        group = c.num_q_heads // c.num_kv_heads
+        u = torch.einsum("...hd,hdr->...hr", q_pre.float(), self.Wq[layer])  # [..., H_q, r]
+        kc = compressed.float().repeat_interleave(group, dim=1)  # [N, H_q, r]
+        kr = mean_key_rope.float().repeat_interleave(group, dim=1)  # [N, H_q, D]
+        content = torch.einsum("...hr,nhr->...hn", u, kc)
+        mean_logit = torch.einsum("...hd,nhd->...hn", q_rope.float(), kr) / math.sqrt(c.head_dim)
+        s = content + self.a[layer].unsqueeze(-1) * mean_logit  # [..., H_q, N]
+        if mask is None:
+            centre = s.mean(dim=-1, keepdim=True)
+        else:
+            m = mask.unsqueeze(-2).float()
+            centre = (s * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1)
+        act = torch.relu(s - centre + self.b[layer].unsqueeze(-1))
+        z = torch.einsum("...hn,h->...n", act, self.w[layer])
+        z = z + self.dist_bias[layer][distance_buckets(position, start, c.chunk_size)] + self.bias[layer]
+        if mask is not None:
+            z = z.masked_fill(~mask, -math.inf)
+        return z
+
+    def score_layer(self, layer: int, query: QueryState, summaries: ChunkSummaries) -> torch.Tensor:
+        """Scores in (0, 1) of every chunk in ``summaries`` ([..., N])."""
+        comp = summaries.compressed
+        if comp is None or comp.shape[-1] != self.config.rank:
+            comp = self.compress(layer, summaries.mean_key)
+        z = self.logits(
+            layer, query.q_pre, query.q_rope, query.position, summaries.mean_key_rope, comp, summaries.start
+        )
+        return torch.sigmoid(z)
+
+    def for_layer(self, layer: int) -> LayerIndexer:
+        if not 0 <= layer < self.config.num_layers:
+            raise ValueError(f"layer {layer} out of range 0..{self.config.num_layers - 1}")
+        return LayerIndexer(self, layer)
+
+    # ---- checkpoint ----------------------------------------------------------------------------
+    def save(self, path: str | Path, extra: dict | None = None) -> tuple[Path, Path]:
+        """Write ``path`` (.safetensors tensors) and ``path`` with suffix .json (config, fingerprint)."""
+        from safetensors.torch import save_file
+
+        path = Path(path).with_suffix(".safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path))
+        meta = {"format": CHECKPOINT_FORMAT, "config": asdict(self.config), "fingerprint": self.fingerprint}
+        if extra:
+            meta["training"] = extra
+        jpath = path.with_suffix(".json")
+        jpath.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        return path, jpath
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        model: torch.nn.Module | None = None,
+        fingerprint: dict | None = None,
+        device: torch.device | str = "cpu",
+    ) -> LookaheadIndexer:
+        """Load a checkpoint; with ``model`` (or ``fingerprint``) refuse one trained for another model."""
+        from safetensors.torch import load_file
+
+        path = Path(path).with_suffix(".safetensors")
+        jpath = path.with_suffix(".json")
+        if not path.is_file() or not jpath.is_file():
+            raise FileNotFoundError(f"indexer checkpoint needs both {path} and {jpath}")
+        meta = json.loads(jpath.read_text())
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"{jpath} is not a flashmem lookahead indexer checkpoint ({meta.get('format')!r})"
+            )
+        if model is not None:
+            from ..hf_compat import model_fingerprint
+
+            fingerprint = model_fingerprint(model)
+        saved = meta.get("fingerprint")
+        if fingerprint is not None and saved != fingerprint:
+            diff = sorted(
+                k for k in set(saved or {}) | set(fingerprint) if (saved or {}).get(k) != fingerprint.get(k)
+            )
+            raise ValueError(
+                f"indexer checkpoint {path.name} was trained for another model (differs in {diff}); "
+                "train one for this model with `flashmem train-indexer`"
+            )
+        indexer = cls(LookaheadConfig(**meta["config"]), fingerprint=saved)
+        indexer.load_state_dict(load_file(str(path)))
+        return indexer.to(device).eval()
+
+
+class LayerIndexer:
+    """One layer's view of a :class:`LookaheadIndexer` (implements the ``Indexer`` protocol)."""
+
+    name = "lookahead"
+
+    def __init__(self, parent: LookaheadIndexer, layer: int):
+        self.parent = parent
+        self.layer = layer
+
+    @torch.no_grad()
+    def score(self, query: QueryState, summaries: ChunkSummaries) -> torch.Tensor:
+        return self.parent.score_layer(self.layer, query, summaries)
+
+    @torch.no_grad()
+    def compress(self, summaries: ChunkSummaries) -> ChunkSummaries:
+        """Fill ``summaries.compressed`` (done once when a chunk closes)."""
+        summaries.compressed = self.parent.compress(self.layer, summaries.mean_key)
+        return summaries
+
+
+def _lookahead_factory(path: str | None = None, layer: int = 0, model=None, **kwargs):
+    from .train import default_checkpoint_path
+
+    return LookaheadIndexer.load(path or default_checkpoint_path(), model=model, **kwargs).for_layer(layer)
+
+
+register_indexer("lookahead", _lookahead_factory)
+
+
+def select_chunks(
+    scores: torch.Tensor,
+    position: int,
+    chunk_size: int,
+    budget: int | None = None,
+    threshold: float | None = None,
+    num_sink_chunks: int = 1,
+    recent_tokens: int = 128,
+) -> torch.Tensor:
+    """Chunk ids to keep resident for ``[position, position + tau)``.
+
+    scores: [N] over the closed chunks 0..N-1. Sinks (first ``num_sink_chunks``) and the recency tail
+    (chunks overlapping ``[position - recent_tokens, position)``) are always kept; among the others,
+    the top ``budget`` by score, or (``budget=None``) those scoring above ``threshold``; with both, the
+    chunks above ``threshold`` capped at ``budget``. Returns sorted int64 ids [M] on the scores' device.
+    """
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be [N], got shape {tuple(scores.shape)}")
+    if budget is None and threshold is None:
+        raise ValueError("give a chunk budget, a threshold, or both")
+    if budget is not None and budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    n = scores.shape[0]
+    idx = torch.arange(n, device=scores.device)
+    tail_from = max(0, (position - recent_tokens) // chunk_size)
+    always = (idx < num_sink_chunks) | (idx >= tail_from)
+    cand = scores.masked_fill(always, -math.inf)
+    n_cand = max(0, min(n, tail_from) - min(n, num_sink_chunks))
+    if threshold is not None:
+        cand = cand.masked_fill(cand <= threshold, -math.inf)
+    k = n_cand if budget is None else min(budget, n_cand)
+    top = torch.topk(cand, k).indices if k > 0 else idx[:0]
+    top = top[torch.isfinite(cand[top])]
+    return torch.unique(torch.cat([idx[always], top]))
