@@ -1,4 +1,4 @@
-"""Everything that touches transformers internals lives here (supported: transformers 5.2 .. 5.x).
+"""Everything that touches transformers internals lives here (supported and tested: transformers 5.17 and 5.24).
 
 * ``register()`` puts the ``"flashmem"`` attention function and its mask function into
   transformers' registries. The mask function returns ``None``: the attention applies causality
