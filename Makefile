@@ -1,0 +1,27 @@
+# Two entry points (see README): `make demo` and `make test`. Both set up .venv first.
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-all lint bench-quick gpu-check
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(BIN)/flashmem generate --model default --passkey-tokens 4000 --depth 0.5 --budget-tokens 512 --max-new-tokens 12
+
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+test-all: setup lint
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench-quick: setup
+	$(BIN)/python -m bench.run all --quick
+
+gpu-check: setup
+	bash bench/gpu_check.sh

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One command for a CUDA machine: kernel tests on the GPU (bf16 included), then short timings,
+# a summary table last. Budget: under 8 minutes. Results go to bench/results/gpu/ (or $OUT).
+# Usage: bash bench/gpu_check.sh            (uses .venv when present, else the current python)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] && PY=.venv/bin/python || PY=${PYTHON:-python3}
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check: no CUDA device visible; nothing to check here (run the CPU suite with 'make test')."
+  exit 0
+fi
+OUTDIR=${OUT:-bench/results/gpu}
+mkdir -p "$OUTDIR"
+LOG="$OUTDIR/gpu_check.log"
+: >"$LOG"
+declare -a NAMES STATUS SECS
+
+step() {  # step NAME TIMEOUT_S CMD...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  echo "=== $name: $*" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  NAMES+=("$name")
+  SECS+=("$((SECONDS - t0))")
+  case $rc in 0) STATUS+=("ok") ;; 124) STATUS+=("TIMEOUT") ;; *) STATUS+=("FAIL($rc)") ;; esac
+}
+
+$PY - <<'PYEOF' | tee -a "$LOG"
+import torch, triton, transformers, platform
+p = torch.cuda.get_device_properties(0)
+print(f"device: {p.name}, {p.total_memory / 2**30:.0f} GiB, SMs {p.multi_processor_count}; torch {torch.__version__}, "
+      f"triton {triton.__version__}, transformers {transformers.__version__}, python {platform.python_version()}")
+PYEOF
+
+step "kernel tests (GPU, bf16)" 240 $PY -m pytest -q -x tests/kernels -p no:cacheprovider
+step "paged decode vs SDPA" 120 $PY -m bench.paged_decode_timing --json "$OUTDIR/paged_decode_timing.json"
+step "TriAttention kernels @128K" 90 $PY -m bench.freed_blocks --gpu-timing --json "$OUTDIR/freed_blocks_gpu.json"
+step "H2D bandwidth" 90 $PY -m bench.bandwidth --quick --json "$OUTDIR/bandwidth.json"
+step "offload CUDA tests" 60 $PY -m pytest -q tests/offload -p no:cacheprovider
+
+echo
+echo "summary (machine above; details in $LOG)"
+printf "  %-28s %-10s %s\n" "step" "status" "seconds"
+for i in "${!NAMES[@]}"; do
+  printf "  %-28s %-10s %s\n" "${NAMES[$i]}" "${STATUS[$i]}" "${SECS[$i]}"
+done
+for f in "$OUTDIR"/*.json; do
+  [ -f "$f" ] && $PY -c "import json,sys; d=json.load(open(sys.argv[1])); s=d.get('summary'); print('  ' + sys.argv[1] + ': ' + (json.dumps(s) if s else 'see file'))" "$f"
+done
