@@ -48,6 +48,7 @@ __all__ = [
     "OFFSETS",
     "triattention_score",
     "reference_triattention_score",
+    "torch_triattention_score",
     "aggregate_scores",
     "zscore",
 ]
@@ -331,6 +332,43 @@ def triattention_score(
         HAS_POS=not rotated,
     )
     return out
+
+
+def torch_triattention_score(
+    keys: torch.Tensor,
+    positions: torch.Tensor | None,
+    q_mean_real: torch.Tensor,
+    q_mean_imag: torch.Tensor,
+    q_abs_mean: torch.Tensor,
+    omega: torch.Tensor,
+    t: int,
+    *,
+    group_size: int | None = None,
+    rotated: bool = False,
+) -> torch.Tensor:
+    """The kernel's algebra in plain torch (float32, any device): the fast path where Triton is not
+    used (CPU decode loops). Same arguments as :func:`triattention_score`; returns [N, H_q] fp32."""
+    num_tokens, num_kv_heads, num_q_heads, half = _check_inputs(
+        keys, positions, q_mean_real, q_mean_imag, q_abs_mean, omega, t, group_size, rotated
+    )
+    group = num_q_heads // num_kv_heads
+    zr, zi, spread = _coefficients(q_mean_real, q_mean_imag, q_abs_mean, omega, t, rotated)  # [H_q, F]
+    k = keys.to(torch.float32)
+    k_real, k_imag = k[..., :half], k[..., half:]  # [N, H_kv, F]
+    k_abs = torch.sqrt(k_real * k_real + k_imag * k_imag)
+    if not rotated:
+        delta = (t - positions.to(torch.int64)).to(torch.float32)  # [N, H_kv]
+        angle = delta[..., None] * omega.to(torch.float32)  # [N, H_kv, F]
+        cos_a, sin_a = torch.cos(angle), torch.sin(angle)
+        k_real, k_imag = k_real * cos_a + k_imag * sin_a, k_imag * cos_a - k_real * sin_a
+    shape = (num_kv_heads, group, half)
+    zr, zi, spread = zr.view(shape), zi.view(shape), spread.view(shape)
+    scores = (
+        torch.einsum("nkf,kgf->nkg", k_real, zr)
+        + torch.einsum("nkf,kgf->nkg", k_imag, zi)
+        + torch.einsum("nkf,kgf->nkg", k_abs, spread)
+    )  # [N, H_kv, G]
+    return scores.reshape(num_tokens, num_q_heads)
 
 
 def reference_triattention_score(

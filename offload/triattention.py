@@ -34,7 +34,7 @@ import torch
 
 from ..kernels.triattention_score import (
     aggregate_scores,
-    reference_triattention_score,
+    torch_triattention_score,
     triattention_score,
     zscore,
 )
@@ -411,11 +411,12 @@ def score_layer(
     backend: str = "auto",
 ) -> torch.Tensor:
     """GQA-aggregated scores of one layer's keys: keys [N, H_kv, D] (post-RoPE when ``rotated``),
-    positions [N, H_kv] (pre-RoPE keys only) -> [N, H_kv] fp32 (z-scored per query head, max per group)."""
+    positions [N, H_kv] (pre-RoPE keys only) -> [N, H_kv] fp32 (z-scored per query head, max per group).
+    backend: "triton" (the kernel), "torch" (the same algebra in torch) or "auto" (triton on CUDA)."""
     if backend not in SCORE_BACKENDS:
         raise ValueError(f"backend must be one of {SCORE_BACKENDS}, got {backend!r}")
     use_triton = backend == "triton" or (backend == "auto" and keys.device.type == "cuda")
-    fn = triattention_score if use_triton else reference_triattention_score
+    fn = triattention_score if use_triton else torch_triattention_score
     qr, qi, qa = (x.to(keys.device) for x in stats.layer(layer))
     raw = fn(keys, positions, qr, qi, qa, stats.omega.to(keys.device), t, rotated=rotated)  # [N, H_q]
     return aggregate_scores(raw, keys.shape[1])

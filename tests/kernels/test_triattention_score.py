@@ -11,6 +11,7 @@ from flashmem.kernels.triattention_score import (
     OFFSETS,
     aggregate_scores,
     reference_triattention_score,
+    torch_triattention_score,
     triattention_score,
 )
 
@@ -63,6 +64,20 @@ def test_kernel_matches_reference_post_rope_mode(n, group, dtype):
     got = triattention_score(keys, None, qr, qi, qa, omega, 123_456, rotated=True, out=out)
     ref = reference_triattention_score(keys, None, qr, qi, qa, omega, 123_456, rotated=True)
     assert not torch.isnan(got).any()
+    torch.testing.assert_close(got, ref, **_tol(ref, dtype))
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,head_dim", [(1, 32), (17, 64), (1000, 128)])
+def test_torch_path_matches_reference(n, head_dim, dtype, rotated):
+    """The CPU fast path (the kernel's algebra in torch) against the literal formula."""
+    keys, positions, qr, qi, qa, omega, t = make_case(n, 2, 2, head_dim, dtype, seed=n)
+    got = torch_triattention_score(
+        keys, None if rotated else positions, qr, qi, qa, omega, t, rotated=rotated
+    )
+    ref = reference_triattention_score(keys, positions, qr, qi, qa, omega, t, rotated=rotated)
+    assert got.dtype == torch.float32 and got.shape == (n, 4)
     torch.testing.assert_close(got, ref, **_tol(ref, dtype))
 
 
