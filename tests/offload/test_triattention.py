@@ -305,3 +305,14 @@ def test_policy_refuses_mismatched_model():
     with pytest.raises(ValueError, match="num_layers"):
         policy.compact(cache, seq, 120, model=model)
     assert cache.num_slots(seq) == 120
+
+
+def test_shipped_default_model_stats_are_well_formed():
+    from flashmem.offload.triattention import DEFAULT_STATS_PATH
+
+    stats = TriAttentionStats.load(DEFAULT_STATS_PATH)
+    assert stats.q_mean_real.shape == (30, 9, 32)  # SmolLM2-135M: 30 layers, 9 query heads, head_dim 64
+    assert stats.fingerprint["num_key_value_heads"] == 3 and stats.fingerprint["rope"]["rope_theta"] == 1e5
+    assert stats.num_tokens >= 32768
+    torch.testing.assert_close(stats.omega, 1.0 / 1e5 ** (torch.arange(32) / 32.0))
+    assert bool((stats.q_abs_mean >= torch.hypot(stats.q_mean_real, stats.q_mean_imag) - 1e-5).all())
