@@ -103,13 +103,45 @@ def fit(
     eval_every: int = 50,
     seed: int = 0,
     progress: bool = True,
+    lr_scalar: float = 5e-2,
+    threads: int | None = 1,
 ) -> dict:
-    """Train in place; keeps the parameters with the best validation covered mass. Returns a history."""
+    """Train in place; keeps the parameters with the best validation covered mass. Returns a history.
+
+    ``lr`` applies to the projections, ``lr_scalar`` to the per-head weights, thresholds and biases.
+    ``threads``: torch CPU threads while training (the ops are small; 1 avoids oversubscription)."""
     if not train:
         raise ValueError("no training records")
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _fit(
+            indexer,
+            train,
+            val,
+            steps,
+            lr,
+            bce_weight,
+            neg_per_pos,
+            budget,
+            eval_every,
+            seed,
+            progress,
+            lr_scalar,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _fit(
+    indexer, train, val, steps, lr, bce_weight, neg_per_pos, budget, eval_every, seed, progress, lr_scalar
+):
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    opt = torch.optim.Adam(indexer.parameters(), lr=lr)
+    proj = [indexer.Wq, indexer.Wk]
+    scalars = [p for n, p in indexer.named_parameters() if n not in ("Wq", "Wk")]
+    opt = torch.optim.Adam([{"params": proj, "lr": lr}, {"params": scalars, "lr": lr_scalar}])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     best = (-1.0, None)
     history = []
