@@ -366,7 +366,8 @@ def select_keep(scores: torch.Tensor, keep: int, protected: torch.Tensor | None 
 
     scores: [N, H_kv] (higher = keep); protected: [N] or [N, H_kv] bool (or None).
     Returns keep_idx [H_kv, keep] int64. Raises ValueError if ``keep`` exceeds N or a head has more
-    protected slots than ``keep``.
+    protected slots than ``keep`` (that check reads one count back from the device: compaction time
+    only, never per decode step).
     """
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
         raise ValueError(f"scores must be a [N, H_kv] tensor, got {getattr(scores, 'shape', scores)}")
