@@ -114,8 +114,21 @@ def evaluate_records(
     return out
 
 
-def refresh_cost(lookahead: LookaheadIndexer, num_chunks: int = 7813, repeats: int = 5) -> dict:
-    """FLOPs and CPU time of one refresh (all layers) over ``num_chunks`` chunks (500K / 64 = 7813)."""
+def refresh_cost(
+    lookahead: LookaheadIndexer, num_chunks: int = 7813, repeats: int = 5, threads: int | None = 1
+) -> dict:
+    """FLOPs and CPU time of one refresh (all layers, scores + top-64) over ``num_chunks`` chunks
+    (500K / 64 = 7813), measured with ``threads`` torch threads (None: the current setting)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _refresh_cost(lookahead, num_chunks, repeats)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _refresh_cost(lookahead: LookaheadIndexer, num_chunks: int, repeats: int) -> dict:
     c = lookahead.config
     g = torch.Generator().manual_seed(0)
     start = torch.arange(num_chunks) * c.chunk_size

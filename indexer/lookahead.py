@@ -135,10 +135,15 @@ class LookaheadIndexer(torch.nn.Module):
         c = self.config
         group = c.num_q_heads // c.num_kv_heads
         u = torch.einsum("...hd,hdr->...hr", q_pre.float(), self.Wq[layer])  # [..., H_q, r]
-        kc = compressed.float().repeat_interleave(group, dim=1)  # [N, H_q, r]
-        kr = mean_key_rope.float().repeat_interleave(group, dim=1)  # [N, H_q, D]
-        content = torch.einsum("...hr,nhr->...hn", u, kc)
-        mean_logit = torch.einsum("...hd,nhd->...hn", q_rope.float(), kr) / math.sqrt(c.head_dim)
+        # query heads grouped per KV head: no copy of the chunk side per query head
+        ug = u.reshape(*u.shape[:-2], c.num_kv_heads, group, u.shape[-1])  # [..., H_kv, G, r]
+        qg = q_rope.float().reshape(
+            *q_rope.shape[:-2], c.num_kv_heads, group, c.head_dim
+        )  # [..., H_kv, G, D]
+        content = torch.einsum("...kgr,nkr->...kgn", ug, compressed.float())  # [..., H_kv, G, N]
+        mean_logit = torch.einsum("...kgd,nkd->...kgn", qg, mean_key_rope.float()) / math.sqrt(c.head_dim)
+        content = content.flatten(-3, -2)  # [..., H_q, N]
+        mean_logit = mean_logit.flatten(-3, -2)
         s = content + self.a[layer].unsqueeze(-1) * mean_logit  # [..., H_q, N]
         if mask is None:
             centre = s.mean(dim=-1, keepdim=True)
