@@ -1,0 +1,1 @@
+"""Benchmarks: one CLI, ``python -m bench.run NAME`` (see bench/run.py)."""

@@ -1,0 +1,382 @@
+"""Shared helpers of the benchmark entries: machine stamp, result paths, JSON/PNG writing, model
+loading (default or tiny), flashmem settings from JSON, and the two decode loops every entry compares:
+plain Hugging Face (``DynamicCache``) and flashmem (:func:`flashmem.wrap`).
+
+Teacher forcing. ``FlashMemModel.generate`` has no argument that feeds given tokens, so
+:func:`flashmem_decode` with ``forced=`` swaps the wrapper's token picker for one that returns the
+given tokens, for the length of one call, and checks afterwards that the returned tokens are exactly
+the forced ones (it raises otherwise). Everything else (prefill, compaction, recall, accounting) is
+the unmodified public ``generate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+QUICK_RESULTS = RESULTS / "quick"
+
+
+# ---------------------------------------------------------------------------------------------
+# stamps and files
+# ---------------------------------------------------------------------------------------------
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = __import__(module)
+    except Exception:  # noqa: BLE001 - a missing optional package is reported as None
+        return None
+    return getattr(mod, "__version__", None)
+
+
+def machine_stamp() -> dict:
+    """Platform, CPU, GPU (if any) and library versions of this process."""
+    gpu = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = {"name": props.name, "memory_bytes": props.total_memory, "cuda": torch.version.cuda}
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": load,
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "flashmem": _version("flashmem"),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+    }
+
+
+def header(benchmark: str, *, quick: bool, model: str, **settings) -> dict:
+    """The stamp every result file starts with: what ran, where, on which model and settings."""
+    return {
+        "benchmark": benchmark,
+        "quick": quick,
+        "created_unix": int(time.time()),
+        "argv": list(sys.argv),
+        "machine": machine_stamp(),
+        "model": model,
+        "settings": settings,
+    }
+
+
+def result_paths(name: str, quick: bool, json_path: str | Path | None = None) -> tuple[Path, Path]:
+    """(json, png) paths: ``--json`` if given (PNG beside it), else ``bench/results[/quick]/<name>``."""
+    if json_path is not None:
+        path = Path(json_path)
+    else:
+        path = (QUICK_RESULTS if quick else RESULTS) / f"{name}.json"
+    return path, path.with_suffix(".png")
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def pyplot():
+    """matplotlib.pyplot with the Agg backend, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG written")
+        return None
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# flashmem settings
+# ---------------------------------------------------------------------------------------------
+def parse_configs(text: str | None, default: list[dict]) -> list[dict]:
+    """``--flashmem-config`` JSON: one object or a list of objects, each the keyword arguments of a
+    :class:`flashmem.FlashMemConfig`. Every entry is validated (constructed) before any work."""
+    import flashmem
+
+    if text is None:
+        configs = [dict(c) for c in default]
+    else:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--flashmem-config is not valid JSON ({e}): {text!r}") from None
+        configs = value if isinstance(value, list) else [value]
+        if not configs or not all(isinstance(c, dict) for c in configs):
+            raise ValueError("--flashmem-config must be a JSON object or a non-empty list of objects")
+    for c in configs:
+        try:
+            flashmem.FlashMemConfig(**c)
+        except TypeError as e:
+            raise ValueError(f"--flashmem-config entry {c} is not a FlashMemConfig: {e}") from None
+    return configs
+
+
+def config_label(cfg: dict) -> str:
+    if not cfg:
+        return "flashmem (no budget)"
+    parts = [f"{k}={v}" for k, v in cfg.items() if k != "stats_path"]
+    return "flashmem " + ",".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+def load_default():
+    import flashmem
+    from flashmem.models import DEFAULT_MODEL_NAME
+
+    t0 = time.perf_counter()
+    model, tok = flashmem.load_default_model()
+    print(f"loaded {DEFAULT_MODEL_NAME} in {time.perf_counter() - t0:.1f} s")
+    return model, tok, DEFAULT_MODEL_NAME
+
+
+_TINY_STATS: dict[tuple, str] = {}
+
+
+def tiny_bench_model(max_positions: int = 262_144, *, layers: int = 2, seed: int = 0, **kw):
+    """A tiny random-init Llama (``flashmem.testing.tiny_model``) and a path to TriAttention stats
+    calibrated for it on random tokens (needed for a budget: the shipped stats fit the default model
+    only). Returns ``(model, stats_path, description)``."""
+    from flashmem.offload.triattention import calibrate
+    from flashmem.testing import tiny_model
+
+    model = tiny_model("llama", layers=layers, seed=seed, max_positions=max_positions, **kw)
+    key = (max_positions, layers, seed, tuple(sorted(kw.items())))
+    path = _TINY_STATS.get(key)
+    if path is None or not Path(path).is_file():
+        ids = torch.randint(
+            0, model.config.vocab_size, (2048,), generator=torch.Generator().manual_seed(seed)
+        )
+        stats = calibrate(model, ids, max_tokens=2048, window=512, progress=False, source="random tokens")
+        path = str(Path(tempfile.mkdtemp(prefix="flashmem-bench-")) / "tiny_stats.safetensors")
+        stats.save(path)
+        _TINY_STATS[key] = path
+    c = model.config
+    desc = (
+        f"tiny random-init Llama (layers={c.num_hidden_layers}, q_heads={c.num_attention_heads}, "
+        f"kv_heads={c.num_key_value_heads}, head_dim={c.head_dim}, vocab={c.vocab_size}, fp32)"
+    )
+    return model, path, desc
+
+
+# ---------------------------------------------------------------------------------------------
+# the two decode loops
+# ---------------------------------------------------------------------------------------------
+def _greedy(logits: torch.Tensor) -> int:
+    return int(logits.argmax())
+
+
+@torch.no_grad()
+def hf_decode(
+    model, ids: torch.Tensor, max_new_tokens: int, *, forced: list[int] | None = None, collect_logits=True
+) -> dict:
+    """Full attention: plain Hugging Face forward with its default ``DynamicCache``, greedy.
+
+    ids: ``[1, T]``. Returns tokens (``list[int]``, ``max_new_tokens`` of them, no EOS stop),
+    logits ``[N, vocab]`` fp32 (``logits[i]`` predicts token ``i``), prefill_s, step_s (per decode
+    step) and kv_bytes (the DynamicCache's key/value bytes at the end)."""
+    from transformers import DynamicCache
+
+    from flashmem.hf_compat import forward_kwargs
+
+    if forced is not None and len(forced) < max_new_tokens:
+        raise ValueError(f"forced holds {len(forced)} tokens, {max_new_tokens} needed")
+    cache = DynamicCache(config=model.config)
+    t0 = time.perf_counter()
+    kw = forward_kwargs(model, cache)  # past_key_values or cache, as this transformers release names it
+    out = model(input_ids=ids, logits_to_keep=1, **kw)
+    prefill_s = time.perf_counter() - t0
+    logits = out.logits[0, -1].float()
+    tokens, all_logits, step_s = [], [], []
+    for i in range(max_new_tokens):
+        if collect_logits:
+            all_logits.append(logits)
+        token = forced[i] if forced is not None else _greedy(logits)
+        tokens.append(token)
+        if i == max_new_tokens - 1:
+            break
+        t0 = time.perf_counter()
+        out = model(input_ids=torch.tensor([[token]], device=ids.device), logits_to_keep=1, **kw)
+        logits = out.logits[0, -1].float()
+        step_s.append(time.perf_counter() - t0)
+    kv_bytes = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                kv_bytes += t.numel() * t.element_size()
+    return {
+        "tokens": tokens,
+        "logits": torch.stack(all_logits) if all_logits else None,
+        "prefill_s": prefill_s,
+        "step_s": step_s,
+        "kv_bytes": kv_bytes,
+    }
+
+
+class _ForcedPicker:
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens = list(tokens)
+        self.i = 0
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        token = self.tokens[self.i]
+        self.i += 1
+        return token
+
+
+@contextlib.contextmanager
+def _forced_tokens(tokens: list[int]):
+    import flashmem.wrapper as wrapper
+
+    original = getattr(wrapper, "_Sampler", None)
+    if original is None:
+        raise RuntimeError("teacher forcing needs flashmem.wrapper._Sampler; it is gone from this version")
+    picker = _ForcedPicker(tokens)
+    wrapper._Sampler = lambda *args, **kwargs: picker
+    try:
+        yield picker
+    finally:
+        wrapper._Sampler = original
+
+
+@torch.no_grad()
+def flashmem_decode(
+    model,
+    cfg: dict,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    forced: list[int] | None = None,
+    collect_logits: bool = True,
+    stats_path: str | None = None,
+) -> dict:
+    """flashmem: ``wrap(model, FlashMemConfig(**cfg)).generate(ids, N, eos_token_id=None)``.
+
+    With ``forced`` the given tokens are fed instead of greedy ones (see the module docstring).
+    Returns tokens, logits ``[N, vocab]`` (or None), report (``memory_report()``), trace (device KV
+    bytes after every decode step: the report's ``device_kv_trace`` when it has one, else read from
+    the allocator in the ``stream`` callback), trace_source, wall_s."""
+    import flashmem
+
+    kwargs = dict(cfg)
+    if stats_path is not None and kwargs.get("budget_tokens") is not None:
+        kwargs.setdefault("stats_path", stats_path)
+    fm = flashmem.wrap(model, flashmem.FlashMemConfig(**kwargs))
+    callback_trace: list[int] = []
+
+    def on_token(_token: int) -> None:
+        pool = getattr(fm, "pool", None)
+        if pool is not None:
+            callback_trace.append(int(pool.device_kv_bytes))
+
+    t0 = time.perf_counter()
+    with _forced_tokens(forced) if forced is not None else contextlib.nullcontext():
+        out = fm.generate(
+            ids,
+            max_new_tokens,
+            eos_token_id=None,
+            collect_logits=collect_logits,
+            stream=on_token,
+            progress=False,
+        )
+    wall = time.perf_counter() - t0
+    tokens = out[0, ids.shape[1] :].tolist()
+    if forced is not None and tokens != list(forced[: len(tokens)]):
+        raise RuntimeError("teacher forcing failed: flashmem generated other tokens than the forced ones")
+    report = fm.memory_report()
+    trace = report.get("device_kv_trace")
+    source = "memory_report()['device_kv_trace'] (after each decode step)"
+    if not trace:
+        trace, source = callback_trace, "allocator read in generate's stream callback (after each token)"
+    return {
+        "tokens": tokens,
+        "logits": fm.step_logits,
+        "report": report,
+        "trace": [int(x) for x in trace],
+        "trace_source": source,
+        "wall_s": wall,
+    }
+
+
+def compare_logits(ref: torch.Tensor, test: torch.Tensor) -> dict:
+    """Top-1 agreement and KL(ref || test) per position; ref, test: ``[N, vocab]`` logits."""
+    n = min(ref.shape[0], test.shape[0])
+    ref, test = ref[:n].double(), test[:n].double()
+    log_p = torch.log_softmax(ref, dim=-1)
+    log_q = torch.log_softmax(test, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [N]
+    agree = ref.argmax(-1) == test.argmax(-1)
+    return {
+        "positions": n,
+        "top1_agreement": float(agree.double().mean()) if n else float("nan"),
+        "mean_kl": float(kl.mean()) if n else float("nan"),
+        "max_kl": float(kl.max()) if n else float("nan"),
+    }
+
+
+def token_agreement(ref: list[int], test: list[int]) -> float:
+    n = min(len(ref), len(test))
+    return sum(a == b for a, b in zip(ref[:n], test[:n])) / n if n else float("nan")
+
+
+def extract_digits(text: str) -> str:
+    m = re.search(r"\d{5}", text)
+    return m.group(0) if m else ""

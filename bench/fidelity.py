@@ -1,0 +1,167 @@
+"""Next-token fidelity vs full attention on long real documents, at several device budgets.
+
+    python -m bench.run fidelity [--quick] [--tokens 4096] [--docs 2] [--new-tokens 256]
+                                 [--flashmem-config JSON] [--json PATH]
+
+Documents: long plain-text files of the installed transformers and torch packages
+(:func:`flashmem.offload.triattention.local_text_files`, read from disk; files the shipped
+calibration used are skipped), each cut to ``--tokens`` tokens with the default model's tokenizer.
+
+Method (teacher forcing): full attention (plain Hugging Face forward, ``DynamicCache``) generates
+``--new-tokens`` greedy tokens after the document and keeps each step's logits. flashmem then decodes
+the SAME continuation: ``generate`` is fed the full-attention tokens instead of its own (see
+``bench/common.py``), so step i of both runs sees the same token history and position, and its logits
+are compared: top-1 agreement (argmax equal) and mean KL(full || flashmem) of the next-token
+distributions, over all steps. Compaction, device budget and accounting run unmodified.
+
+Correctness first: without a budget flashmem's teacher-forced logits must agree with full
+attention's on every step's argmax and within KL < 1e-6 (fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench import common
+
+DEFAULT_CONFIGS = [{"budget_tokens": 256}, {"budget_tokens": 512}, {"budget_tokens": 1024}]
+SKIP_FILES = 40  # start past the files the shipped calibration read (held-out text)
+
+
+def documents(tok, num_docs: int, num_tokens: int) -> list[dict]:
+    from flashmem.offload.triattention import local_text_files
+
+    docs = []
+    for path in local_text_files()[SKIP_FILES:]:
+        if len(docs) >= num_docs:
+            break
+        text = path.read_text(encoding="utf-8", errors="replace")
+        ids = tok(text, add_special_tokens=False).input_ids
+        if len(ids) >= num_tokens:
+            docs.append({"file": f"{path.parent.name}/{path.name}", "ids": ids[:num_tokens]})
+    if len(docs) < num_docs:
+        raise ValueError(f"only {len(docs)} local documents of {num_tokens} tokens found")
+    return docs
+
+
+def _plot(summary: list[dict], png, title: str) -> None:
+    plt = common.pyplot()
+    if plt is None or not summary:
+        return
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    labels = [s["method"].replace("flashmem ", "") for s in summary]
+    a1.bar(labels, [s["top1_agreement"] for s in summary], color="tab:blue")
+    a1.set_ylim(0, 1.02)
+    a1.set_ylabel("top-1 agreement with full attention")
+    a2.bar(labels, [s["mean_kl"] for s in summary], color="tab:orange")
+    a2.set_ylabel("mean KL(full || method), nats")
+    for ax in (a1, a2):
+        ax.tick_params(axis="x", labelsize=7, rotation=20)
+    for ax, key in ((a1, "top1_agreement"), (a2, "mean_kl")):
+        for i, s in enumerate(summary):
+            ax.text(
+                i,
+                s[key],
+                f"{s[key]:.3f}\n(share {s['mean_avg_device_share']:.2f})",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+    fig.suptitle(title, fontsize=9)
+    common.save_figure(fig, png)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run fidelity", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 document of 1,024 tokens, 48 tokens, 1 budget")
+    p.add_argument("--tokens", type=int, default=None, help="document tokens (default 4096)")
+    p.add_argument("--docs", type=int, default=None, help="documents (default 2)")
+    p.add_argument("--new-tokens", type=int, default=None, help="generated tokens compared (default 256)")
+    p.add_argument("--flashmem-config", default=None, help="JSON object or list of FlashMemConfig kwargs")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    q = args.quick
+    configs = common.parse_configs(args.flashmem_config, [{"budget_tokens": 256}] if q else DEFAULT_CONFIGS)
+    num_tokens = args.tokens or (1024 if q else 4096)
+    num_docs = args.docs or (1 if q else 2)
+    new_tokens = args.new_tokens or (48 if q else 256)
+    if min(num_tokens, num_docs, new_tokens) < 1:
+        p.error("--tokens, --docs and --new-tokens must be positive")
+    json_path, png = common.result_paths("fidelity", q, args.json)
+
+    model, tok, name = common.load_default()
+    docs = documents(tok, num_docs, num_tokens)
+    rows, check = [], None
+    for di, doc in enumerate(docs):
+        ids = torch.tensor([doc["ids"]])
+        t0 = time.perf_counter()
+        ref = common.hf_decode(model, ids, new_tokens)
+        print(f"doc {di + 1}/{len(docs)} {doc['file']}: full attention {time.perf_counter() - t0:.0f} s")
+        if check is None:
+            run = common.flashmem_decode(model, {}, ids, new_tokens, forced=ref["tokens"])
+            m = common.compare_logits(ref["logits"], run["logits"])
+            check = {"doc": doc["file"], **m}
+            if m["top1_agreement"] != 1.0 or m["max_kl"] > 1e-6:
+                raise AssertionError(f"flashmem without a budget differs from full attention: {m}")
+            print(f"check: no budget equals full attention (max KL {m['max_kl']:.2e})")
+        for cfg in configs:
+            run = common.flashmem_decode(model, cfg, ids, new_tokens, forced=ref["tokens"])
+            m = common.compare_logits(ref["logits"], run["logits"])
+            rep = run["report"]
+            rows.append(
+                {
+                    "doc": doc["file"],
+                    "method": common.config_label(cfg),
+                    "flashmem_config": cfg,
+                    **m,
+                    "avg_device_share": rep.get("avg_device_share"),
+                    "peak_device_share": rep.get("peak_device_share"),
+                    "compactions": rep.get("compactions"),
+                    "wall_s": run["wall_s"],
+                }
+            )
+            print(
+                f"  {rows[-1]['method']}: top-1 {m['top1_agreement']:.3f}, mean KL {m['mean_kl']:.4f}, "
+                f"avg share {rep.get('avg_device_share', 0):.3f} ({run['wall_s']:.0f} s)"
+            )
+
+    summary = []
+    for cfg in configs:
+        label = common.config_label(cfg)
+        rs = [r for r in rows if r["method"] == label]
+        summary.append(
+            {
+                "method": label,
+                "flashmem_config": cfg,
+                "top1_agreement": sum(r["top1_agreement"] for r in rs) / len(rs),
+                "mean_kl": sum(r["mean_kl"] for r in rs) / len(rs),
+                "mean_avg_device_share": sum(r["avg_device_share"] or 0 for r in rs) / len(rs),
+                "docs": len(rs),
+            }
+        )
+    data = common.header(
+        "fidelity",
+        quick=q,
+        model=name,
+        context_tokens=num_tokens,
+        docs=[d["file"] for d in docs],
+        new_tokens=new_tokens,
+        flashmem_configs=configs,
+        method="teacher-forced on the full-attention greedy continuation; top-1 agreement and "
+        "mean KL(full || flashmem) of next-token distributions per step",
+    )
+    data.update(check=check, summary=summary, rows=rows)
+    common.write_json(json_path, data)
+    _plot(
+        summary,
+        png,
+        f"SmolLM2-135M, {num_docs} local documents x {num_tokens} tokens, {new_tokens} teacher-forced steps",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""Smoke tests of the benchmark CLI on tiny models: the dispatcher, the shared helpers, and the
+memory and throughput entries end to end in their quick mode (reduced further)."""
+
+import json
+
+import pytest
+import torch
+
+import flashmem
+from bench import common, run
+
+
+def test_list_and_unknown_entry(capsys):
+    assert run.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in (
+        "memory",
+        "passkey",
+        "fidelity",
+        "throughput",
+        "freed-blocks",
+        "bandwidth",
+        "paged-decode",
+        "indexer",
+        "kvpress",
+    ):
+        assert name in out
+    with pytest.raises(SystemExit, match="unknown benchmark"):
+        run.main(["nope"])
+
+
+def test_dispatch_calls_main_with_argv(monkeypatch):
+    seen = {}
+
+    class Fake:
+        RESULTS = "original"
+
+        @staticmethod
+        def main(argv):
+            seen["argv"] = argv
+            seen["results"] = Fake.RESULTS
+            return {"ok": True}  # a dict result counts as success
+
+    monkeypatch.setitem(run.ENTRIES, "fake", ("fake_module", "a fake", [], []))
+    monkeypatch.setattr(run, "_import_module", lambda name: Fake)
+    assert run.main(["fake", "--x", "1"]) == 0
+    assert seen["argv"] == ["--x", "1"] and seen["results"] == "original"
+    assert run.run_entry("fake", [], results_dir="elsewhere") == 0
+    assert seen["results"] == "elsewhere" and Fake.RESULTS == "original"
+
+
+def test_all_records_failures_and_goes_on(monkeypatch, tmp_path):
+    calls = []
+
+    class Ok:
+        @staticmethod
+        def main(argv):
+            calls.append(("ok", argv))
+            return 0
+
+    class Bad:
+        @staticmethod
+        def main(argv):
+            calls.append(("bad", argv))
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(
+        run,
+        "ENTRIES",
+        {"a": ("a", "ok one", [], []), "b": ("b", "bad one", [], []), "c": ("c", "ok again", [], [])},
+    )
+    monkeypatch.setattr(run, "_import_module", lambda name: Bad if name == "b" else Ok)
+    monkeypatch.setattr(common, "QUICK_RESULTS", tmp_path)
+    assert run.main(["all", "--quick"]) == 1
+    assert [c[0] for c in calls] == ["ok", "bad", "ok"]
+    assert all("--quick" in c[1] for c in calls)
+    record = json.loads((tmp_path / "all.json").read_text())
+    assert [e["status"] for e in record["entries"]] == [0, 1, 0]
+    assert "boom" in record["entries"][1]["error"]
+
+
+def test_parse_configs_validates_before_work():
+    assert common.parse_configs(None, [{"budget_tokens": 256}]) == [{"budget_tokens": 256}]
+    assert common.parse_configs('{"budget_tokens": 300}', []) == [{"budget_tokens": 300}]
+    assert common.parse_configs('[{}, {"budget_tokens": 300}]', []) == [{}, {"budget_tokens": 300}]
+    with pytest.raises(ValueError, match="not valid JSON"):
+        common.parse_configs("{budget", [])
+    with pytest.raises(ValueError, match="not a FlashMemConfig"):
+        common.parse_configs('{"no_such_field": 1}', [])
+    with pytest.raises(ValueError):
+        common.parse_configs('{"budget_tokens": 10}', [])  # below sink + window
+
+
+def test_machine_stamp_and_header():
+    h = common.header("x", quick=True, model="m", budget=3)
+    for key in ("platform", "cpu", "torch", "triton", "transformers", "gpu"):
+        assert key in h["machine"]
+    assert h["settings"] == {"budget": 3} and h["model"] == "m"
+
+
+def test_compare_logits_and_helpers():
+    a = torch.randn(5, 11, generator=torch.Generator().manual_seed(0))
+    same = common.compare_logits(a, a.clone())
+    assert same["top1_agreement"] == 1.0 and abs(same["mean_kl"]) < 1e-12
+    b = a.clone()
+    b[2] = -b[2]
+    diff = common.compare_logits(a, b)
+    assert diff["top1_agreement"] == pytest.approx(0.8) and diff["mean_kl"] > 0
+    assert common.token_agreement([1, 2, 3, 4], [1, 9, 3, 4]) == 0.75
+    assert common.extract_digits(" 27611.<|im_end|>") == "27611"
+    assert common.extract_digits("no key") == ""
+
+
+def test_teacher_forcing_matches_hf_and_forced_tokens():
+    model, stats, _ = common.tiny_bench_model(2048)
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    forced = torch.randint(0, 128, (12,), generator=torch.Generator().manual_seed(4)).tolist()
+    ref = common.hf_decode(model, ids, 12, forced=forced)
+    run_ = common.flashmem_decode(model, {}, ids, 12, forced=forced, stats_path=stats)
+    assert run_["tokens"] == forced == ref["tokens"]
+    m = common.compare_logits(ref["logits"], run_["logits"])
+    assert m["top1_agreement"] == 1.0 and m["max_kl"] < 1e-6
+    # greedy without forcing equals Hugging Face too, and the trace has one entry per fed token
+    g = common.flashmem_decode(model, {}, ids, 12, stats_path=stats)
+    assert g["tokens"] == common.hf_decode(model, ids, 12)["tokens"]
+    assert len(g["trace"]) == 12
+
+
+def test_memory_entry_quick(tmp_path):
+    from bench import memory
+
+    out = tmp_path / "memory.json"
+    assert memory.main(["--quick", "--tiny-contexts", "600", "--steps", "140", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["check"]["trace_equals_whole_blocks"] and data["check"]["tokens_equal_hf"]
+    (r,) = data["runs"]
+    assert len(r["device_kv_trace"]) == 140 and r["compactions"] >= 1
+    # never more than the pool; once decoding, never more than budget + interval + recalled chunks
+    # (+ a partial block) per head
+    per_tok = r["full_kv_trace"][0] // r["prompt_tokens"]
+    assert r["trace_max_bytes"] <= r["pool_capacity_bytes"] < r["full_kv_trace"][-1]
+    cfg = flashmem.FlashMemConfig(budget_tokens=256)
+    recalled = (
+        getattr(cfg, "effective_chunk_budget", 0) * cfg.chunk_size if getattr(cfg, "recall_enabled", 0) else 0
+    )
+    assert max(r["device_kv_trace"][2:]) <= (256 + 128 + 16 + recalled) * per_tok
+    assert r["device_kv_trace"][-1] < r["full_kv_trace"][-1]
+    assert out.with_suffix(".png").is_file()
+    assert data["machine"]["torch"] == torch.__version__
+
+
+def test_throughput_entry_quick(tmp_path):
+    from bench import throughput
+
+    out = tmp_path / "throughput.json"
+    argv = [
+        "--quick",
+        "--context",
+        "300",
+        "--steps",
+        "6",
+        "--short",
+        "200",
+        "--long",
+        "600",
+        "--json",
+        str(out),
+    ]
+    assert throughput.main(argv) == 0
+    data = json.loads(out.read_text())
+    a = data["part_a"]
+    assert a["check_tokens_equal"] and a["full_attention"]["tokens_per_s"] > 0
+    assert {r["method"] for r in a["flashmem"]} == {"flashmem (no budget)", "flashmem budget_tokens=256"}
+    assert data["part_b"]["flashmem_long_over_short"] > 0
+    assert out.with_suffix(".png").is_file()
