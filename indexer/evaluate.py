@@ -61,6 +61,7 @@ def record_scores(
                 comp,
                 summ.start,
                 rec.candidates,
+                bounds=(summ.min_key, summ.max_key),
             )
     q = QueryState(
         rec.q_pre[layer], rec.q_rope[layer], position=int(rec.refresh[-1]), oracle_mass=rec.target[layer]
@@ -137,11 +138,16 @@ def _refresh_cost(lookahead: LookaheadIndexer, num_chunks: int, repeats: int) ->
     q = torch.randn(c.num_q_heads, c.head_dim, generator=g)
     pos = num_chunks * c.chunk_size + c.recent_tokens
     with torch.no_grad():
-        lookahead.logits(0, q, q, pos, mk, comp[0], start)
+        lookahead.logits(0, q, q, pos, mk, comp[0], start, bounds=(mk - 1, mk + 1))
         t0 = time.perf_counter()
         for _ in range(repeats):
             for layer in range(c.num_layers):
-                torch.topk(torch.sigmoid(lookahead.logits(layer, q, q, pos, mk, comp[layer], start)), 64)
+                torch.topk(
+                    torch.sigmoid(
+                        lookahead.logits(layer, q, q, pos, mk, comp[layer], start, bounds=(mk - 1, mk + 1))
+                    ),
+                    64,
+                )
         dt = (time.perf_counter() - t0) / repeats
     per_layer = (
         num_chunks * c.num_q_heads * (c.rank + c.head_dim) * 2 + c.num_q_heads * c.head_dim * c.rank * 2

@@ -3,6 +3,7 @@
 Per layer ``l`` and query head ``h`` (KV group ``g(h)``), at refresh position ``t``, for chunk ``c``:
 
     s[h, c] = (q_pre[h] @ Wq[l, h]) . kc[c, g(h)]  +  a[l, h] * (q_rope[h] . mean_key_rope[c, g(h)]) / sqrt(D)
+              +  e[l, h] * quest_bound(q_rope[h], min_key[c, g(h)], max_key[c, g(h)]) / sqrt(D)   (use_bounds)
     kc[c, g] = mean_key[c, g] @ Wk[l, g]                         (the compressed key, [r], stored per chunk)
     z[c] = sum_h w[l, h] * relu(s[h, c] - mean_c' s[h, c'] + b[l, h]) + dist_bias[l, bucket(t, c)] + bias[l]
     score[c] = sigmoid(z[c])
@@ -11,7 +12,7 @@ Per layer ``l`` and query head ``h`` (KV group ``g(h)``), at refresh position ``
   key): it is trained on the union of the chunks attended over the next ``tau`` steps, so the query
   projection learns to point at what the coming window will read, not only at what ``q_t`` reads;
 * the second is the exact mean attention logit of the chunk for the current query (a ``mean_key``
-  heuristic term, weighted per head);
+  heuristic term, weighted per head), the third its Quest upper bound (the chunk's best key);
 * centring by the mean over the scored chunks makes the per-head threshold ``b`` independent of the
   query's logit offset (softmax is shift-invariant, a fixed ReLU threshold is not);
 * ``bucket`` = ``floor(log2(1 + chunks between c and t))`` (16 buckets): a learned distance prior.
@@ -19,7 +20,7 @@ Per layer ``l`` and query head ``h`` (KV group ``g(h)``), at refresh position ``
 Selection: chunks with score > ``threshold`` or the top ``budget`` chunks, always plus sinks and the
 recency tail (:func:`select_chunks`). Refresh every ``tau`` steps.
 
-Cost per refresh and layer at N chunks: ``N * H_q * (r + D) * 2`` FLOPs for the two dot products plus
+Cost per refresh and layer at N chunks: ``N * H_q * (r + D + 3D) * 2`` FLOPs for the dot products and bound plus
 ``O(N * H_q)`` for the rest; the query projection is ``H_q * D * r * 2``.
 """
 
@@ -51,6 +52,7 @@ class LookaheadConfig:
     threshold: float = 0.5
     num_sink_chunks: int = 1
     recent_tokens: int = 128
+    use_bounds: bool = True
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim", "rank", "chunk_size", "tau"):
@@ -74,7 +76,7 @@ def distance_buckets(position: int | torch.Tensor, start: torch.Tensor, chunk_si
 class LookaheadIndexer(torch.nn.Module):
     """All layers' indexer parameters; ``for_layer(l)`` gives an :class:`Indexer` for one layer.
 
-    Wq: [L, H_q, D, r]; Wk: [L, H_kv, D, r]; a, w, b: [L, H_q]; dist_bias: [L, 16]; bias: [L]
+    Wq: [L, H_q, D, r]; Wk: [L, H_kv, D, r]; a, e, w, b: [L, H_q]; dist_bias: [L, 16]; bias: [L]
     """
 
     def __init__(self, config: LookaheadConfig, fingerprint: dict | None = None):
@@ -90,6 +92,7 @@ class LookaheadIndexer(torch.nn.Module):
             torch.randn(c.num_layers, c.num_kv_heads, c.head_dim, c.rank, generator=g) / math.sqrt(c.head_dim)
         )
         self.a = torch.nn.Parameter(torch.ones(c.num_layers, c.num_q_heads))
+        self.e = torch.nn.Parameter(torch.zeros(c.num_layers, c.num_q_heads))
         self.w = torch.nn.Parameter(torch.ones(c.num_layers, c.num_q_heads))
         self.b = torch.nn.Parameter(torch.zeros(c.num_layers, c.num_q_heads))
         self.dist_bias = torch.nn.Parameter(torch.zeros(c.num_layers, NUM_DISTANCE_BUCKETS))
@@ -125,11 +128,13 @@ class LookaheadIndexer(torch.nn.Module):
         compressed: torch.Tensor,
         start: torch.Tensor,
         mask: torch.Tensor | None = None,
+        bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Pre-sigmoid scores.
 
         q_pre, q_rope: [..., H_q, D]; position: int or [...]; mean_key_rope: [N, H_kv, D];
-        compressed: [N, H_kv, r]; start: [N]; mask: [..., N] bool of scored chunks (None = all)
+        compressed: [N, H_kv, r]; start: [N]; mask: [..., N] bool of scored chunks (None = all);
+        bounds: (min_key, max_key) [N, H_kv, D] post-RoPE, required when ``config.use_bounds``
         -> z [..., N] (masked entries are -inf).
         """
         c = self.config
@@ -145,6 +150,15 @@ class LookaheadIndexer(torch.nn.Module):
         content = content.flatten(-3, -2)  # [..., H_q, N]
         mean_logit = mean_logit.flatten(-3, -2)
         s = content + self.a[layer].unsqueeze(-1) * mean_logit  # [..., H_q, N]
+        if c.use_bounds:
+            if bounds is None:
+                raise ValueError("this indexer uses Quest bounds: pass bounds=(min_key, max_key)")
+            lo = bounds[0].float().transpose(0, 1).unsqueeze(-2)  # [H_kv, N, 1, D]
+            hi = bounds[1].float().transpose(0, 1).unsqueeze(-2)
+            qe = qg.unsqueeze(-3)  # [..., H_kv, 1, G, D]
+            bound = torch.maximum(qe * lo, qe * hi).sum(-1)  # [..., H_kv, N, G]
+            bound = bound.transpose(-1, -2).flatten(-3, -2) / math.sqrt(c.head_dim)  # [..., H_q, N]
+            s = s + self.e[layer].unsqueeze(-1) * bound
         if mask is None:
             centre = s.mean(dim=-1, keepdim=True)
         else:
@@ -163,7 +177,14 @@ class LookaheadIndexer(torch.nn.Module):
         if comp is None or comp.shape[-1] != self.config.rank:
             comp = self.compress(layer, summaries.mean_key)
         z = self.logits(
-            layer, query.q_pre, query.q_rope, query.position, summaries.mean_key_rope, comp, summaries.start
+            layer,
+            query.q_pre,
+            query.q_rope,
+            query.position,
+            summaries.mean_key_rope,
+            comp,
+            summaries.start,
+            bounds=(summaries.min_key, summaries.max_key),
         )
         return torch.sigmoid(z)
 

@@ -74,6 +74,7 @@ def _loss(
             comp,
             summ.start,
             cand,
+            bounds=(summ.min_key, summ.max_key),
         )[rows]  # [R', N]
         tgt = rec.target[layer][rows]
         logp = torch.log_softmax(z, dim=-1).masked_fill(~cand[rows], 0.0)

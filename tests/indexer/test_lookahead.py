@@ -61,6 +61,8 @@ def test_scores_match_between_batched_and_layer_view(tiny_records):
     rec = recs[0]
     c = LookaheadConfig(2, 4, 2, 16, rank=8, chunk_size=16, tau=16)
     idx = LookaheadIndexer(c).eval()
+    with torch.no_grad():
+        idx.e.normal_()  # exercise the Quest-bound term
     summ = rec.summaries(1)
     z = idx.logits(
         1,
@@ -70,6 +72,7 @@ def test_scores_match_between_batched_and_layer_view(tiny_records):
         summ.mean_key_rope,
         idx.compress(1, summ.mean_key),
         summ.start,
+        bounds=(summ.min_key, summ.max_key),
     )
     for r in range(len(rec.refresh)):
         q = QueryState(rec.q_pre[1, r], rec.q_rope[1, r], position=int(rec.refresh[r]))
