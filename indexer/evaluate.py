@@ -149,9 +149,8 @@ def _refresh_cost(lookahead: LookaheadIndexer, num_chunks: int, repeats: int) ->
                     64,
                 )
         dt = (time.perf_counter() - t0) / repeats
-    per_layer = (
-        num_chunks * c.num_q_heads * (c.rank + c.head_dim) * 2 + c.num_q_heads * c.head_dim * c.rank * 2
-    )
+    dims = c.rank + c.head_dim + (2 * c.head_dim if c.use_bounds else 0)  # content, mean logit, bound
+    per_layer = num_chunks * c.num_q_heads * dims * 2 + c.num_q_heads * c.head_dim * c.rank * 2
     per_layer += num_chunks * c.num_q_heads * 6  # centring, relu, mixing
     return {
         "num_chunks": num_chunks,

@@ -104,8 +104,10 @@ class QuestIndexer:
         q = query.q_rope
         lo = _expand_heads(summaries.min_key.to(q.dtype), q.shape[-2])  # [N, H_q, D]
         hi = _expand_heads(summaries.max_key.to(q.dtype), q.shape[-2])
-        qe = q.unsqueeze(-3)  # [..., 1, H_q, D]
-        bound = torch.maximum(qe * lo, qe * hi).sum(dim=-1)  # [..., N, H_q]
+        # max(q*lo, q*hi) summed over d = relu(q) . hi + min(q, 0) . lo (lo <= hi)
+        bound = torch.einsum("...hd,nhd->...nh", q.clamp_min(0), hi) + torch.einsum(
+            "...hd,nhd->...nh", q.clamp_max(0), lo
+        )
         return reduce_heads(bound.transpose(-1, -2), self.head_reduce, q.shape[-1])
 
 

@@ -20,7 +20,7 @@ Per layer ``l`` and query head ``h`` (KV group ``g(h)``), at refresh position ``
 Selection: chunks with score > ``threshold`` or the top ``budget`` chunks, always plus sinks and the
 recency tail (:func:`select_chunks`). Refresh every ``tau`` steps.
 
-Cost per refresh and layer at N chunks: ``N * H_q * (r + D + 3D) * 2`` FLOPs for the dot products and bound plus
+Cost per refresh and layer at N chunks: ``N * H_q * (r + 3D) * 2`` FLOPs for the dot products and the bound plus
 ``O(N * H_q)`` for the rest; the query projection is ``H_q * D * r * 2``.
 """
 
@@ -153,11 +153,10 @@ class LookaheadIndexer(torch.nn.Module):
         if c.use_bounds:
             if bounds is None:
                 raise ValueError("this indexer uses Quest bounds: pass bounds=(min_key, max_key)")
-            lo = bounds[0].float().transpose(0, 1).unsqueeze(-2)  # [H_kv, N, 1, D]
-            hi = bounds[1].float().transpose(0, 1).unsqueeze(-2)
-            qe = qg.unsqueeze(-3)  # [..., H_kv, 1, G, D]
-            bound = torch.maximum(qe * lo, qe * hi).sum(-1)  # [..., H_kv, N, G]
-            bound = bound.transpose(-1, -2).flatten(-3, -2) / math.sqrt(c.head_dim)  # [..., H_q, N]
+            # max(q*lo, q*hi) = relu(q)*hi + min(q, 0)*lo since lo <= hi: two matmuls
+            hi = torch.einsum("...kgd,nkd->...kgn", qg.clamp_min(0), bounds[1].float())  # [..., H_kv, G, N]
+            lo = torch.einsum("...kgd,nkd->...kgn", qg.clamp_max(0), bounds[0].float())
+            bound = (hi + lo).flatten(-3, -2) / math.sqrt(c.head_dim)  # [..., H_q, N]
             s = s + self.e[layer].unsqueeze(-1) * bound
         if mask is None:
             centre = s.mean(dim=-1, keepdim=True)
