@@ -76,23 +76,24 @@ def _plot(summary: list[dict], png, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run fidelity", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="1 document of 1,024 tokens, 48 tokens, 1 budget")
+    p.add_argument("--quick", action="store_true", help="1 document of 640 tokens, 32 tokens, 1 budget")
     p.add_argument("--tokens", type=int, default=None, help="document tokens (default 4096)")
     p.add_argument("--docs", type=int, default=None, help="documents (default 2)")
     p.add_argument("--new-tokens", type=int, default=None, help="generated tokens compared (default 256)")
     p.add_argument("--flashmem-config", default=None, help="JSON object or list of FlashMemConfig kwargs")
+    p.add_argument("--model", default="default", choices=("default", "tiny"), help="tiny: smoke tests only")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     q = args.quick
     configs = common.parse_configs(args.flashmem_config, [{"budget_tokens": 256}] if q else DEFAULT_CONFIGS)
-    num_tokens = args.tokens or (1024 if q else 4096)
+    num_tokens = args.tokens or (640 if q else 4096)
     num_docs = args.docs or (1 if q else 2)
-    new_tokens = args.new_tokens or (48 if q else 256)
+    new_tokens = args.new_tokens or (32 if q else 256)
     if min(num_tokens, num_docs, new_tokens) < 1:
         p.error("--tokens, --docs and --new-tokens must be positive")
     json_path, png = common.result_paths("fidelity", q, args.json)
 
-    model, tok, name = common.load_default()
+    model, tok, name, stats_path = common.load_bench_model(args.model)
     docs = documents(tok, num_docs, num_tokens)
     rows, check = [], None
     for di, doc in enumerate(docs):
@@ -101,14 +102,18 @@ def main(argv: list[str] | None = None) -> int:
         ref = common.hf_decode(model, ids, new_tokens)
         print(f"doc {di + 1}/{len(docs)} {doc['file']}: full attention {time.perf_counter() - t0:.0f} s")
         if check is None:
-            run = common.flashmem_decode(model, {}, ids, new_tokens, forced=ref["tokens"])
+            run = common.flashmem_decode(
+                model, {}, ids, new_tokens, forced=ref["tokens"], stats_path=stats_path
+            )
             m = common.compare_logits(ref["logits"], run["logits"])
             check = {"doc": doc["file"], **m}
             if m["top1_agreement"] != 1.0 or m["max_kl"] > 1e-6:
                 raise AssertionError(f"flashmem without a budget differs from full attention: {m}")
             print(f"check: no budget equals full attention (max KL {m['max_kl']:.2e})")
         for cfg in configs:
-            run = common.flashmem_decode(model, cfg, ids, new_tokens, forced=ref["tokens"])
+            run = common.flashmem_decode(
+                model, cfg, ids, new_tokens, forced=ref["tokens"], stats_path=stats_path
+            )
             m = common.compare_logits(ref["logits"], run["logits"])
             rep = run["report"]
             rows.append(

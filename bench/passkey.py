@@ -75,10 +75,10 @@ def _answer(tok, tokens: list[int], key: str) -> dict:
     return {"answer": text, "correct": common.extract_digits(text) == key}
 
 
-def _check(model, tok, prompt: dict) -> dict:
+def _check(model, tok, prompt: dict, stats_path) -> dict:
     ids = _ids(prompt)
     ref = common.hf_decode(model, ids, NEW_TOKENS, collect_logits=False)
-    run = common.flashmem_decode(model, {}, ids, NEW_TOKENS, collect_logits=False)
+    run = common.flashmem_decode(model, {}, ids, NEW_TOKENS, collect_logits=False, stats_path=stats_path)
     if run["tokens"] != ref["tokens"]:
         raise AssertionError(
             f"flashmem without a budget must equal full attention: {run['tokens']} vs {ref['tokens']}"
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds-per-cell", type=int, default=1, help="prompts per (length, depth)")
     p.add_argument("--flashmem-config", default=None, help="JSON object or list of FlashMemConfig kwargs")
     p.add_argument("--peers", action="store_true", help="also run kvpress presses (own venv, slow)")
+    p.add_argument("--model", default="default", choices=("default", "tiny"), help="tiny: smoke tests only")
     p.add_argument("--json", default=None, help="output JSON (PNG beside it)")
     args = p.parse_args(argv)
 
@@ -166,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--seeds-per-cell >= 1, depths in [0, 1], lengths >= 64")
     json_path, png = common.result_paths("passkey", args.quick, args.json)
 
-    model, tok, name = common.load_default()
+    model, tok, name, stats_path = common.load_bench_model(args.model)
     prompts = build_prompts(tok, lengths, depths, args.seeds_per_cell)
-    check = _check(model, tok, prompts[0])
+    check = _check(model, tok, prompts[0], stats_path)
     print(f"check: flashmem without a budget equals full attention on {check['prompt']}")
 
     trials: list[dict] = []
@@ -183,12 +184,15 @@ def main(argv: list[str] | None = None) -> int:
                 "method": "full attention",
                 **_answer(tok, ref["tokens"], pr["key"]),
                 "kept_share": 1.0,
+                "generated": ref["tokens"],
                 "prefill_s": ref["prefill_s"],
             }
         )
         line = [f"full={'ok' if trials[-1]['correct'] else 'x'}"]
         for cfg in configs:
-            run = common.flashmem_decode(model, cfg, ids, NEW_TOKENS, collect_logits=False)
+            run = common.flashmem_decode(
+                model, cfg, ids, NEW_TOKENS, collect_logits=False, stats_path=stats_path
+            )
             rep = run["report"]
             trials.append(
                 {
@@ -228,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
                 if t["target_tokens"] == length and t["method"] == methods[1] and t.get("avg_device_share")
             ]
             shares[str(length)] = sum(vals) / len(vals) if vals else 0.15
-        peers = peers_kvpress.run_passkey(prompts, shares, new_tokens=NEW_TOKENS, quick=args.quick)
+        full_tokens = {t["id"]: t["generated"] for t in trials if t["method"] == "full attention"}
+        peers = peers_kvpress.run_passkey(
+            prompts, shares, new_tokens=NEW_TOKENS, quick=args.quick, full_tokens=full_tokens
+        )
         for r in peers.get("trials", []):
             pr = next(x for x in prompts if x["id"] == r["id"])
             trials.append(

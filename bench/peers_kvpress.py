@@ -313,7 +313,8 @@ def _worker_passkey(task: dict) -> dict:
                         }
                     )
             print(f"[{pi + 1}/{len(task['prompts'])}] {p['id']}", flush=True)
-    import kvpress
+    import importlib.metadata
+
     import transformers
 
     return {
@@ -323,7 +324,7 @@ def _worker_passkey(task: dict) -> dict:
         "worker_versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "kvpress": getattr(kvpress, "__version__", None),
+            "kvpress": importlib.metadata.version("kvpress"),
         },
         "method_note": "question inside: the last prompt token is fed after the press so the answer "
         "starts from real logits; decoding press: whole prompt prefilled uncompressed, "

@@ -173,3 +173,73 @@ def test_throughput_entry_quick(tmp_path):
     assert {r["method"] for r in a["flashmem"]} == {"flashmem (no budget)", "flashmem budget_tokens=256"}
     assert data["part_b"]["flashmem_long_over_short"] > 0
     assert out.with_suffix(".png").is_file()
+
+
+def test_passkey_entry_tiny(tmp_path):
+    from bench import passkey
+
+    out = tmp_path / "passkey.json"
+    argv = [
+        "--model",
+        "tiny",
+        "--lengths",
+        "400",
+        "--depths",
+        "0.2,0.8",
+        "--flashmem-config",
+        '{"budget_tokens": 160, "window_tokens": 64, "compaction_interval": 64}',
+        "--json",
+        str(out),
+    ]
+    assert passkey.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["check"]["tokens_equal"]
+    full, fm = data["summaries"]
+    assert full["method"] == "full attention" and full["trials"] == 2 and fm["trials"] == 2
+    rows = [t for t in data["trials"] if t["method"] == fm["method"]]
+    for t in rows:
+        assert 0 < t["avg_device_share"] <= 1 and 0 < t["peak_device_share"] <= 1.01
+        assert 0 <= t["top1_agreement_with_full"] <= 1
+    # the same ids for every method: context then question, split recorded
+    assert {t["tokens"] for t in data["trials"]} == set(data["settings"]["prompt_tokens"]["320"])
+    assert out.with_suffix(".png").is_file()
+
+
+def test_fidelity_entry_tiny(tmp_path):
+    from bench import fidelity
+
+    out = tmp_path / "fidelity.json"
+    argv = [
+        "--model",
+        "tiny",
+        "--tokens",
+        "500",
+        "--docs",
+        "1",
+        "--new-tokens",
+        "40",
+        "--flashmem-config",
+        '{"budget_tokens": 160, "window_tokens": 64, "compaction_interval": 64}',
+        "--json",
+        str(out),
+    ]
+    assert fidelity.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["check"]["top1_agreement"] == 1.0 and data["check"]["max_kl"] < 1e-6
+    (s,) = data["summary"]
+    assert 0 <= s["top1_agreement"] <= 1 and s["mean_kl"] >= 0
+    assert data["rows"][0]["compactions"] >= 1
+    assert out.with_suffix(".png").is_file()
+
+
+def test_kvpress_peer_records_why_it_did_not_run(monkeypatch, tmp_path):
+    from bench import peers_kvpress
+
+    monkeypatch.setattr(peers_kvpress, "VENV", tmp_path / "no-venv")
+    assert peers_kvpress._probe() is None  # a missing venv is detected, not assumed
+    monkeypatch.setattr(
+        peers_kvpress, "ensure_env", lambda: {"ok": False, "error": "pip failed: no kvpress", "log": []}
+    )
+    prompts = [{"id": "p", "context_ids": [1, 2], "question_ids": [3], "target_tokens": 100}]
+    out = peers_kvpress.run_passkey(prompts, {"100": 0.2})
+    assert out["status"] == "not run" and out["reason"] == "pip failed: no kvpress" and out["trials"] == []
