@@ -19,7 +19,11 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from flashmem.kernels.paged_decode import paged_decode_attention, reference_paged_decode_attention
+from flashmem.kernels.paged_decode import (
+    merge_attention_states,
+    paged_decode_attention,
+    reference_paged_decode_attention,
+)
 from flashmem.offload.paged_cache import PagedKVCache
 
 
@@ -65,6 +69,12 @@ class FlashMemCache(Cache):
         paged: PagedKVCache,
         num_q_heads: int,
         attention_backend: str = "torch",
+        *,
+        mirror=None,
+        recall=None,
+        offload=None,
+        prefill_mode: str = "exact",
+        history_segment_tokens: int = 4096,
     ) -> None:
         pool = paged.pool
         super().__init__(layers=[_PagedLayerView(self, i) for i in range(pool.num_layers)])
@@ -72,9 +82,17 @@ class FlashMemCache(Cache):
         self.seq_id = paged.add_sequence()
         self.num_q_heads = num_q_heads
         self.attention_backend = attention_backend
+        self.mirror = mirror
+        self.recall = recall
+        self.offload = offload
+        self.prefill_mode = prefill_mode
+        self.history_segment_tokens = history_segment_tokens
+        self.transient_peak_bytes = 0
         self._positions: torch.Tensor | None = None
         self._slot_index: torch.Tensor | None = None
+        self._start = 0
         self._fresh = False
+        self._exact_history = False
         self._new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._block_tables: torch.Tensor | None = None
         self._block_valid: torch.Tensor | None = None
@@ -93,36 +111,68 @@ class FlashMemCache(Cache):
         return self.logical_length
 
     # ---- step protocol -----------------------------------------------------------------------
-    def begin_step(self, positions: torch.Tensor) -> None:
-        """Reserve slots for ``positions`` ``[T]`` (true token positions, on the pool's device)."""
+    def begin_step(self, positions: torch.Tensor, start: int) -> None:
+        """Reserve slots for the tokens at ``positions`` ``[T]`` (= ``start .. start + T - 1``, true
+        positions on the pool's device; ``start`` is the host-side copy)."""
         num_new = int(positions.shape[0])
         paged = self.paged
-        self._fresh = paged.num_slots(self.seq_id) == 0
+        self._fresh = paged.num_slots(self.seq_id) == 0 and self._recalled() is None
         paged.begin_append(self.seq_id, num_new)
         self._positions = positions
+        self._start = start
         self._slot_index = paged.pending_slot_indices(self.seq_id)
         self._new = {}
+        self._exact_history = (
+            num_new > 1 and self.mirror is not None and self.prefill_mode == "exact" and start > 0
+        )
+        if self.recall is not None:
+            self.recall.begin_step(positions, start + num_new - 1)
+        self._block_tables = self._block_valid = self._read_index = None
         if num_new == 1:
             total = paged.num_slots(self.seq_id) + 1
             table = paged.block_table_tensor(self.seq_id)
             nb = table.shape[0]
             bs = paged.block_size
-            valid = [bs] * (nb - 1) + [total - bs * (nb - 1)]
-            self._block_tables = table.view(1, nb)
-            self._block_valid = torch.tensor([valid], dtype=torch.int32, device=table.device)
-            self._read_index = None
-        else:
-            self._block_tables = self._block_valid = None
-            self._read_index = None if self._fresh else paged.slot_indices(self.seq_id, include_pending=True)
+            valid = torch.tensor(
+                [bs] * (nb - 1) + [total - bs * (nb - 1)], dtype=torch.int32, device=table.device
+            )
+            recalled = self._recalled()
+            if recalled is not None:
+                table = torch.cat([table, recalled[0]])
+                valid = torch.cat([valid, recalled[1]])
+            self._block_tables = table.view(1, -1)
+            self._block_valid = valid.view(1, -1)
+        elif not self._fresh and not self._exact_history:
+            index = paged.slot_indices(self.seq_id, include_pending=True)
+            recalled = self._recalled()
+            if recalled is not None:
+                blocks, valid = recalled
+                bs = paged.block_size
+                offsets = torch.arange(bs, device=blocks.device)
+                slots = blocks.long()[:, None] * bs + offsets[None, :]
+                index = torch.cat([index, slots[offsets[None, :] < valid[:, None]]])
+            self._read_index = index
+
+    def _recalled(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Blocks and valid counts of the ready recalled chunks, or None."""
+        if self.offload is None:
+            return None
+        blocks, valid = self.offload.resident_blocks()
+        return (blocks, valid) if blocks.numel() else None
 
     def end_step(self) -> None:
+        n = self._positions.shape[0]
         self.paged.end_append(self.seq_id)
+        if self.mirror is not None:
+            self.mirror.commit(n)
         self._positions = self._slot_index = None
         self._new = {}
         self._block_tables = self._block_valid = self._read_index = None
 
     def abort_step(self) -> None:
         self.paged.abort_append(self.seq_id)
+        if self.mirror is not None:
+            self.mirror.rollback()
         self._positions = self._slot_index = None
         self._new = {}
 
@@ -136,7 +186,11 @@ class FlashMemCache(Cache):
         k = key_states[0].transpose(0, 1)
         v = value_states[0].transpose(0, 1)
         self.paged.write(self.seq_id, layer_idx, k, v, self._positions, slot_index=self._slot_index)
-        if self._fresh:
+        if self.mirror is not None:
+            self.mirror.append(layer_idx, k, v)
+        if self.recall is not None:
+            self.recall.on_keys(layer_idx, k)
+        if self._fresh or self._exact_history:
             self._new[layer_idx] = (key_states, value_states)
         return key_states, value_states
 
@@ -144,6 +198,8 @@ class FlashMemCache(Cache):
         """Attention of ``query`` ``[1, H_q, T, D]`` over the sequence's slots -> ``[1, T, H_q, D]``."""
         num_q = query.shape[2]
         pool = self.paged.pool
+        if self.recall is not None:
+            self.recall.on_query(layer_idx, query[0, :, -1, :])
         if num_q == 1:
             attention = (
                 paged_decode_attention
@@ -170,6 +226,8 @@ class FlashMemCache(Cache):
                 query, k.to(query.dtype), v.to(query.dtype), is_causal=True, scale=scaling
             )
             return out.transpose(1, 2)
+        if self._exact_history:
+            return self._attend_history(layer_idx, query, scaling, group)
         k, v, pos = self.paged.gather(self.seq_id, layer_idx, slot_index=self._read_index)
         # k, v: [S, H_kv, D]; pos: [S, H_kv]; query positions: [T]
         qpos = self._positions.to(pos.device)
@@ -179,3 +237,58 @@ class FlashMemCache(Cache):
         v = v.permute(1, 0, 2).repeat_interleave(group, dim=0).unsqueeze(0).to(query.dtype)
         out = F.scaled_dot_product_attention(query, k, v, attn_mask=allowed, scale=scaling)
         return out.transpose(1, 2)
+
+    def _attend_history(
+        self, layer_idx: int, query: torch.Tensor, scaling: float | None, group: int
+    ) -> torch.Tensor:
+        """Exact prefill of a chunk: attention over every earlier token, streamed from the host mirror
+        one segment of one layer at a time, merged (log-sum-exp) with causal attention inside the chunk.
+        Device memory beyond the pool: one segment of one layer (``history_segment_tokens`` rows)."""
+        mirror = self.mirror
+        pool = self.paged.pool
+        k_new, v_new = self._new[layer_idx]  # [1, H_kv, T, D]
+        out, lse = _attention_lse(query, k_new, v_new, scaling, group, causal=True)
+        start = self._start
+        mirror.wait_rows(start)
+        seg = self.history_segment_tokens
+        for s in range(0, start, seg):
+            e = min(start, s + seg)
+            hk = mirror.keys[layer_idx][s:e].to(query.device, non_blocking=True)  # [S, H_kv, D]
+            hv = mirror.values[layer_idx][s:e].to(query.device, non_blocking=True)
+            staged = 2 * hk.numel() * hk.element_size()
+            self.transient_peak_bytes = max(self.transient_peak_bytes, pool.device_kv_bytes + staged)
+            o2, l2 = _attention_lse(
+                query,
+                hk.permute(1, 0, 2).unsqueeze(0),
+                hv.permute(1, 0, 2).unsqueeze(0),
+                scaling,
+                group,
+                causal=False,
+            )
+            out, lse = merge_attention_states(out, lse, o2, l2)
+        return out.transpose(1, 2).to(query.dtype)
+
+
+def _attention_lse(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float | None,
+    group: int,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention returning (out ``[1, H_q, T, D]`` fp32, lse ``[1, H_q, T]`` fp32).
+
+    query ``[1, H_q, T, D]``; key/value ``[1, H_kv, S, D]``; ``causal`` aligns the last query with
+    the last key (used within one chunk, where S == T)."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    k = key.repeat_interleave(group, dim=1).float()
+    v = value.repeat_interleave(group, dim=1).float()
+    logits = torch.matmul(query.float(), k.transpose(-1, -2)) * scale  # [1, H_q, T, S]
+    if causal:
+        t, s = logits.shape[-2:]
+        mask = torch.ones(t, s, dtype=torch.bool, device=logits.device).tril(s - t)
+        logits = logits.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    out = torch.matmul(torch.exp(logits - lse[..., None]), v)
+    return out, lse

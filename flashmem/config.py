@@ -42,8 +42,21 @@ class FlashMemConfig:
         embedded default model, and is an error for any other model when budget_tokens is set.
     attention_backend: decode attention implementation: "triton", "torch" (the reference) or
         "auto" (triton on CUDA, torch elsewhere).
-    chunk_size / chunk_budget / lookahead / indexer / index_backend / prefill /
-    prefill_chunk_tokens: host-mirror recall settings (see the README).
+    host_mirror: keep a lossless host copy of every token's K/V (None: on when budget_tokens is set).
+    max_host_bytes: cap on the host mirror (None: the machine's available memory); checked up front.
+    chunk_size: tokens per recall chunk (host mirror granularity).
+    chunk_budget: chunks recalled to the device per lookahead window (None: budget_tokens // (2 *
+        chunk_size) when an indexer is active; 0 disables recall).
+    lookahead: decode steps between indexer refreshes (tau).
+    indexer: "auto" (the shipped learned indexer when it matches the model, else "quest"), a
+        heuristic ("quest", "mean_key", "mean_key_prerope", "recency"), "lookahead", a checkpoint
+        path, or "none" (no recall).
+    index_backend: where chunk scores are ranked ("torch"; "faiss" needs flashmem[faiss]).
+    prefill: "exact" (each prefill chunk attends to every earlier token, streamed from the host
+        mirror one layer segment at a time) or "sparse" (to the device-resident tokens only).
+    prefill_chunk_tokens: tokens per prefill forward (None: compaction_interval under a budget,
+        4096 without one).
+    history_segment_tokens: rows of one layer staged at a time by exact prefill.
     """
 
     budget_tokens: int | None = None
@@ -56,13 +69,16 @@ class FlashMemConfig:
     triattention_mode: str = "per_head"
     stats_path: str | None = None
     attention_backend: str = "auto"
+    host_mirror: bool | None = None
+    max_host_bytes: int | None = None
     chunk_size: int = 64
     chunk_budget: int | None = None
     lookahead: int = 64
-    indexer: str = "none"
+    indexer: str = "auto"
     index_backend: str = "torch"
     prefill: str = "exact"
-    prefill_chunk_tokens: int = 4096
+    prefill_chunk_tokens: int | None = None
+    history_segment_tokens: int = 4096
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -73,9 +89,15 @@ class FlashMemConfig:
         _check_int("window_tokens", self.window_tokens, 0)
         _check_int("sink_tokens", self.sink_tokens, 0)
         _check_int("chunk_size", self.chunk_size, 1)
-        _check_int("chunk_budget", self.chunk_budget, 1, allow_none=True)
+        _check_int("chunk_budget", self.chunk_budget, 0, allow_none=True)
         _check_int("lookahead", self.lookahead, 1)
-        _check_int("prefill_chunk_tokens", self.prefill_chunk_tokens, 1)
+        _check_int("prefill_chunk_tokens", self.prefill_chunk_tokens, 1, allow_none=True)
+        _check_int("history_segment_tokens", self.history_segment_tokens, 1)
+        _check_int("max_host_bytes", self.max_host_bytes, 1, allow_none=True)
+        if self.host_mirror is not None and not isinstance(self.host_mirror, bool):
+            raise TypeError(f"FlashMemConfig.host_mirror must be a bool or None, got {self.host_mirror!r}")
+        if not isinstance(self.indexer, str) or not self.indexer:
+            raise TypeError(f"FlashMemConfig.indexer must be a non-empty string, got {self.indexer!r}")
         if not isinstance(self.protect_prompt, bool):
             raise TypeError(f"FlashMemConfig.protect_prompt must be a bool, got {self.protect_prompt!r}")
         _check_choice("triattention_mode", self.triattention_mode, TRIATTENTION_MODES)
@@ -94,9 +116,40 @@ class FlashMemConfig:
                 f"({self.max_context_tokens})"
             )
 
+        if self.recall_enabled and self.chunk_size % self.block_size:
+            raise ValueError(
+                f"FlashMemConfig.chunk_size ({self.chunk_size}) must be a multiple of block_size ({self.block_size})"
+            )
+        if self.recall_enabled and not self.mirror_enabled:
+            raise ValueError("recall needs the host mirror: set host_mirror=True (or indexer='none')")
+        if self.recall_enabled and self.triattention_mode != "per_head":
+            raise ValueError(
+                "recall de-duplicates tokens per KV head, shared by all layers: use triattention_mode='per_head' "
+                "with an indexer, or indexer='none' with 'per_layer_per_head'"
+            )
+        if self.prefill == "sparse" and self.budget_tokens is None:
+            raise ValueError(
+                "prefill='sparse' needs budget_tokens (without a budget every token stays resident)"
+            )
+
     @property
-    def device_token_cap(self) -> int | None:
-        """Most tokens per KV head the device ever holds (None: unbounded)."""
+    def mirror_enabled(self) -> bool:
+        return self.budget_tokens is not None if self.host_mirror is None else self.host_mirror
+
+    @property
+    def recall_enabled(self) -> bool:
+        return self.budget_tokens is not None and self.indexer != "none" and self.effective_chunk_budget > 0
+
+    @property
+    def effective_chunk_budget(self) -> int:
+        if self.chunk_budget is not None:
+            return self.chunk_budget
         if self.budget_tokens is None:
-            return None
-        return self.budget_tokens + self.compaction_interval
+            return 0
+        return max(1, self.budget_tokens // (2 * self.chunk_size))
+
+    @property
+    def effective_prefill_chunk(self) -> int:
+        if self.prefill_chunk_tokens is not None:
+            return self.prefill_chunk_tokens
+        return 4096 if self.budget_tokens is None else self.compaction_interval

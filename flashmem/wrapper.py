@@ -60,6 +60,14 @@ class FlashMemModel:
         self.dtype = param.dtype
         self.attention_backend = _resolve_backend(config.attention_backend, self.device)
         self.policy = self._make_policy() if config.budget_tokens is not None else None
+        self.indexer_name, self._indexers = None, None
+        if config.recall_enabled:
+            from .recall import resolve_indexer
+
+            self.indexer_name, self._indexers = resolve_indexer(config.indexer, model, self.num_layers)
+        self.mirror = None
+        self.offload = None
+        self.recall = None
         self.cache: FlashMemCache | None = None
         self.pool: BlockPool | None = None
         self.step_logits: torch.Tensor | None = None
@@ -88,21 +96,17 @@ class FlashMemModel:
             backend="triton" if self.attention_backend == "triton" else "torch",
         )
 
-    def _prefill_chunk(self) -> int:
-        c = self.config
-        if c.budget_tokens is None:
-            return c.prefill_chunk_tokens
-        return min(c.prefill_chunk_tokens, c.compaction_interval)
-
     def _pool_blocks(self, total_tokens: int) -> int:
         c = self.config
         full = math.ceil(total_tokens / c.block_size)
         if c.budget_tokens is None:
             return full
-        # Never more than budget + one interval (or one prefill chunk) on the device, plus one
-        # partially filled block.
-        cap = c.budget_tokens + max(c.compaction_interval, self._prefill_chunk())
-        return min(full, math.ceil(cap / c.block_size) + 1)
+        # Working set: never more than budget + one interval (or one prefill chunk), plus one
+        # partially filled block; recalled chunks: chunk_budget whole chunks.
+        cap = c.budget_tokens + max(c.compaction_interval, c.effective_prefill_chunk)
+        working = min(full, math.ceil(cap / c.block_size) + 1)
+        recall = c.effective_chunk_budget * (c.chunk_size // c.block_size) if c.recall_enabled else 0
+        return working + recall
 
     # ---- input checks (all before any work) --------------------------------------------------
     def _check_inputs(self, input_ids, max_new_tokens: int, kwargs: dict) -> torch.Tensor:
@@ -135,6 +139,8 @@ class FlashMemModel:
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
             raise ValueError(f"input_ids hold ids outside the vocabulary [0, {vocab})")
         c = self.config
+        if c.mirror_enabled:
+            self._mirror_for(total).check_capacity(total)
         if (
             c.budget_tokens is not None
             and c.protect_prompt
@@ -147,9 +153,24 @@ class FlashMemModel:
         return input_ids.to(self.device)
 
     # ---- the loop ----------------------------------------------------------------------------
+    def _mirror_for(self, total_tokens: int, reserve: bool = False):
+        from flashmem.offload.host_mirror import HostMirror
+
+        return HostMirror(
+            self.num_layers,
+            self.num_kv_heads,
+            self.head_dim,
+            chunk_size=self.config.chunk_size,
+            dtype=self.dtype,
+            capacity_tokens=total_tokens if reserve else 0,
+            max_host_bytes=self.config.max_host_bytes,
+        )
+
     def _new_cache(self, total_tokens: int) -> None:
-        self.cache = None
-        self.pool = None
+        c = self.config
+        if self.offload is not None:
+            self.offload.close()
+        self.cache = self.pool = self.mirror = self.offload = self.recall = None
         self.pool = BlockPool(
             self.num_layers,
             self._pool_blocks(total_tokens),
@@ -159,18 +180,48 @@ class FlashMemModel:
             dtype=self.dtype,
             device=self.device,
         )
-        self.cache = FlashMemCache(PagedKVCache(self.pool), self.num_q_heads, self.attention_backend)
+        if c.mirror_enabled:
+            self.mirror = self._mirror_for(total_tokens, reserve=True)
+        if c.recall_enabled:
+            from flashmem.offload.offload_manager import OffloadManager
+
+            from .recall import RecallController
+
+            self.offload = OffloadManager(self.mirror, self.pool, max_chunks=c.effective_chunk_budget)
+            self.recall = RecallController(
+                self.model,
+                self._indexers,
+                num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_dim,
+                chunk_size=c.chunk_size,
+                chunk_budget=c.effective_chunk_budget,
+                lookahead=c.lookahead,
+                sink_tokens=c.sink_tokens,
+                window_tokens=c.window_tokens,
+                device=self.device,
+            )
+        self.cache = FlashMemCache(
+            PagedKVCache(self.pool),
+            self.num_q_heads,
+            self.attention_backend,
+            mirror=self.mirror,
+            recall=self.recall,
+            offload=self.offload,
+            prefill_mode=c.prefill,
+            history_segment_tokens=c.history_segment_tokens,
+        )
+        self._device_trace = []
         self._share_sum = 0.0
         self._share_steps = 0
         self._decode_steps = 0
         self._compactions = 0
-        self._timings = {"prefill_s": 0.0, "decode_s": 0.0, "compaction_s": 0.0}
+        self._timings = {"prefill_s": 0.0, "decode_s": 0.0, "compaction_s": 0.0, "recall_s": 0.0}
 
     def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Run ``ids`` ``[1, T]`` at positions ``start ..``; returns logits of the last token ``[vocab]``."""
         cache = self.cache
         positions = torch.arange(start, start + ids.shape[1], device=self.device)
-        cache.begin_step(positions)
+        cache.begin_step(positions, start)
         token = hf_compat.active_runner.set(cache)
         try:
             with hf_compat.use_attention(self.model, hf_compat.ATTENTION_NAME):
@@ -198,12 +249,36 @@ class FlashMemModel:
                 cache.paged, cache.seq_id, cache.logical_length, prompt_len=self._prompt_len, model=self.model
             )
             self._compactions += 1
+            if self.offload is not None and self.offload.resident.resident_chunks():
+                self.offload.refresh_positions(self._working_positions())
             self._timings["compaction_s"] += time.perf_counter() - t0
+
+    def _working_positions(self) -> list[torch.Tensor]:
+        """Positions held by the working slots, per KV head (host tensors). Read back from the device:
+        called at compaction and recall refreshes only, never per decode step."""
+        cache = self.cache
+        _, _, pos = cache.paged.gather(cache.seq_id, 0)
+        pos = pos.cpu()
+        return [pos[:, h] for h in range(self.num_kv_heads)]
+
+    def _refresh_recall(self) -> None:
+        """Pick the chunks for the next ``lookahead`` steps and make them resident (async on CUDA)."""
+        if self.recall is None:
+            return
+        t0 = time.perf_counter()
+        position = self.cache.logical_length
+        chunk_ids = self.recall.select(position)
+        self.offload.release_window()
+        if chunk_ids:
+            self.offload.request(chunk_ids, resident_per_head=self._working_positions())
+            self.offload.ensure_ready(chunk_ids)
+        self._timings["recall_s"] += time.perf_counter() - t0
 
     def _record_share(self) -> None:
         full = self.cache.logical_length * self.pool.kv_bytes_per_token
         self._share_sum += self.pool.device_kv_bytes / full
         self._share_steps += 1
+        self._device_trace.append(self.pool.device_kv_bytes)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, **kwargs) -> torch.Tensor:
@@ -246,6 +321,8 @@ class FlashMemModel:
                 stream(token)
             if token in eos_set or step == max_new_tokens - 1:
                 break
+            if step % self.config.lookahead == 0:
+                self._refresh_recall()
             ids = torch.tensor([[token]], device=self.device)
             logits = self._forward(ids, self.cache.logical_length)
             self._decode_steps += 1
@@ -259,17 +336,23 @@ class FlashMemModel:
 
     def _prefill(self, input_ids: torch.Tensor, progress: bool | None) -> torch.Tensor:
         total = input_ids.shape[1]
-        chunk = self._prefill_chunk()
+        chunk = self.config.effective_prefill_chunk
+        sparse = self.config.prefill == "sparse"
         show = progress if progress is not None else total > 8192
         bar = tqdm(total=total, unit="tok", desc="prefill", disable=not show, leave=False)
         t0 = time.perf_counter()
         logits = None
         for start in range(0, total, chunk):
             ids = input_ids[:, start : start + chunk]
+            if sparse and start > 0:
+                self._refresh_recall()
             logits = self._forward(ids, start)
             self._maybe_compact()
             bar.update(ids.shape[1])
-            bar.set_postfix(device_kv=_fmt_bytes(self.pool.device_kv_bytes), refresh=False)
+            host = self.mirror.host_kv_bytes if self.mirror is not None else 0
+            bar.set_postfix(
+                device_kv=_fmt_bytes(self.pool.device_kv_bytes), host_kv=_fmt_bytes(host), refresh=False
+            )
         bar.close()
         self._timings["prefill_s"] += time.perf_counter() - t0
         self._record_share()
@@ -297,11 +380,13 @@ class FlashMemModel:
         pool, cache = self.pool, self.cache
         full = cache.logical_length * pool.kv_bytes_per_token
         peak_full = full  # the dense cache is largest at the end
-        return {
+        peak = max(pool.peak_device_kv_bytes, cache.transient_peak_bytes)
+        report = {
             "device_kv_bytes": pool.device_kv_bytes,
-            "peak_device_kv_bytes": pool.peak_device_kv_bytes,
+            "peak_device_kv_bytes": peak,
+            "peak_pool_kv_bytes": pool.peak_device_kv_bytes,
             "full_kv_bytes": full,
-            "host_kv_bytes": 0,
+            "host_kv_bytes": self.mirror.host_kv_bytes if self.mirror is not None else 0,
             "blocks_in_use": pool.blocks_in_use,
             "blocks_freed": pool.blocks_freed_total,
             "blocks_allocated": pool.blocks_allocated_total,
@@ -314,13 +399,19 @@ class FlashMemModel:
             "logical_tokens": cache.logical_length,
             "device_slots": cache.num_slots,
             "device_share": pool.device_kv_bytes / full if full else 0.0,
-            "peak_device_share": pool.peak_device_kv_bytes / peak_full if peak_full else 0.0,
+            "peak_device_share": peak / peak_full if peak_full else 0.0,
             "avg_device_share": self._share_sum / self._share_steps if self._share_steps else 0.0,
             "compactions": self._compactions,
             "decode_steps": self._decode_steps,
             "budget_tokens": self.config.budget_tokens,
             "timings": dict(self._timings),
+            "device_kv_trace": list(self._device_trace),
+            "indexer": self.indexer_name,
+            "recall_refreshes": self.recall.refreshes if self.recall is not None else 0,
         }
+        if self.offload is not None:
+            report["offload"] = self.offload.stats()
+        return report
 
 
 class _Sampler:

@@ -1,0 +1,141 @@
+"""Lookahead recall: which host-mirror chunks the device should hold for the next ``lookahead`` steps.
+
+The controller keeps, per layer, summaries of every closed chunk of ``chunk_size`` tokens (fed with
+the keys the cache writes), remembers the latest query of every layer, and on each refresh scores
+the chunks of every layer with an indexer (``flashmem.indexer``: a learned lookahead checkpoint or a
+heuristic such as ``quest``), sums the per-layer scores and picks the top ``chunk_budget`` chunks.
+Chunks that lie entirely inside the sinks or the recent window are never recalled: the working
+set holds those tokens already.
+
+Shapes: keys ``[T, H_kv, D]`` post-RoPE; queries ``[H_q, D]`` post-RoPE; cos/sin ``[T, D]``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from flashmem.indexer.heuristics import QueryState, get_indexer
+from flashmem.indexer.summaries import ChunkSummaryBuilder
+
+from . import hf_compat
+
+
+def resolve_indexer(name: str, model: torch.nn.Module, num_layers: int) -> tuple[str, list]:
+    """Per-layer indexers for ``name``: ``"auto"`` (the shipped learned checkpoint when it was trained
+    for this model, else ``"quest"``), a heuristic name, ``"lookahead"`` or a checkpoint path.
+    Errors (unknown name, checkpoint for another model) are raised here, before any work."""
+    if name == "auto":
+        from flashmem.indexer.train import default_checkpoint_path
+
+        path = default_checkpoint_path()
+        if path.is_file():
+            try:
+                return _learned(path, model, num_layers)
+            except ValueError:
+                pass
+        name = "quest"
+    if (
+        name.endswith(".safetensors")
+        or name.endswith(".json")
+        or Path(name).suffix == ""
+        and Path(name).exists()
+    ):
+        return _learned(Path(name), model, num_layers)
+    if name == "lookahead":
+        from flashmem.indexer.train import default_checkpoint_path
+
+        return _learned(default_checkpoint_path(), model, num_layers)
+    return name, [get_indexer(name) for _ in range(num_layers)]
+
+
+def _learned(path: Path, model: torch.nn.Module, num_layers: int) -> tuple[str, list]:
+    from flashmem.indexer.lookahead import LookaheadIndexer
+
+    device = next(model.parameters()).device
+    learned = LookaheadIndexer.load(path, model=model, device=device)
+    return f"lookahead:{Path(path).name}", [learned.for_layer(layer) for layer in range(num_layers)]
+
+
+class RecallController:
+    """Chunk summaries, latest queries and the refresh decision for one sequence."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        indexers: list,
+        *,
+        num_kv_heads: int,
+        head_dim: int,
+        chunk_size: int,
+        chunk_budget: int,
+        lookahead: int,
+        sink_tokens: int,
+        window_tokens: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.indexers = indexers
+        self.chunk_size = chunk_size
+        self.chunk_budget = chunk_budget
+        self.lookahead = lookahead
+        self.sink_tokens = sink_tokens
+        self.window_tokens = window_tokens
+        self.builders = [
+            ChunkSummaryBuilder(num_kv_heads, head_dim, chunk_size=chunk_size, device=device)
+            for _ in indexers
+        ]
+        self._queries: list[torch.Tensor | None] = [None] * len(indexers)
+        self._cos: torch.Tensor | None = None
+        self._sin: torch.Tensor | None = None
+        self._query_position = -1
+        self.refreshes = 0
+        self.refresh_time_s = 0.0
+
+    # ---- fed by the cache ----------------------------------------------------------------------
+    def begin_step(self, positions: torch.Tensor, last_position: int) -> None:
+        """cos/sin ``[T, D]`` of this step's positions, shared by every layer."""
+        self._cos, self._sin = hf_compat.rotary_cos_sin(self.model, positions)
+        self._query_position = last_position
+
+    def on_keys(self, layer: int, keys: torch.Tensor) -> None:
+        """Post-RoPE keys ``[T, H_kv, D]`` just written for ``layer``."""
+        cos = self._cos[:, None, :]
+        sin = self._sin[:, None, :]
+        pre = hf_compat.unrotate(keys.float(), cos, sin)
+        self.builders[layer].append(keys.float(), pre)
+
+    def on_query(self, layer: int, query: torch.Tensor) -> None:
+        """Post-RoPE query ``[H_q, D]`` of the step's last token for ``layer``."""
+        self._queries[layer] = query
+
+    # ---- refresh -------------------------------------------------------------------------------
+    def candidates(self, position: int) -> tuple[int, int]:
+        """Chunk id range ``[lo, hi)`` worth recalling at ``position``: closed chunks past the sinks and
+        before the recent window."""
+        lo = math.ceil(self.sink_tokens / self.chunk_size) if self.sink_tokens >= self.chunk_size else 0
+        window_start = max(0, position - self.window_tokens)
+        hi = min(self.builders[0].num_chunks, window_start // self.chunk_size)
+        return lo, max(lo, hi)
+
+    @torch.no_grad()
+    def select(self, position: int) -> list[int]:
+        """Chunk ids to hold for ``[position, position + lookahead)``, ranked by summed layer scores."""
+        lo, hi = self.candidates(position)
+        if hi <= lo or self.chunk_budget == 0 or self._queries[0] is None:
+            return []
+        cos = self._cos[-1:]
+        sin = self._sin[-1:]
+        total = None
+        for layer, indexer in enumerate(self.indexers):
+            q_rope = self._queries[layer].float()
+            q_pre = hf_compat.unrotate(q_rope, cos, sin)
+            summaries = self.builders[layer].summaries.select(slice(lo, hi))
+            scores = indexer.score(QueryState(q_pre=q_pre, q_rope=q_rope, position=position), summaries)
+            total = scores if total is None else total + scores
+        k = min(self.chunk_budget, hi - lo)
+        top = torch.topk(total, k).indices + lo
+        self.refreshes += 1
+        return sorted(int(c) for c in top.tolist())

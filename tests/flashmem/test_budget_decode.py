@@ -1,0 +1,122 @@
+"""Decoding under a token budget: TriAttention compaction frees blocks, the device stays bounded,
+the host mirror keeps everything, recalled chunks are never attended twice."""
+
+import math
+
+import pytest
+import torch
+
+import flashmem
+from flashmem.offload.triattention import calibrate
+from flashmem.testing import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_and_stats(tmp_path_factory):
+    model = tiny_model("llama", layers=2, q_heads=4, kv_heads=2, head_dim=16, vocab=128)
+    ids = torch.randint(0, 128, (600,), generator=torch.Generator().manual_seed(0))
+    stats = calibrate(model, ids, max_tokens=600, window=300, progress=False)
+    path = tmp_path_factory.mktemp("stats") / "tiny.safetensors"
+    stats.save(path)
+    return model, str(path)
+
+
+def _config(stats, **kw):
+    base = dict(
+        budget_tokens=48,
+        compaction_interval=16,
+        window_tokens=16,
+        sink_tokens=4,
+        stats_path=stats,
+        chunk_size=16,
+    )
+    base.update(kw)
+    return flashmem.FlashMemConfig(**base)
+
+
+@pytest.mark.parametrize("indexer", ["none", "quest", "mean_key"])
+def test_peak_bounded_blocks_freed_mirror_lossless(model_and_stats, indexer):
+    model, stats = model_and_stats
+    config = _config(stats, indexer=indexer, chunk_budget=2)
+    fm = flashmem.wrap(model, config)
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+    fm.generate(ids, 200, eos_token_id=None)
+    r = fm.memory_report()
+    bpt = r["kv_bytes_per_token"]
+    recall_tokens = 2 * 16 if indexer != "none" else 0
+    bound = math.ceil((48 + 16 + recall_tokens) / 16) * 16 * bpt + 16 * bpt  # + one partial block
+    assert r["peak_device_kv_bytes"] <= bound
+    assert r["blocks_freed"] > 0 and r["compactions"] > 0
+    assert r["device_slots"] < r["logical_tokens"] == 40 + 199
+    # the host mirror holds every token, bit for bit what a dense cache would hold
+    assert r["host_kv_bytes"] == r["full_kv_bytes"]
+    assert fm.mirror.num_tokens == r["logical_tokens"]
+    assert len(r["device_kv_trace"]) == r["decode_steps"] + 1
+    if indexer != "none":
+        assert r["recall_refreshes"] > 0 and r["offload"]["h2d_bytes"] > 0
+
+
+def test_positions_stay_true_after_compaction(model_and_stats):
+    model, stats = model_and_stats
+    fm = flashmem.wrap(model, _config(stats, indexer="none"))
+    fm.generate(torch.randint(0, 128, (1, 30)), 120, eos_token_id=None)
+    cache = fm.cache
+    k, _, pos = cache.paged.gather(cache.seq_id, 1)
+    for h in range(pos.shape[1]):
+        p = pos[:, h]
+        assert (p[1:] > p[:-1]).all()  # survivors in token order
+        assert int(p[-1]) == cache.logical_length - 1
+        # rotation never changed: every surviving key equals the mirror's copy at its true position
+        torch.testing.assert_close(k[:, h], fm.mirror.keys[1][p.long(), h], rtol=0, atol=0)
+
+
+def test_recalled_tokens_are_never_attended_twice(model_and_stats):
+    model, stats = model_and_stats
+    fm = flashmem.wrap(model, _config(stats, indexer="recency", chunk_budget=3))
+    fm.generate(torch.randint(0, 128, (1, 100)), 150, eos_token_id=None)
+    cache = fm.cache
+    pool = fm.pool
+    _, _, work = cache.paged.gather(cache.seq_id, 0)
+    blocks, valid = fm.offload.resident_blocks()
+    assert blocks.numel() > 0
+    for h in range(pool.num_kv_heads):
+        seen = work[:, h].tolist()
+        for b, n in zip(blocks.tolist(), valid.tolist()):
+            seen += [p for p in pool.positions[0][b, :n, h].tolist() if p >= 0]
+        assert len(seen) == len(set(seen))
+
+
+def test_full_budget_with_mirror_is_exact(model_and_stats):
+    """A budget covering the whole context, with exact prefill through the mirror: equals dense."""
+    model, stats = model_and_stats
+    ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(3))
+    dense = flashmem.wrap(model, flashmem.FlashMemConfig())
+    ref = dense.generate(ids, 30, eos_token_id=None, collect_logits=True)
+    fm = flashmem.wrap(model, _config(stats, budget_tokens=512, prefill_chunk_tokens=16, indexer="quest"))
+    out = fm.generate(ids, 30, eos_token_id=None, collect_logits=True)
+    assert fm.memory_report()["compactions"] == 0
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(fm.step_logits, dense.step_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_exact_prefill_first_token_matches_dense_under_a_small_budget(model_and_stats):
+    model, stats = model_and_stats
+    ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(4))
+    dense = flashmem.wrap(model, flashmem.FlashMemConfig())
+    dense.generate(ids, 1, eos_token_id=None, collect_logits=True)
+    fm = flashmem.wrap(model, _config(stats, indexer="none", prefill="exact"))
+    fm.generate(ids, 1, eos_token_id=None, collect_logits=True)
+    assert fm.memory_report()["compactions"] > 0  # the prompt did not fit the budget
+    torch.testing.assert_close(fm.step_logits[0], dense.step_logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_recall_settings_fail_before_prefill(model_and_stats, tmp_path):
+    model, stats = model_and_stats
+    with pytest.raises(ValueError, match="at least sink_tokens"):
+        flashmem.FlashMemConfig(budget_tokens=10, window_tokens=16)
+    with pytest.raises(ValueError, match="unknown indexer"):
+        flashmem.wrap(model, _config(stats, indexer="nonsense"))
+    fm = flashmem.wrap(model, _config(stats, indexer="none", max_host_bytes=1000))
+    with pytest.raises(ValueError, match="host"):
+        fm.generate(torch.randint(0, 128, (1, 100)), 10)
+    assert fm.pool is None  # nothing was allocated
