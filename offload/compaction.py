@@ -113,7 +113,7 @@ def compact_sequence(
     the allocator. Other sequences' blocks are not touched. On bad input nothing changes.
     """
     use_triton = _use_triton(backend, cache.pool.device)
-    state_pending = cache._state(seq_id).pending
+    state_pending = cache.pending(seq_id)
     if state_pending:
         raise RuntimeError(f"sequence {seq_id} has {state_pending} slots pending; compact after end_append")
     if validate:

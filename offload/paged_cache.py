@@ -75,6 +75,10 @@ class PagedKVCache:
     def logical_length(self, seq_id: int) -> int:
         return self._state(seq_id).logical_length
 
+    def pending(self, seq_id: int) -> int:
+        """Slots reserved by :meth:`begin_append` and not yet committed (0 between steps)."""
+        return self._state(seq_id).pending
+
     def block_table(self, seq_id: int) -> list[int]:
         """Block ids of the sequence in slot order (a copy)."""
         return list(self._state(seq_id).block_table)
