@@ -158,7 +158,7 @@ class ChunkSummaryBuilder:
         kp = torch.cat(self._pending_pre)
         take = closed * self.chunk_size
         part = summarize_chunks(kr[:take], kp[:take], self.chunk_size, self._closed * self.chunk_size)
-        self._parts = [ChunkSummaries.concat(self._parts + [part])] if self._parts else [part]
+        self._parts.append(part)  # concatenated lazily by `summaries` (appends stay O(new chunks))
         self._pending_rope = [kr[take:]]
         self._pending_pre = [kp[take:]]
         self._pending_len -= take
@@ -177,4 +177,6 @@ class ChunkSummaryBuilder:
                 torch.empty(0, dtype=torch.int64, device=self.device),
                 self.chunk_size,
             )
+        if len(self._parts) > 1:
+            self._parts = [ChunkSummaries.concat(self._parts)]
         return self._parts[0]
