@@ -23,39 +23,38 @@ from flashmem.indexer.summaries import ChunkSummaryBuilder
 from . import hf_compat
 
 
-def resolve_indexer(name: str, model: torch.nn.Module, num_layers: int) -> tuple[str, list]:
+def resolve_indexer(name: str, model: torch.nn.Module, num_layers: int, chunk_size: int) -> tuple[str, list]:
     """Per-layer indexers for ``name``: ``"auto"`` (the shipped learned checkpoint when it was trained
-    for this model, else ``"quest"``), a heuristic name, ``"lookahead"`` or a checkpoint path.
-    Errors (unknown name, checkpoint for another model) are raised here, before any work."""
-    if name == "auto":
-        from flashmem.indexer.train import default_checkpoint_path
+    for this model and this chunk size, else ``"quest"``), a heuristic name, ``"lookahead"`` or a
+    checkpoint path. Errors (unknown name, a checkpoint for another model or chunk size) are raised
+    here, before any work."""
+    from flashmem.indexer.train import default_checkpoint_path
 
+    if name == "auto":
         path = default_checkpoint_path()
         if path.is_file():
             try:
-                return _learned(path, model, num_layers)
+                return _learned(path, model, num_layers, chunk_size)
             except ValueError:
                 pass
         name = "quest"
-    if (
-        name.endswith(".safetensors")
-        or name.endswith(".json")
-        or Path(name).suffix == ""
-        and Path(name).exists()
-    ):
-        return _learned(Path(name), model, num_layers)
     if name == "lookahead":
-        from flashmem.indexer.train import default_checkpoint_path
-
-        return _learned(default_checkpoint_path(), model, num_layers)
+        return _learned(default_checkpoint_path(), model, num_layers, chunk_size)
+    if name.endswith((".safetensors", ".json")) or Path(name).is_file():
+        return _learned(Path(name), model, num_layers, chunk_size)
     return name, [get_indexer(name) for _ in range(num_layers)]
 
 
-def _learned(path: Path, model: torch.nn.Module, num_layers: int) -> tuple[str, list]:
+def _learned(path: Path, model: torch.nn.Module, num_layers: int, chunk_size: int) -> tuple[str, list]:
     from flashmem.indexer.lookahead import LookaheadIndexer
 
     device = next(model.parameters()).device
     learned = LookaheadIndexer.load(path, model=model, device=device)
+    if learned.config.chunk_size != chunk_size:
+        raise ValueError(
+            f"indexer checkpoint {Path(path).name} was trained for {learned.config.chunk_size}-token chunks, "
+            f"the config asks for chunk_size={chunk_size}; train one for this chunk size or pick a heuristic"
+        )
     return f"lookahead:{Path(path).name}", [learned.for_layer(layer) for layer in range(num_layers)]
 
 

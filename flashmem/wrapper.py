@@ -64,7 +64,9 @@ class FlashMemModel:
         if config.recall_enabled:
             from .recall import resolve_indexer
 
-            self.indexer_name, self._indexers = resolve_indexer(config.indexer, model, self.num_layers)
+            self.indexer_name, self._indexers = resolve_indexer(
+                config.indexer, model, self.num_layers, config.chunk_size
+            )
         self.mirror = None
         self.offload = None
         self.recall = None

@@ -120,3 +120,26 @@ def test_bad_recall_settings_fail_before_prefill(model_and_stats, tmp_path):
     with pytest.raises(ValueError, match="host"):
         fm.generate(torch.randint(0, 128, (1, 100)), 10)
     assert fm.pool is None  # nothing was allocated
+
+
+def test_sparse_prefill_keeps_device_bounded_for_long_prompts(model_and_stats):
+    model, stats = model_and_stats
+    config = _config(stats, indexer="quest", chunk_budget=2, prefill="sparse", prefill_chunk_tokens=32)
+    fm = flashmem.wrap(model, config)
+    ids = torch.randint(0, 128, (1, 900), generator=torch.Generator().manual_seed(5))
+    fm.generate(ids, 10, eos_token_id=None)
+    r = fm.memory_report()
+    bpt = r["kv_bytes_per_token"]
+    # working set: budget + one prefill chunk (+ a partial block); recall: 2 chunks of 16
+    assert r["peak_device_kv_bytes"] <= (48 + 32 + 16 + 2 * 16) * bpt
+    assert r["peak_device_share"] < 0.15
+    assert r["host_kv_bytes"] == r["full_kv_bytes"] and r["recall_refreshes"] > 10
+
+
+def test_learned_indexer_for_another_chunk_size_is_refused(model_and_stats):
+    model, stats = model_and_stats
+    from flashmem.indexer.train import default_checkpoint_path
+
+    # the shipped checkpoint is for the default model: refused for this one, before any work
+    with pytest.raises(ValueError, match="another model"):
+        flashmem.wrap(model, _config(stats, indexer=str(default_checkpoint_path())))
