@@ -349,7 +349,8 @@ def flashmem_decode(
     With ``forced`` the given tokens are fed instead of greedy ones (see the module docstring).
     Returns tokens, logits ``[N, vocab]`` (or None), report (``memory_report()``), trace (device KV
     bytes after every decode step: the report's ``device_kv_trace`` when it has one, else read from
-    the allocator in the ``stream`` callback), trace_source, wall_s."""
+    the allocator in the ``stream`` callback), trace_source, wall_s, step_s (seconds between successive
+    tokens: one decode step each)."""
     import flashmem
 
     kwargs = dict(cfg)
@@ -357,8 +358,10 @@ def flashmem_decode(
         kwargs.setdefault("stats_path", stats_path)
     fm = flashmem.wrap(model, flashmem.FlashMemConfig(**kwargs))
     callback_trace: list[int] = []
+    stamps: list[float] = []
 
     def on_token(_token: int) -> None:
+        stamps.append(time.perf_counter())
         pool = getattr(fm, "pool", None)
         if pool is not None:
             callback_trace.append(int(pool.device_kv_bytes))
@@ -389,6 +392,8 @@ def flashmem_decode(
         "trace": [int(x) for x in trace],
         "trace_source": source,
         "wall_s": wall,
+        # time between successive tokens = one decode step (forward, compaction, recall)
+        "step_s": [b - a for a, b in zip(stamps, stamps[1:])],
     }
 
 

@@ -57,7 +57,7 @@ ENTRIES: dict[str, tuple[str, str, list[str], list[str]]] = {
     "indexer": (
         "bench.indexer_eval",
         "attention mass covered by each indexer at a chunk budget",
-        ["--tokens", "1024", "--synthetic", "1", "--local", "1"],
+        ["--tokens", "2048", "--synthetic", "1", "--local", "1"],
         [],
     ),
     "kvpress": ("bench.peers_kvpress", "kvpress presses on the pass-key prompts (own venv)", [], []),

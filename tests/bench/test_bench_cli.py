@@ -183,7 +183,7 @@ def test_passkey_entry_tiny(tmp_path):
         "--model",
         "tiny",
         "--lengths",
-        "400",
+        "320",
         "--depths",
         "0.2,0.8",
         "--flashmem-config",
@@ -198,7 +198,9 @@ def test_passkey_entry_tiny(tmp_path):
     assert full["method"] == "full attention" and full["trials"] == 2 and fm["trials"] == 2
     rows = [t for t in data["trials"] if t["method"] == fm["method"]]
     for t in rows:
-        assert 0 < t["avg_device_share"] <= 1 and 0 < t["peak_device_share"] <= 1.01
+        # shares are whole 16-token blocks over the dense cache's tokens: at most one partial block over 1
+        assert 0 < t["avg_device_share"] <= 1 + 16 / t["tokens"]
+        assert 0 < t["peak_device_share"] <= 1 + 16 / t["tokens"]
         assert 0 <= t["top1_agreement_with_full"] <= 1
     # the same ids for every method: context then question, split recorded
     assert {t["tokens"] for t in data["trials"]} == set(data["settings"]["prompt_tokens"]["320"])
@@ -213,11 +215,11 @@ def test_fidelity_entry_tiny(tmp_path):
         "--model",
         "tiny",
         "--tokens",
-        "500",
+        "400",
         "--docs",
         "1",
         "--new-tokens",
-        "40",
+        "24",
         "--flashmem-config",
         '{"budget_tokens": 160, "window_tokens": 64, "compaction_interval": 64}',
         "--json",
