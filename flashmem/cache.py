@@ -97,6 +97,7 @@ class FlashMemCache(Cache):
         self._block_tables: torch.Tensor | None = None
         self._block_valid: torch.Tensor | None = None
         self._read_index: torch.Tensor | None = None
+        self._valid_template: torch.Tensor | None = None
 
     # ---- counters (host side) ----------------------------------------------------------------
     @property
@@ -133,9 +134,8 @@ class FlashMemCache(Cache):
             table = paged.block_table_tensor(self.seq_id)
             nb = table.shape[0]
             bs = paged.block_size
-            valid = torch.tensor(
-                [bs] * (nb - 1) + [total - bs * (nb - 1)], dtype=torch.int32, device=table.device
-            )
+            valid = self._full_blocks_valid(nb, table.device).clone()
+            valid[nb - 1] = total - bs * (nb - 1)  # a scalar fill on the device, no read-back
             recalled = self._recalled()
             if recalled is not None:
                 table = torch.cat([table, recalled[0]])
@@ -152,6 +152,16 @@ class FlashMemCache(Cache):
                 slots = blocks.long()[:, None] * bs + offsets[None, :]
                 index = torch.cat([index, slots[offsets[None, :] < valid[:, None]]])
             self._read_index = index
+
+    def _full_blocks_valid(self, nb: int, device: torch.device) -> torch.Tensor:
+        """``[>= nb]`` int32 filled with block_size, cached (grown by doubling) across steps."""
+        cached = self._valid_template
+        if cached is None or cached.shape[0] < nb:
+            size = max(nb, 2 * (cached.shape[0] if cached is not None else 16))
+            self._valid_template = torch.full(
+                (size,), self.paged.block_size, dtype=torch.int32, device=device
+            )
+        return self._valid_template[:nb]
 
     def _recalled(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Blocks and valid counts of the ready recalled chunks, or None."""
