@@ -75,6 +75,7 @@ class FlashMemCache(Cache):
         offload=None,
         prefill_mode: str = "exact",
         history_segment_tokens: int = 4096,
+        observe_tokens: int = 16,
     ) -> None:
         pool = paged.pool
         super().__init__(layers=[_PagedLayerView(self, i) for i in range(pool.num_layers)])
@@ -87,6 +88,7 @@ class FlashMemCache(Cache):
         self.offload = offload
         self.prefill_mode = prefill_mode
         self.history_segment_tokens = history_segment_tokens
+        self.observe_tokens = observe_tokens
         self.transient_peak_bytes = 0
         self._positions: torch.Tensor | None = None
         self._slot_index: torch.Tensor | None = None
@@ -260,22 +262,36 @@ class FlashMemCache(Cache):
         out, lse = _attention_lse(query, k_new, v_new, scaling, group, causal=True)
         start = self._start
         mirror.wait_rows(start)
-        seg = self.history_segment_tokens
+        cs = mirror.chunk_size
+        seg = max(cs, self.history_segment_tokens // cs * cs)  # segments start on chunk boundaries
+        window = min(self.observe_tokens, query.shape[2]) if self.recall is not None else 0
+        chunk_lse = []
         for s in range(0, start, seg):
             e = min(start, s + seg)
             hk = mirror.keys[layer_idx][s:e].to(query.device, non_blocking=True)  # [S, H_kv, D]
             hv = mirror.values[layer_idx][s:e].to(query.device, non_blocking=True)
             staged = 2 * hk.numel() * hk.element_size()
             self.transient_peak_bytes = max(self.transient_peak_bytes, pool.device_kv_bytes + staged)
-            o2, l2 = _attention_lse(
+            o2, l2, logits = _attention_lse(
                 query,
                 hk.permute(1, 0, 2).unsqueeze(0),
                 hv.permute(1, 0, 2).unsqueeze(0),
                 scaling,
                 group,
                 causal=False,
+                return_logits=True,
             )
             out, lse = merge_attention_states(out, lse, o2, l2)
+            if window:
+                tail = logits[0, :, -window:, :]  # [H_q, W, S]
+                pad = (-tail.shape[-1]) % cs
+                if pad:
+                    tail = F.pad(tail, (0, pad), value=float("-inf"))
+                chunk_lse.append(torch.logsumexp(tail.unflatten(-1, (-1, cs)), dim=-1))  # [H_q, W, n]
+        if window and chunk_lse:
+            # attention mass of the prompt's last `window` queries on every history chunk, this layer
+            mass = torch.exp(torch.cat(chunk_lse, dim=-1) - lse[0, :, -window:, None]).sum(dim=(0, 1))
+            self.recall.observe_mass(layer_idx, mass)
         return out.transpose(1, 2).to(query.dtype)
 
 
@@ -286,7 +302,8 @@ def _attention_lse(
     scaling: float | None,
     group: int,
     causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_logits: bool = False,
+):
     """Softmax attention returning (out ``[1, H_q, T, D]`` fp32, lse ``[1, H_q, T]`` fp32).
 
     query ``[1, H_q, T, D]``; key/value ``[1, H_kv, S, D]``; ``causal`` aligns the last query with
@@ -301,4 +318,4 @@ def _attention_lse(
         logits = logits.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)
     out = torch.matmul(torch.exp(logits - lse[..., None]), v)
-    return out, lse
+    return (out, lse, logits) if return_logits else (out, lse)

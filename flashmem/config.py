@@ -57,6 +57,9 @@ class FlashMemConfig:
     prefill_chunk_tokens: tokens per prefill forward (None: compaction_interval under a budget,
         4096 without one).
     history_segment_tokens: rows of one layer staged at a time by exact prefill.
+    observe_tokens: exact prefill measures the attention mass of the prompt's last observe_tokens
+        queries on every chunk; the first recall after the prompt uses it instead of the indexer
+        (0: always ask the indexer).
     """
 
     budget_tokens: int | None = None
@@ -79,6 +82,7 @@ class FlashMemConfig:
     prefill: str = "exact"
     prefill_chunk_tokens: int | None = None
     history_segment_tokens: int = 4096
+    observe_tokens: int = 16
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +97,7 @@ class FlashMemConfig:
         _check_int("lookahead", self.lookahead, 1)
         _check_int("prefill_chunk_tokens", self.prefill_chunk_tokens, 1, allow_none=True)
         _check_int("history_segment_tokens", self.history_segment_tokens, 1)
+        _check_int("observe_tokens", self.observe_tokens, 0)
         _check_int("max_host_bytes", self.max_host_bytes, 1, allow_none=True)
         if self.host_mirror is not None and not isinstance(self.host_mirror, bool):
             raise TypeError(f"FlashMemConfig.host_mirror must be a bool or None, got {self.host_mirror!r}")

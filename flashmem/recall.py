@@ -90,7 +90,9 @@ class RecallController:
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
         self._query_position = -1
+        self._observed: torch.Tensor | None = None
         self.refreshes = 0
+        self.observed_refreshes = 0
         self.refresh_time_s = 0.0
 
     # ---- fed by the cache ----------------------------------------------------------------------
@@ -110,6 +112,14 @@ class RecallController:
         """Post-RoPE query ``[H_q, D]`` of the step's last token for ``layer``."""
         self._queries[layer] = query
 
+    def observe_mass(self, layer: int, mass: torch.Tensor) -> None:
+        """True attention mass ``[N]`` of the prompt's last queries on history chunks ``0..N-1`` (one
+        layer, measured by exact prefill). The next refresh ranks chunks by its sum over layers
+        instead of asking the indexer: at the end of the prompt the real attention is known."""
+        if self._observed is None or self._observed.shape[0] != mass.shape[0] or layer == 0:
+            self._observed = torch.zeros_like(mass, dtype=torch.float32)
+        self._observed += mass.float()
+
     # ---- refresh -------------------------------------------------------------------------------
     def candidates(self, position: int) -> tuple[int, int]:
         """Chunk id range ``[lo, hi)`` worth recalling at ``position``: closed chunks past the sinks and
@@ -125,6 +135,13 @@ class RecallController:
         lo, hi = self.candidates(position)
         if hi <= lo or self.chunk_budget == 0 or self._queries[0] is None:
             return []
+        k = min(self.chunk_budget, hi - lo)
+        observed, self._observed = self._observed, None
+        if observed is not None and observed.shape[0] >= hi:
+            top = torch.topk(observed[lo:hi], k).indices + lo
+            self.refreshes += 1
+            self.observed_refreshes += 1
+            return sorted(int(c) for c in top.tolist())
         cos = self._cos[-1:]
         sin = self._sin[-1:]
         total = None
@@ -134,7 +151,6 @@ class RecallController:
             summaries = self.builders[layer].summaries.select(slice(lo, hi))
             scores = indexer.score(QueryState(q_pre=q_pre, q_rope=q_rope, position=position), summaries)
             total = scores if total is None else total + scores
-        k = min(self.chunk_budget, hi - lo)
         top = torch.topk(total, k).indices + lo
         self.refreshes += 1
         return sorted(int(c) for c in top.tolist())

@@ -211,6 +211,7 @@ class FlashMemModel:
             offload=self.offload,
             prefill_mode=c.prefill,
             history_segment_tokens=c.history_segment_tokens,
+            observe_tokens=c.observe_tokens,
         )
         self._device_trace = []
         self._share_sum = 0.0
@@ -410,6 +411,7 @@ class FlashMemModel:
             "device_kv_trace": list(self._device_trace),
             "indexer": self.indexer_name,
             "recall_refreshes": self.recall.refreshes if self.recall is not None else 0,
+            "recall_from_prefill_attention": self.recall.observed_refreshes if self.recall is not None else 0,
         }
         if self.offload is not None:
             report["offload"] = self.offload.stats()
