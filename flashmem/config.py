@@ -51,7 +51,10 @@ class FlashMemConfig:
     indexer: "auto" (the shipped learned indexer when it matches the model, else "quest"), a
         heuristic ("quest", "mean_key", "mean_key_prerope", "recency"), "lookahead", a checkpoint
         path, or "none" (no recall).
-    index_backend: where chunk scores are ranked ("torch"; "faiss" needs flashmem[faiss]).
+    index_backend / index_candidates: with index_candidates > 0, each layer keeps a chunk index
+        (backend "torch", or "faiss" with flashmem[faiss]) of mean post-RoPE keys, retrieves that
+        many candidates by inner product at every refresh, and only the union of the candidates is
+        scored by the indexer (0: the indexer scores every chunk).
     prefill: "exact" (each prefill chunk attends to every earlier token, streamed from the host
         mirror one layer segment at a time) or "sparse" (to the device-resident tokens only).
     prefill_chunk_tokens: tokens per prefill forward (None: compaction_interval under a budget,
@@ -79,6 +82,7 @@ class FlashMemConfig:
     lookahead: int = 64
     indexer: str = "auto"
     index_backend: str = "torch"
+    index_candidates: int = 0
     prefill: str = "exact"
     prefill_chunk_tokens: int | None = None
     history_segment_tokens: int = 4096
@@ -98,6 +102,11 @@ class FlashMemConfig:
         _check_int("prefill_chunk_tokens", self.prefill_chunk_tokens, 1, allow_none=True)
         _check_int("history_segment_tokens", self.history_segment_tokens, 1)
         _check_int("observe_tokens", self.observe_tokens, 0)
+        _check_int("index_candidates", self.index_candidates, 0)
+        if self.index_backend == "faiss" and not self.index_candidates:
+            raise ValueError(
+                "index_backend='faiss' is used for candidate retrieval: set index_candidates > 0"
+            )
         _check_int("max_host_bytes", self.max_host_bytes, 1, allow_none=True)
         if self.host_mirror is not None and not isinstance(self.host_mirror, bool):
             raise TypeError(f"FlashMemConfig.host_mirror must be a bool or None, got {self.host_mirror!r}")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from flashmem.indexer.chunk_index import fold_query_for_heads as _fold
 from flashmem.indexer.heuristics import QueryState, get_indexer
 from flashmem.indexer.summaries import ChunkSummaryBuilder
 
@@ -74,6 +75,8 @@ class RecallController:
         sink_tokens: int,
         window_tokens: int,
         device: torch.device,
+        index_backend: str = "torch",
+        index_candidates: int = 0,
     ) -> None:
         self.model = model
         self.indexers = indexers
@@ -87,6 +90,16 @@ class RecallController:
             for _ in indexers
         ]
         self._queries: list[torch.Tensor | None] = [None] * len(indexers)
+        self.index_candidates = index_candidates
+        self.num_kv_heads = num_kv_heads
+        self.indexes = []
+        if index_candidates:
+            from flashmem.indexer.chunk_index import make_chunk_index
+
+            kwargs = {"device": device} if index_backend == "torch" else {}
+            self.indexes = [
+                make_chunk_index(index_backend, num_kv_heads * head_dim, **kwargs) for _ in indexers
+            ]
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
         self._query_position = -1
@@ -106,11 +119,29 @@ class RecallController:
         cos = self._cos[:, None, :]
         sin = self._sin[:, None, :]
         pre = hf_compat.unrotate(keys.float(), cos, sin)
-        self.builders[layer].append(keys.float(), pre)
+        builder = self.builders[layer]
+        closed = builder.append(keys.float(), pre)
+        if closed and self.indexes:
+            new = builder.summaries.mean_key_rope[builder.num_chunks - closed :]  # [closed, H_kv, D]
+            self.indexes[layer].add(new.reshape(closed, -1))
 
     def on_query(self, layer: int, query: torch.Tensor) -> None:
         """Post-RoPE query ``[H_q, D]`` of the step's last token for ``layer``."""
         self._queries[layer] = query
+
+    def _retrieve(self, lo: int, hi: int) -> torch.Tensor:
+        """Union over layers of each layer's ``index_candidates`` best chunks in ``[lo, hi)`` by the
+        mean-key inner product, found by the chunk index (torch or faiss); sorted int64 ids."""
+        found = []
+        for layer, index in enumerate(self.indexes):
+            query = _fold(self._queries[layer].float(), self.num_kv_heads)
+            # search a little wider than needed: chunks outside [lo, hi) are dropped afterwards
+            _, ids = index.search(
+                query[None], min(len(index), self.index_candidates + (len(index) - (hi - lo)))
+            )
+            ids = ids[0].to(self._queries[layer].device)
+            found.append(ids[(ids >= lo) & (ids < hi)][: self.index_candidates])
+        return torch.unique(torch.cat(found))
 
     def observe_mass(self, layer: int, mass: torch.Tensor) -> None:
         """True attention mass ``[N]`` of the prompt's last queries on history chunks ``0..N-1`` (one
@@ -144,13 +175,20 @@ class RecallController:
             return sorted(int(c) for c in top.tolist())
         cos = self._cos[-1:]
         sin = self._sin[-1:]
+        candidates = self._retrieve(lo, hi) if self.indexes else None
         total = None
         for layer, indexer in enumerate(self.indexers):
             q_rope = self._queries[layer].float()
             q_pre = hf_compat.unrotate(q_rope, cos, sin)
-            summaries = self.builders[layer].summaries.select(slice(lo, hi))
+            summaries = self.builders[layer].summaries.select(
+                slice(lo, hi) if candidates is None else candidates
+            )
             scores = indexer.score(QueryState(q_pre=q_pre, q_rope=q_rope, position=position), summaries)
             total = scores if total is None else total + scores
-        top = torch.topk(total, k).indices + lo
+        if candidates is not None:
+            k = min(k, candidates.numel())
+            top = candidates[torch.topk(total, k).indices]
+        else:
+            top = torch.topk(total, k).indices + lo
         self.refreshes += 1
         return sorted(int(c) for c in top.tolist())

@@ -201,6 +201,8 @@ class FlashMemModel:
                 sink_tokens=c.sink_tokens,
                 window_tokens=c.window_tokens,
                 device=self.device,
+                index_backend=c.index_backend,
+                index_candidates=c.index_candidates,
             )
         self.cache = FlashMemCache(
             PagedKVCache(self.pool),

@@ -181,3 +181,27 @@ def test_prefill_observed_mass_equals_brute_force_attention(model_and_stats):
         probs = logits.softmax(-1)[:, -window:, :start]  # [H_q, W, start]
         expected += probs.unflatten(-1, (-1, cs)).sum(dim=(0, 1, 3))
     torch.testing.assert_close(observed, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_chunk_index_backends_retrieve_the_same_candidates(model_and_stats):
+    pytest.importorskip("faiss")
+    model, stats = model_and_stats
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(7))
+    outs, reports = [], []
+    for backend in ("torch", "faiss"):
+        config = _config(
+            stats,
+            indexer="quest",
+            chunk_budget=3,
+            index_backend=backend,
+            index_candidates=4,
+            prefill="sparse",
+            observe_tokens=0,
+        )
+        fm = flashmem.wrap(model, config)
+        outs.append(fm.generate(ids, 40, eos_token_id=None))
+        reports.append(fm.memory_report())
+    assert torch.equal(outs[0], outs[1])
+    assert reports[0]["offload"]["h2d_bytes"] == reports[1]["offload"]["h2d_bytes"] > 0
+    with pytest.raises(ValueError, match="index_candidates"):
+        flashmem.FlashMemConfig(budget_tokens=256, index_backend="faiss")
