@@ -356,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--lengths", default=None)
     p.add_argument("--depths", default=None)
+    p.add_argument("--only", default=None, help="comma-separated prompt ids (e.g. L2000-d0.20-s0) to run")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.setup_only:
@@ -386,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     model_tok = common.load_default()
     tok = model_tok[1]
     prompts = build_prompts(tok, lengths, depths, 1)
+    if args.only:
+        wanted = set(args.only.split(","))
+        prompts = [pr for pr in prompts if pr["id"] in wanted]
+        if not prompts:
+            p.error(f"--only matched no prompt id of lengths {lengths} and depths {depths}")
     full = {}
     for pr in prompts:
         ids = __import__("torch").tensor([pr["context_ids"] + pr["question_ids"]])
