@@ -53,8 +53,9 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
-def print_memory_report(report: dict, out=sys.stdout) -> None:
+def print_memory_report(report: dict, out=None) -> None:
     """Human-readable memory report (figures from the block allocator)."""
+    out = out if out is not None else sys.stdout
     rows = [
         ("tokens (logical / on device)", f"{report['logical_tokens']} / {report['device_slots']}"),
         ("budget tokens", str(report["budget_tokens"])),
