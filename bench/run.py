@@ -61,11 +61,23 @@ ENTRIES: dict[str, tuple[str, str, list[str], list[str]]] = {
         [],
     ),
     "kvpress": ("bench.peers_kvpress", "kvpress presses on the pass-key prompts (own venv)", [], []),
+    "long-context": (
+        "bench.long_context",
+        "500K-token prefill + decode on a tiny model: device share, host mirror = full KV",
+        ["--quick"],
+        [],
+    ),
+    "passkey-trials": (
+        "bench.passkey_trials",
+        "depth-spread pass-key trials of one config at one length (full attention with --config {})",
+        [],
+        [],
+    ),
 }
 # entries whose own CLI has no --quick flag: `all --quick` passes the listed argv instead
 NO_QUICK_FLAG = {"indexer", "paged-decode"}
 # not part of `all` (needs its own environment; run it by name)
-NOT_IN_ALL = {"kvpress"}
+NOT_IN_ALL = {"kvpress", "passkey-trials"}
 
 
 def _result_override(name: str, quick: bool) -> list[str]:
