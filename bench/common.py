@@ -2,16 +2,12 @@
 loading (default or tiny), flashmem settings from JSON, and the two decode loops every entry compares:
 plain Hugging Face (``DynamicCache``) and flashmem (:func:`flashmem.wrap`).
 
-Teacher forcing. ``FlashMemModel.generate`` has no argument that feeds given tokens, so
-:func:`flashmem_decode` with ``forced=`` swaps the wrapper's token picker for one that returns the
-given tokens, for the length of one call, and checks afterwards that the returned tokens are exactly
-the forced ones (it raises otherwise). Everything else (prefill, compaction, recall, accounting) is
-the unmodified public ``generate``.
+Teacher forcing: :func:`flashmem_decode` with ``forced=`` passes the tokens to the public
+``generate(..., forced_tokens=...)`` and checks that the returned tokens are exactly the forced ones.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -307,32 +303,6 @@ def hf_decode(
     }
 
 
-class _ForcedPicker:
-    def __init__(self, tokens: list[int]) -> None:
-        self.tokens = list(tokens)
-        self.i = 0
-
-    def __call__(self, logits: torch.Tensor) -> int:
-        token = self.tokens[self.i]
-        self.i += 1
-        return token
-
-
-@contextlib.contextmanager
-def _forced_tokens(tokens: list[int]):
-    import flashmem.wrapper as wrapper
-
-    original = getattr(wrapper, "_Sampler", None)
-    if original is None:
-        raise RuntimeError("teacher forcing needs flashmem.wrapper._Sampler; it is gone from this version")
-    picker = _ForcedPicker(tokens)
-    wrapper._Sampler = lambda *args, **kwargs: picker
-    try:
-        yield picker
-    finally:
-        wrapper._Sampler = original
-
-
 @torch.no_grad()
 def flashmem_decode(
     model,
@@ -367,15 +337,15 @@ def flashmem_decode(
             callback_trace.append(int(pool.device_kv_bytes))
 
     t0 = time.perf_counter()
-    with _forced_tokens(forced) if forced is not None else contextlib.nullcontext():
-        out = fm.generate(
-            ids,
-            max_new_tokens,
-            eos_token_id=None,
-            collect_logits=collect_logits,
-            stream=on_token,
-            progress=False,
-        )
+    out = fm.generate(
+        ids,
+        max_new_tokens,
+        eos_token_id=None,
+        collect_logits=collect_logits,
+        stream=on_token,
+        progress=False,
+        forced_tokens=forced,
+    )
     wall = time.perf_counter() - t0
     tokens = out[0, ids.shape[1] :].tolist()
     if forced is not None and tokens != list(forced[: len(tokens)]):

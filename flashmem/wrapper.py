@@ -32,6 +32,7 @@ _GENERATE_KWARGS = {
     "progress",
     "collect_logits",
     "stream",
+    "forced_tokens",
 }
 
 
@@ -294,7 +295,9 @@ class FlashMemModel:
         disables stopping), ``do_sample`` (False), ``temperature`` (1.0), ``top_k``, ``top_p``,
         ``seed``, ``progress`` (show a prefill progress bar; default True for prompts over 8K tokens),
         ``collect_logits`` (keep every step's logits in ``self.step_logits``), ``stream`` (a callable
-        receiving each new token id).
+        receiving each new token id), ``forced_tokens`` (teacher forcing: a sequence of at least
+        ``max_new_tokens`` ids fed instead of the model's choices, e.g. to compare next-token
+        distributions with another run step by step).
         """
         input_ids = self._check_inputs(input_ids, max_new_tokens, kwargs)
         eos = kwargs.get("eos_token_id", self._default_eos())
@@ -307,6 +310,13 @@ class FlashMemModel:
             kwargs.get("seed"),
             self.device,
         )
+        forced = kwargs.get("forced_tokens")
+        if forced is not None:
+            forced = [int(t) for t in (forced.tolist() if isinstance(forced, torch.Tensor) else forced)]
+            if len(forced) < max_new_tokens:
+                raise ValueError(
+                    f"forced_tokens holds {len(forced)} ids, max_new_tokens={max_new_tokens} needed"
+                )
         collect = bool(kwargs.get("collect_logits", False))
         stream: Callable[[int], None] | None = kwargs.get("stream")
         prompt_len = input_ids.shape[1]
@@ -320,7 +330,7 @@ class FlashMemModel:
         for step in range(max_new_tokens):
             if collect:
                 step_logits.append(logits)
-            token = sampler(logits)
+            token = sampler(logits) if forced is None else forced[step]
             generated.append(token)
             if stream is not None:
                 stream(token)

@@ -75,3 +75,18 @@ def test_sampling_is_seeded():
     a = fm.generate(ids, 10, eos_token_id=None, do_sample=True, temperature=1.5, top_p=0.9, seed=3)
     b = fm.generate(ids, 10, eos_token_id=None, do_sample=True, temperature=1.5, top_p=0.9, seed=3)
     assert torch.equal(a, b)
+
+
+def test_forced_tokens_are_fed_and_scored():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(5))
+    forced = torch.randint(0, 128, (6,), generator=torch.Generator().manual_seed(6)).tolist()
+    fm = flashmem.wrap(model, flashmem.FlashMemConfig())
+    out = fm.generate(ids, 6, eos_token_id=None, collect_logits=True, forced_tokens=forced)
+    assert out[0, 20:].tolist() == forced
+    # the logits of step i are the model's next-token logits after the prompt and forced[:i]
+    with torch.no_grad():
+        ref = model(torch.cat([ids, torch.tensor([forced[:5]])], dim=1)).logits[0, 19:]
+    torch.testing.assert_close(fm.step_logits, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="forced_tokens"):
+        fm.generate(ids, 6, forced_tokens=forced[:3])
