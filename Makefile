@@ -8,7 +8,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(BIN)/flashmem generate --model default --passkey-tokens 4000 --depth 0.5 --budget-tokens 512 --max-new-tokens 12
+	$(BIN)/flashmem generate --model default --passkey-tokens 4000 --depth 0.3 --budget-tokens 256 --chunk-size 16 --chunk-budget 12 --max-new-tokens 12
 
 test: setup lint
 	$(BIN)/python -m pytest -q

@@ -86,6 +86,19 @@ def cmd_generate(args) -> int:
         stats_path=args.stats,
         max_context_tokens=args.max_context_tokens,
         protect_prompt=args.protect_prompt,
+        compaction_interval=args.compaction_interval,
+        window_tokens=args.window_tokens,
+        sink_tokens=args.sink_tokens,
+        triattention_mode=args.triattention_mode,
+        chunk_size=args.chunk_size,
+        chunk_budget=args.chunk_budget,
+        lookahead=args.lookahead,
+        indexer=args.indexer,
+        index_backend=args.index_backend,
+        index_candidates=args.index_candidates,
+        prefill=args.prefill,
+        prefill_chunk_tokens=args.prefill_chunk_tokens,
+        max_host_bytes=args.max_host_bytes,
     )
     if args.prompt_file is None and args.passkey_tokens is None:
         raise SystemExit("give --prompt-file FILE or --passkey-tokens N")
@@ -161,6 +174,21 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-tokens", type=int, default=None, help="device tokens kept per KV head (default: all)"
     )
     g.add_argument("--protect-prompt", action="store_true")
+    g.add_argument("--compaction-interval", type=int, default=128)
+    g.add_argument("--window-tokens", type=int, default=128)
+    g.add_argument("--sink-tokens", type=int, default=4)
+    g.add_argument("--triattention-mode", default="per_head", choices=["per_head", "per_layer_per_head"])
+    g.add_argument("--chunk-size", type=int, default=64, help="tokens per recall chunk")
+    g.add_argument("--chunk-budget", type=int, default=None, help="chunks recalled per lookahead window")
+    g.add_argument("--lookahead", type=int, default=64, help="decode steps between indexer refreshes")
+    g.add_argument(
+        "--indexer", default="auto", help="auto, quest, mean_key, recency, lookahead, a checkpoint, none"
+    )
+    g.add_argument("--index-backend", default="torch", choices=["torch", "faiss"])
+    g.add_argument("--index-candidates", type=int, default=0)
+    g.add_argument("--prefill", default="exact", choices=["exact", "sparse"])
+    g.add_argument("--prefill-chunk-tokens", type=int, default=None)
+    g.add_argument("--max-host-bytes", type=int, default=None)
     g.add_argument("--stats", default=None, help="TriAttention calibration stats (.safetensors)")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"])
     g.add_argument("--max-context-tokens", type=int, default=524_288)
