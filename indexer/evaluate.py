@@ -106,6 +106,11 @@ def evaluate_records(
                 r, m = selection_metrics(record_scores(name, rec, layer, lookahead), rec, layer, budget)
                 recalls.append(r)
                 masses.append(m)
+        if not recalls or sum(x.numel() for x in recalls) == 0:
+            raise ValueError(
+                "no refresh position has candidate chunks (past the sink chunk and before the recency "
+                "tail): the documents are too short for this chunk size and window; use longer documents"
+            )
         r = torch.cat(recalls)
         m = torch.cat(masses)
         out[name] = {"recall": float(r.mean()), "covered_mass": float(m.mean()), "n": int(r.numel())}
