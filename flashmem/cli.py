@@ -45,29 +45,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def print_memory_report(report: dict, out=None) -> None:
     """Human-readable memory report (figures from the block allocator)."""
+    from .wrapper import format_bytes
+
     out = out if out is not None else sys.stdout
     rows = [
         ("tokens (logical / on device)", f"{report['logical_tokens']} / {report['device_slots']}"),
         ("budget tokens", str(report["budget_tokens"])),
-        ("device KV now", _fmt_bytes(report["device_kv_bytes"])),
-        ("device KV peak", _fmt_bytes(report["peak_device_kv_bytes"])),
-        ("full (dense) KV", _fmt_bytes(report["full_kv_bytes"])),
-        ("host mirror KV", _fmt_bytes(report["host_kv_bytes"])),
+        ("device KV now", format_bytes(report["device_kv_bytes"])),
+        ("device KV peak", format_bytes(report["peak_device_kv_bytes"])),
+        ("full (dense) KV", format_bytes(report["full_kv_bytes"])),
+        ("host mirror KV", format_bytes(report["host_kv_bytes"])),
         ("device share now / peak / avg", "{:.1%} / {:.1%} / {:.1%}".format(
             report["device_share"], report["peak_device_share"], report["avg_device_share"])),
         ("blocks in use / peak / freed", "{} / {} / {}".format(
             report["blocks_in_use"], report["peak_blocks_in_use"], report["blocks_freed"])),
-        ("block size / block bytes", f"{report['block_size']} tokens / {_fmt_bytes(report['kv_block_bytes'])}"),
+        ("block size / block bytes", f"{report['block_size']} tokens / {format_bytes(report['kv_block_bytes'])}"),
         ("compactions", str(report["compactions"])),
     ]  # fmt: skip
     width = max(len(k) for k, _ in rows)

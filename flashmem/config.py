@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
 TRIATTENTION_MODES = ("per_head", "per_layer_per_head")
@@ -87,7 +87,6 @@ class FlashMemConfig:
     prefill_chunk_tokens: int | None = None
     history_segment_tokens: int = 4096
     observe_tokens: int = 16
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         _check_int("budget_tokens", self.budget_tokens, 1, allow_none=True)

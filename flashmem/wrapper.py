@@ -366,7 +366,7 @@ class FlashMemModel:
             bar.update(ids.shape[1])
             host = self.mirror.host_kv_bytes if self.mirror is not None else 0
             bar.set_postfix(
-                device_kv=_fmt_bytes(self.pool.device_kv_bytes), host_kv=_fmt_bytes(host), refresh=False
+                device_kv=format_bytes(self.pool.device_kv_bytes), host_kv=format_bytes(host), refresh=False
             )
         bar.close()
         self._timings["prefill_s"] += time.perf_counter() - t0
@@ -466,10 +466,11 @@ class _Sampler:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``"1.50 KiB"`` (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return str(n)
 
