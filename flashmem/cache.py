@@ -2,7 +2,7 @@
 
 The decode loop (:mod:`flashmem.wrapper`) drives one step at a time:
 
-    cache.begin_step(positions)      # reserve slots for the T new tokens (positions: [T] int64)
+    cache.begin_step(positions, start)  # reserve slots for the T new tokens (positions: [T] int64)
     model(input_ids, position_ids=..., cache=cache)   # every layer: update() writes, attend() reads
     cache.end_step()                 # commit host-side counters
 
@@ -129,7 +129,7 @@ class FlashMemCache(Cache):
             num_new > 1 and self.mirror is not None and self.prefill_mode == "exact" and start > 0
         )
         if self.recall is not None:
-            self.recall.begin_step(positions, start + num_new - 1)
+            self.recall.begin_step(positions)
         self._block_tables = self._block_valid = self._read_index = None
         if num_new == 1:
             total = paged.num_slots(self.seq_id) + 1

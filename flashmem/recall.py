@@ -71,7 +71,6 @@ class RecallController:
         head_dim: int,
         chunk_size: int,
         chunk_budget: int,
-        lookahead: int,
         sink_tokens: int,
         window_tokens: int,
         device: torch.device,
@@ -82,7 +81,6 @@ class RecallController:
         self.indexers = indexers
         self.chunk_size = chunk_size
         self.chunk_budget = chunk_budget
-        self.lookahead = lookahead
         self.sink_tokens = sink_tokens
         self.window_tokens = window_tokens
         self.builders = [
@@ -102,17 +100,15 @@ class RecallController:
             ]
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
-        self._query_position = -1
         self._observed: torch.Tensor | None = None
         self.refreshes = 0
         self.observed_refreshes = 0
         self.refresh_time_s = 0.0
 
     # ---- fed by the cache ----------------------------------------------------------------------
-    def begin_step(self, positions: torch.Tensor, last_position: int) -> None:
+    def begin_step(self, positions: torch.Tensor) -> None:
         """cos/sin ``[T, D]`` of this step's positions, shared by every layer."""
         self._cos, self._sin = hf_compat.rotary_cos_sin(self.model, positions)
-        self._query_position = last_position
 
     def on_keys(self, layer: int, keys: torch.Tensor) -> None:
         """Post-RoPE keys ``[T, H_kv, D]`` just written for ``layer``."""

@@ -198,7 +198,6 @@ class FlashMemModel:
                 head_dim=self.head_dim,
                 chunk_size=c.chunk_size,
                 chunk_budget=c.effective_chunk_budget,
-                lookahead=c.lookahead,
                 sink_tokens=c.sink_tokens,
                 window_tokens=c.window_tokens,
                 device=self.device,
