@@ -1,0 +1,335 @@
+"""The README's result tables, rendered from the JSON files in ``bench/results/``.
+
+    python -m bench.run report            # rewrite the tables in README.md from the JSON files
+    python -m bench.run report --check    # exit 1 (and show the difference) when README.md disagrees
+
+Each table sits in README.md between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``; the
+text around the markers is written by hand, the text between them only by this module, so the
+figures in the README are the figures in the JSON. ``tests/bench/test_readme_results.py`` runs the
+check on every test run. A table whose JSON file is missing renders as a line saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+README = REPO / "README.md"
+MARK = re.compile(
+    r"(<!-- results:(?P<name>[a-z0-9_-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# formatting helpers
+# ---------------------------------------------------------------------------------------------
+def _load(name: str, results: Path) -> dict | None:
+    path = results / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _int(x) -> str:
+    return "n/a" if x is None else f"{int(x):,}"
+
+
+def _mib(n) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _missing(*names: str) -> str:
+    return f"_(not measured yet: {', '.join(f'`bench/results/{n}`' for n in names)} missing)_\n"
+
+
+def _cfg(cfg: dict) -> str:
+    if not cfg:
+        return "no budget"
+    parts = []
+    for k, v in cfg.items():
+        parts.append(f"{k.replace('_tokens', '').replace('_', ' ')} {v}")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+# ---------------------------------------------------------------------------------------------
+def passkey_trials(results: Path) -> str:
+    rows = []
+    for tag in ("4k", "7k", "2k"):
+        for method in ("full", "flashmem"):
+            name = f"passkey_trials_{tag}_{method}.json"
+            d = _load(name, results)
+            if d is None:
+                rows.append([tag, method, "not run", "", "", f"`{name}`"])
+                continue
+            tokens = d["records"][0]["tokens"] if d["records"] else "?"
+            label = "full attention" if not d["config"] else f"flashmem ({_cfg(d['config'])})"
+            rows.append(
+                [
+                    f"{_int(tokens)} tokens",
+                    label,
+                    f"{d['correct']}/{d['trials']}",
+                    _pct(min(d["max_peak_device_share"], 1.0)),
+                    _pct(min(d["mean_avg_device_share"], 1.0)),
+                    f"`{name}`",
+                ]
+            )
+    for tag in ("4k",):
+        name = f"kvpress_passkey_trials_{tag}.json"
+        d = _load(name, results)
+        if d is None:
+            continue
+        for method, s in d.get("summary", {}).items():
+            rows.append(
+                [
+                    f"{_int(d.get('prompt_tokens'))} tokens" if d.get("prompt_tokens") else tag,
+                    method,
+                    f"{s['correct']}/{s['trials']}",
+                    "",
+                    _pct(s.get("mean_kept_share")) + " kept",
+                    f"`{name}`",
+                ]
+            )
+    return _table(["prompt", "method", "correct", "peak device share", "avg device share", "results"], rows)
+
+
+def long_context(results: Path) -> str:
+    d = _load("long_context_tiny_500000.json", results)
+    if d is None:
+        return _missing("long_context_tiny_500000.json")
+    short = _load("long_context_tiny_4096.json", results)
+    rep = d["report"]
+    row = [
+        _int(d["context_tokens"]),
+        _int(d["new_tokens"]),
+        f"{_pct(d['peak_device_share'], 2)} ({_mib(d['peak_device_kv_bytes'])} of {_mib(d['full_kv_bytes'])})",
+        _pct(d["avg_device_share"], 2),
+        ("= full KV" if d["host_equals_full"] else "!= full KV") + f" ({_mib(d['host_kv_bytes'])})",
+        _int(d["blocks_freed"]),
+        f"{d['prefill_tokens_per_s']:,.0f} tok/s",
+        f"{d['decode_tokens_per_s']:,.0f} tok/s",
+        f"{d['wall_s']:.0f} s",
+    ]
+    out = _table(
+        [
+            "context",
+            "new tokens",
+            "peak device KV",
+            "avg device KV",
+            "host mirror",
+            "blocks freed",
+            "prefill",
+            "decode",
+            "wall",
+        ],
+        [row],
+    )
+    if short is not None:
+        long_ms = 1000 * rep["timings"]["decode_s"] / rep["decode_steps"]
+        s_rep = short["report"]
+        short_ms = 1000 * s_rep["timings"]["decode_s"] / s_rep["decode_steps"]
+        out += (
+            f"\nDecode step time, same model and settings: {long_ms:.2f} ms at {_int(d['context_tokens'])} "
+            f"tokens vs {short_ms:.2f} ms at {_int(short['context_tokens'])} tokens: a ratio of "
+            f"**{long_ms / short_ms:.2f}** (ideal 1.0).\n"
+        )
+    return out
+
+
+def freed_blocks(results: Path) -> str:
+    d = _load("freed_blocks.json", results)
+    if d is None:
+        return _missing("freed_blocks.json")
+    rows = []
+    for r in d["rows"]:
+        ts = r.get("triattention_scores") or {}
+        rows.append(
+            [
+                _pct(r["eviction_rate"], 1),
+                _int(r["ideal_freeable_blocks"]),
+                f"{r['inplace_random']['blocks_freed_mean']:.1f}",
+                f"{r['inplace_expected_hypergeometric']:.2f}",
+                f"{ts.get('inplace_per_head_blocks_freed', 'n/a')} / {ts.get('inplace_shared_blocks_freed', 'n/a')}",
+                f"**{_int(r['compaction_random']['blocks_freed'])}**",
+            ]
+        )
+    head = (
+        f"{_int(d['tokens'])} tokens in {_int(d['blocks'])} blocks of {d['block_size']}; real scores from the "
+        f"default model's layer {d['real_scores'].get('layer')} on local text.\n\n"
+    )
+    return head + _table(
+        [
+            "evicted",
+            "ideal blocks",
+            f"in place, random ({d['rows'][0]['inplace_random']['seeds']} seeds)",
+            "expected (hypergeometric)",
+            "in place, TriAttention per head / shared",
+            "**compaction**",
+        ],
+        rows,
+    )
+
+
+INDEXER_ORDER = ["lookahead", "recency", "quest", "mean_key", "mean_key_prerope", "oracle"]
+INDEXER_NAMES = {
+    "lookahead": "learned lookahead (shipped)",
+    "recency": "recency",
+    "quest": "quest",
+    "mean_key": "mean key",
+    "mean_key_prerope": "mean key (pre-RoPE)",
+    "oracle": "oracle",
+}
+
+
+def indexer(results: Path) -> str:
+    d = _load("indexer_eval.json", results)
+    if d is None:
+        return _missing("indexer_eval.json")
+    ix = d["indexers"]
+    rows = []
+    for name in INDEXER_ORDER + sorted(set(ix) - set(INDEXER_ORDER)):
+        if name not in ix:
+            continue
+        s = ix[name]
+        bold = name == "lookahead"
+        cm = f"{s['covered_mass']:.3f}"
+        vo = f"{s['mass_vs_oracle']:.3f}"
+        rows.append(
+            [
+                INDEXER_NAMES.get(name, name),
+                f"**{cm}**" if bold else cm,
+                f"**{vo}**" if bold else vo,
+                f"{s['recall']:.3f}",
+            ]
+        )
+    t = d["targets"]
+    head = (
+        f"{len(d['documents'])} held-out documents of {_int(d['tokens_per_document'])} tokens; chunks of "
+        f"{t['chunk_size']}, window tau = {t['tau']}, labels: top-p {t['top_p']} of attention mass; chunk "
+        f"budget {_pct(d['budget'], 0)}.\n\n"
+    )
+    c = d.get("refresh_cost_500k")
+    tail = ""
+    if c:
+        tail = (
+            f"\nRefresh cost at 500K tokens ({_int(c['num_chunks'])} chunks, all layers): "
+            f"{c['flops_per_refresh_all_layers'] / 1e9:.2f} GFLOP, {c['cpu_seconds_per_refresh_all_layers']:.2f} s "
+            f"on {c['cpu_threads']} CPU thread(s), i.e. {c['amortised_flops_per_decode_step'] / 1e6:.0f} MFLOP per "
+            f"decode step amortised over tau = {t['tau']}.\n"
+        )
+    return (
+        head
+        + _table(["indexer", "covered attention mass", "vs oracle", "recall@K of label chunks"], rows)
+        + tail
+    )
+
+
+def bandwidth(results: Path) -> str:
+    files = sorted(results.glob("bandwidth_*.json"))
+    if not files:
+        return _missing("bandwidth_<machine>.json")
+    out = []
+    for path in files:
+        d = json.loads(path.read_text())
+        s = d["summary"]
+        rows = [
+            [
+                _int(r["chunk_tokens"]),
+                _mib(r["bytes"]),
+                f"{r['pinned_batched_gbps']:.2f}",
+                f"{r['pageable_batched_gbps']:.2f}",
+                f"{r['per_row_gbps']:.3f}",
+                f"{r['batched_speedup_vs_per_row']:.0f}x",
+            ]
+            for r in d["results"]
+        ]
+        out.append(
+            f"`{path.name}`: best copy on this machine {s['best_copy_gbps']:.1f} GB/s; batched pinned path at "
+            f"{_int(s['largest_chunk_tokens'])}-token chunks {s['pinned_batched_gbps_largest']:.2f} GB/s = "
+            f"{_pct(s['pinned_batched_fraction_of_best'])} of it.\n\n"
+            + _table(
+                [
+                    "chunk tokens",
+                    "bytes per batch",
+                    "batched pinned GB/s",
+                    "batched pageable GB/s",
+                    "per-row GB/s",
+                    "batched vs per-row",
+                ],
+                rows,
+            )
+        )
+    return "\n".join(out)
+
+
+SECTIONS: dict[str, Callable[[Path], str]] = {
+    "passkey-trials": passkey_trials,
+    "long-context": long_context,
+    "freed-blocks": freed_blocks,
+    "indexer": indexer,
+    "bandwidth": bandwidth,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# README rewriting
+# ---------------------------------------------------------------------------------------------
+def render(text: str, results: Path = RESULTS) -> str:
+    """``text`` with every marked block replaced by its section rendered from ``results``."""
+    unknown = [m.group("name") for m in MARK.finditer(text) if m.group("name") not in SECTIONS]
+    if unknown:
+        raise ValueError(f"README marks unknown result sections {unknown}; known: {sorted(SECTIONS)}")
+
+    def sub(m: re.Match) -> str:
+        return m.group(1) + SECTIONS[m.group("name")](results) + m.group(4)
+
+    return MARK.sub(sub, text)
+
+
+def marked_sections(text: str) -> list[str]:
+    return [m.group("name") for m in MARK.finditer(text)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run report", description=__doc__.split("\n")[0])
+    p.add_argument("--check", action="store_true", help="only compare; exit 1 when README.md differs")
+    p.add_argument("--readme", type=Path, default=README)
+    p.add_argument("--results", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    text = args.readme.read_text()
+    new = render(text, args.results)
+    if args.check:
+        if new != text:
+            sys.stdout.writelines(
+                difflib.unified_diff(text.splitlines(True), new.splitlines(True), "README.md", "rendered")
+            )
+            print("README.md disagrees with bench/results: run `python -m bench.run report`")
+            return 1
+        print(f"README.md agrees with bench/results ({len(marked_sections(text))} tables)")
+        return 0
+    if new != text:
+        args.readme.write_text(new)
+        print(f"rewrote {len(marked_sections(text))} tables in {args.readme}")
+    else:
+        print("README.md already agrees with bench/results")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""The README's result tables are the JSON files' figures: rendering them again changes nothing,
+every results file the README names exists, and every plot it shows is a readable PNG."""
+
+import re
+import struct
+from pathlib import Path
+
+import pytest
+
+from bench import report
+
+README = report.README
+
+
+def test_readme_tables_agree_with_results_json():
+    text = README.read_text()
+    assert len(report.marked_sections(text)) >= 5
+    rendered = report.render(text)
+    assert rendered == text, "README.md disagrees with bench/results: run `python -m bench.run report`"
+    assert report.main(["--check"]) == 0
+
+
+def test_every_named_result_file_exists_and_plots_are_png():
+    text = README.read_text()
+    named = set(re.findall(r"bench/results/[\w./-]+\.(?:json|png)", text))
+    for brace in re.findall(r"bench/results/([\w/-]+)\.\{json,png\}", text):
+        named |= {f"bench/results/{brace}.json", f"bench/results/{brace}.png"}
+    for stem in re.findall(r"`([\w-]+\.json)`", text):  # file names in the tables
+        named.add(f"bench/results/{stem}")
+    assert named
+    for rel in sorted(named):
+        path = README.parent / rel
+        assert path.is_file(), f"README names {rel}, which is not committed"
+        if path.suffix == ".png":
+            head = path.read_bytes()[:24]
+            assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", f"{rel} is not a PNG"
+            width, height = struct.unpack(">II", head[16:24])
+            assert width > 100 and height > 100
+
+
+def test_missing_results_render_as_not_measured(tmp_path: Path):
+    text = "a\n<!-- results:long-context -->\nold figures\n<!-- /results:long-context -->\nb\n"
+    out = report.render(text, tmp_path)
+    assert "old figures" not in out and "not measured yet" in out
+    assert out.startswith("a\n<!-- results:long-context -->\n") and out.endswith(
+        "<!-- /results:long-context -->\nb\n"
+    )
+
+
+def test_unknown_section_is_an_error():
+    with pytest.raises(ValueError, match="unknown result sections"):
+        report.render("<!-- results:nope -->\n<!-- /results:nope -->\n")
+
+
+def test_check_reports_a_disagreement(tmp_path: Path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:freed-blocks -->\n| stale | table |\n<!-- /results:freed-blocks -->\n")
+    assert report.main(["--check", "--readme", str(readme)]) == 1
+    assert "disagrees" in capsys.readouterr().out
+    assert report.main(["--readme", str(readme)]) == 0
+    assert report.main(["--check", "--readme", str(readme)]) == 0
