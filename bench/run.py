@@ -4,6 +4,7 @@
     python -m bench.run memory --quick       # any entry; options after NAME go to it (see NAME --help)
     python -m bench.run all --quick          # every entry in its quick mode (< 10 min on 2 CPU cores)
     python -m bench.run all                  # the full CPU suite
+    python -m bench.run report [--check]     # README result tables from the JSON files (or compare)
 
 Entries write JSON + PNG into ``bench/results/`` (quick runs into ``bench/results/quick/``), stamped
 with the machine, library versions, model, context lengths and budgets. Parts that need a GPU print
@@ -58,6 +59,12 @@ ENTRIES: dict[str, tuple[str, str, list[str], list[str]]] = {
         "bench.indexer_eval",
         "attention mass covered by each indexer at a chunk budget",
         ["--tokens", "2048", "--synthetic", "1", "--local", "1"],
+        [],
+    ),
+    "hf-offload": (
+        "bench.peers_hf_offload",
+        "Hugging Face offloaded cache vs flashmem vs full: device KV and tokens/s (CUDA only)",
+        [],
         [],
     ),
     "kvpress": ("bench.peers_kvpress", "kvpress presses on the pass-key prompts (own venv)", [], []),
@@ -165,10 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, (module, what, _, _) in ENTRIES.items():
             print(f"  {name:<13} {what}  [{module}]")
         print("  all           every entry above except kvpress (--quick for the smoke suite)")
+        print("  report        rewrite README.md's result tables from bench/results (--check: compare only)")
         return 0
     name, rest = argv[0], argv[1:]
     if name == "all":
         return run_all(rest)
+    if name == "report":
+        from bench import report
+
+        return report.main(rest)
     return run_entry(name, rest)
 
 
