@@ -149,6 +149,29 @@ def long_context(results: Path) -> str:
             f"tokens vs {short_ms:.2f} ms at {_int(short['context_tokens'])} tokens: a ratio of "
             f"**{long_ms / short_ms:.2f}** (ideal 1.0).\n"
         )
+        b_long, b_short = d.get("decode_breakdown_ms_per_step"), short.get("decode_breakdown_ms_per_step")
+        if b_long and b_short:
+            parts = [
+                ("total", "decode step"),
+                ("forward_and_attention", "forward + attention"),
+                ("recall_refresh", "recall refreshes (indexer + requests + waits)"),
+                ("h2d_copy_time_in_recall", "of which host-to-device copies"),
+                ("stall_time_in_recall", "of which stalls"),
+                ("compaction", "compaction"),
+            ]
+            rows = [
+                [what, f"{b_short[k]:.3f}", f"{b_long[k]:.3f}", f"{b_long[k] - b_short[k]:+.3f}"]
+                for k, what in parts
+            ]
+            out += "\nWhere the decode time goes (ms per step, mean over the decode steps):\n\n" + _table(
+                [
+                    "part",
+                    f"{_int(short['context_tokens'])} tokens",
+                    f"{_int(d['context_tokens'])} tokens",
+                    "difference",
+                ],
+                rows,
+            )
     return out
 
 
