@@ -320,7 +320,8 @@ def flashmem_decode(
     Returns tokens, logits ``[N, vocab]`` (or None), report (``memory_report()``), trace (device KV
     bytes after every decode step: the report's ``device_kv_trace`` when it has one, else read from
     the allocator in the ``stream`` callback), trace_source, wall_s, step_s (seconds between successive
-    tokens: one decode step each)."""
+    tokens: one decode step each), decode_timings (the report's timings spent in the decode steps
+    only; compaction and recall during prefill are excluded)."""
     import flashmem
 
     kwargs = dict(cfg)
@@ -330,8 +331,12 @@ def flashmem_decode(
     callback_trace: list[int] = []
     stamps: list[float] = []
 
+    after_prefill: list[dict] = []
+
     def on_token(_token: int) -> None:
         stamps.append(time.perf_counter())
+        if not after_prefill:  # the first token comes right after prefill, before any decode step
+            after_prefill.append(dict(fm.memory_report()["timings"]))
         pool = getattr(fm, "pool", None)
         if pool is not None:
             callback_trace.append(int(pool.device_kv_bytes))
@@ -364,6 +369,12 @@ def flashmem_decode(
         "wall_s": wall,
         # time between successive tokens = one decode step (forward, compaction, recall)
         "step_s": [b - a for a, b in zip(stamps, stamps[1:])],
+        # seconds spent in the decode steps only (the report's timings minus those after prefill)
+        "decode_timings": {
+            k: v - (after_prefill[0].get(k, 0.0) if after_prefill else 0.0)
+            for k, v in report["timings"].items()
+            if k != "prefill_s"
+        },
     }
 
 

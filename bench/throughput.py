@@ -45,7 +45,8 @@ def _fm_rate(run: dict, steps: int) -> dict:
         "step_ms": 1000 * med,
         "tokens_per_s": 1.0 / med if med else None,
         "timings": t,
-        "timings_per_step_ms": {k: 1000 * v / n for k, v in t.items() if n and k != "prefill_s"},
+        # decode steps only: compaction and recall done during prefill are not counted here
+        "timings_per_step_ms": {k: 1000 * v / n for k, v in run["decode_timings"].items() if n},
         "avg_device_share": rep.get("avg_device_share"),
         "compactions": rep.get("compactions"),
     }

@@ -172,6 +172,13 @@ def test_throughput_entry_quick(tmp_path):
     assert a["check_tokens_equal"] and a["full_attention"]["tokens_per_s"] > 0
     assert {r["method"] for r in a["flashmem"]} == {"flashmem (no budget)", "flashmem budget_tokens=256"}
     assert data["part_b"]["flashmem_long_over_short"] > 0
+    # the per-step breakdown counts decode steps only: its parts fit inside the decode time, and the
+    # long prompt's prefill compactions (hundreds of tokens over a 256 budget) are not in it
+    long_fm = data["part_b"]["runs"]["long"]["flashmem"]
+    per_step = long_fm["timings_per_step_ms"]
+    assert per_step["compaction_s"] + per_step["recall_s"] <= per_step["decode_s"]
+    assert long_fm["timings"]["compaction_s"] > 0
+    assert per_step["compaction_s"] * long_fm["decode_steps"] < 1000 * long_fm["timings"]["compaction_s"]
     assert out.with_suffix(".png").is_file()
 
 
