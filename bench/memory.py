@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="decode steps per run (default 256; quick 160)")
     p.add_argument("--contexts", default=None, help="default-model prompt lengths (default 8192; quick none)")
     p.add_argument(
-        "--tiny-contexts", default=None, help="tiny-model prompt lengths (default 16384,65536,131072)"
+        "--tiny-contexts",
+        default=None,
+        help="tiny-model prompt lengths (default 16384,65536; 500K: the long-context entry)",
     )
     p.add_argument("--json", default=None, help="output JSON (PNG beside it)")
     args = p.parse_args(argv)
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny_configs = common.parse_configs(args.tiny_flashmem_config, TINY_CONFIGS)
     steps = args.steps or (160 if args.quick else 256)
     contexts = _ints(args.contexts, [] if args.quick else [8192])
-    tiny_contexts = _ints(args.tiny_contexts, [2048, 8192] if args.quick else [16384, 65536, 131072])
+    tiny_contexts = _ints(args.tiny_contexts, [2048, 8192] if args.quick else [16384, 65536])
     if steps < 1:
         p.error("--steps must be >= 1")
     json_path, png = common.result_paths("memory", args.quick, args.json)
