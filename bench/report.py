@@ -301,7 +301,204 @@ def bandwidth(results: Path) -> str:
     return "\n".join(out)
 
 
+def _stamp(d: dict) -> str:
+    m = d.get("machine", {})
+    load = m.get("load_average_1min")
+    gpu = (m.get("gpu") or {}).get("name") or "no GPU"
+    when = f", load average {load:.1f} at the start" if isinstance(load, (int, float)) else ""
+    return f"{m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores, {gpu}){when}"
+
+
+def memory(results: Path) -> str:
+    d = _load("memory.json", results)
+    if d is None:
+        return _missing("memory.json")
+    rows = [
+        [
+            r["model_short"],
+            _int(r["prompt_tokens"]),
+            _int(r["decode_steps"]),
+            r["label"].replace("flashmem ", ""),
+            _pct(r["avg_device_share"]),
+            _pct(r["peak_device_share"]),
+            _mib(r["trace_max_bytes"]),
+            _mib(r["full_kv_bytes_end"]),
+            "= full" if r["host_kv_bytes"] == r["full_kv_bytes_end"] else _mib(r["host_kv_bytes"]),
+            _int(r["blocks_freed"]),
+        ]
+        for r in d["runs"]
+    ]
+    return f"Machine: {_stamp(d)}.\n\n" + _table(
+        [
+            "model",
+            "prompt",
+            "steps",
+            "config",
+            "avg share",
+            "peak share (incl. prefill)",
+            "max device (decode)",
+            "full KV",
+            "host mirror",
+            "blocks freed",
+        ],
+        rows,
+    )
+
+
+def passkey(results: Path) -> str:
+    d = _load("passkey.json", results)
+    if d is None:
+        return _missing("passkey.json")
+    lengths = [str(x) for x in d["settings"]["lengths"]]
+    rows = []
+    for s in d["summaries"]:
+        cells = []
+        for L in lengths:
+            b = s["by_length"].get(L)
+            if b is None:
+                cells.append("")
+                continue
+            share = b.get("mean_avg_device_share")
+            cells.append(
+                f"{b['correct']}/{b['trials']}" + (f" ({_pct(share, 0)} avg share)" if share else "")
+            )
+        agree = [
+            s["by_length"][L].get("mean_top1_agreement_with_full") for L in lengths if L in s["by_length"]
+        ]
+        agree = [a for a in agree if a is not None]
+        rows.append(
+            [
+                s["method"],
+                *cells,
+                f"{s['correct']}/{s['trials']}",
+                f"{sum(agree) / len(agree):.2f}" if agree else "",
+            ]
+        )
+    tokens = d["settings"].get("prompt_tokens", {})
+    heads = [
+        f"~{_int(int(L))} tokens" + (f" ({len(tokens[L])} prompts)" if L in tokens else "") for L in lengths
+    ]
+    depths = ", ".join(f"{x:g}" for x in d["settings"]["depths"])
+    return (
+        f"Depths {depths}; {d['settings']['new_tokens']} greedy tokens. Machine: {_stamp(d)}.\n\n"
+        + _table(["method", *heads, "all", "token agreement with full"], rows)
+    )
+
+
+def fidelity(results: Path) -> str:
+    d = _load("fidelity.json", results)
+    if d is None:
+        return _missing("fidelity.json")
+    st = d["settings"]
+    rows = [
+        [
+            s["method"],
+            f"{s['top1_agreement']:.3f}",
+            f"{s['mean_kl']:.4f}",
+            _pct(s["mean_avg_device_share"]),
+        ]
+        for s in d["summary"]
+    ]
+    docs = ", ".join(f"`{x}`" for x in st["docs"])
+    return (
+        f"{len(st['docs'])} documents of {_int(st['context_tokens'])} tokens ({docs}), {st['new_tokens']} "
+        f"teacher-forced steps each. Machine: {_stamp(d)}.\n\n"
+        + _table(["method", "top-1 agreement", "mean KL (nats)", "avg device share"], rows)
+    )
+
+
+def throughput(results: Path) -> str:
+    d = _load("throughput.json", results)
+    if d is None:
+        return _missing("throughput.json")
+    a, b = d["part_a"], d["part_b"]
+    full = a["full_attention"]
+    rows = [
+        [
+            "full attention (DynamicCache)",
+            f"{full['step_ms']:.1f}",
+            f"{full['tokens_per_s']:.1f}",
+            "1.00",
+            "100%",
+        ]
+    ]
+    for r in a["flashmem"]:
+        rows.append(
+            [
+                r["method"],
+                f"{r['step_ms']:.1f}",
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['ratio_vs_full']:.2f}",
+                _pct(r.get("avg_device_share")),
+            ]
+        )
+    out = (
+        f"Part A: {a['model_short']}, {_int(a['context_tokens'])}-token prompt, {a['steps']} decode steps "
+        f"(median step). Machine: {_stamp(d)}.\n\n"
+        + _table(["method", "ms per step", "tokens/s", "vs full attention", "avg device share"], rows)
+    )
+    brow = []
+    for name in ("short", "long"):
+        r = b["runs"][name]
+        per = r["flashmem"]["timings_per_step_ms"]
+        brow.append(
+            [
+                _int(r["context_tokens"]),
+                f"{r['flashmem']['step_ms']:.2f} / {r['flashmem']['mean_step_ms']:.2f}",
+                f"{per.get('compaction_s', 0):.2f}",
+                f"{per.get('recall_s', 0):.2f}",
+                f"{r['full_attention']['step_ms']:.2f}",
+            ]
+        )
+    out += (
+        f"\nPart B: tiny model, {common_label(b['flashmem_config'])}; step time long / short: flashmem "
+        f"**{b['flashmem_long_over_short']:.2f}**, full attention {b['full_long_over_short']:.2f}.\n\n"
+        + _table(
+            [
+                "prompt",
+                "flashmem ms/step (median / mean)",
+                "of which compaction (mean)",
+                "of which recall (mean)",
+                "full attention ms/step (median)",
+            ],
+            brow,
+        )
+    )
+    return out
+
+
+def common_label(cfg: dict) -> str:
+    return _cfg(cfg)
+
+
+def suite(results: Path) -> str:
+    rows = []
+    for quick in (False, True):
+        d = _load("quick/all.json" if quick else "all.json", results)
+        if d is None:
+            continue
+        ok = sum(e["status"] == 0 for e in d["entries"])
+        per = ", ".join(f"{e['name']} {e['seconds']:.0f} s" for e in d["entries"])
+        rows.append(
+            [
+                "`all --quick`" if quick else "`all`",
+                f"{ok}/{len(d['entries'])}",
+                f"{d['total_seconds'] / 60:.1f} min",
+                per,
+                _stamp(d),
+            ]
+        )
+    if not rows:
+        return _missing("all.json")
+    return _table(["suite", "entries ok", "wall", "per entry", "machine"], rows)
+
+
 SECTIONS: dict[str, Callable[[Path], str]] = {
+    "suite": suite,
+    "memory": memory,
+    "passkey": passkey,
+    "fidelity": fidelity,
+    "throughput": throughput,
     "passkey-trials": passkey_trials,
     "long-context": long_context,
     "freed-blocks": freed_blocks,
