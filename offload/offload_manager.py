@@ -214,9 +214,10 @@ class OffloadManager:
 
         Orders the current stream after the prefetched copies (a stall only if one has not landed),
         marks them resident, rewrites the misses' duplicate masks against ``resident_per_head`` when
-        it is given (required when :attr:`prefetch_masks_outdated`), then unpins and evicts every
-        other resident chunk, so :meth:`resident_blocks` lists exactly the new window. Returns the
-        new window's chunk ids.
+        it is given (required when :attr:`prefetch_masks_outdated`), then unpins every other chunk
+        and evicts the resident ones, so :meth:`resident_blocks` lists exactly the new window (a
+        chunk of an unrelated :meth:`request` still in flight stays until its copy is waited for).
+        Returns the new window's chunk ids.
         """
         pending = self._pending
         if pending is None:
@@ -237,9 +238,9 @@ class OffloadManager:
         if resident_per_head is not None and pending.misses:
             self._write_masks(pending.misses, resident_per_head)
         keep = set(ids)
+        self.resident.unpin([c for c in self.resident.lru_order() if c not in keep])
         old = [c for c in self.resident.resident_chunks() if c not in keep]
         if old:
-            self.resident.unpin(old)
             self.resident.evict(old)
         self.resident.touch(ids)
         self.resident.pin(ids)
