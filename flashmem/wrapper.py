@@ -432,7 +432,12 @@ class FlashMemModel:
         tokens), host_kv_bytes, blocks_in_use, blocks_freed, blocks_allocated, peak_blocks_in_use,
         pool_blocks, pool_capacity_bytes, kv_block_bytes, kv_bytes_per_token, block_size,
         logical_tokens, device_slots, device_share, peak_device_share, avg_device_share,
-        compactions, decode_steps, budget_tokens, timings.
+        compactions, decode_steps, budget_tokens, timings, and with recall ``offload``: the transfer
+        engine's and resident set's counters (:meth:`OffloadManager.stats`: ``stall_time_s``,
+        ``prefetches_issued``, ``chunks_prefetched``, ``chunks_loaded_on_demand``, ...) plus
+        ``stall_fraction`` = stall_time_s / timings["decode_s"] (time the compute stream waited on
+        recall copies per second of decoding; 0.0 off CUDA, where copies are synchronous and never
+        waited on; None before any decode step).
         """
         if self.pool is None:
             raise RuntimeError("memory_report() is available after generate()")
@@ -470,7 +475,10 @@ class FlashMemModel:
             "recall_from_prefill_attention": self.recall.observed_refreshes if self.recall is not None else 0,
         }
         if self.offload is not None:
-            report["offload"] = self.offload.stats()
+            offload = self.offload.stats(sync=True)  # after generate: resolve every timing event
+            decode_s = self._timings.get("decode_s", 0.0)
+            offload["stall_fraction"] = offload["stall_time_s"] / decode_s if decode_s > 0 else None
+            report["offload"] = offload
         return report
 
 

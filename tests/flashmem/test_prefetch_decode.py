@@ -169,6 +169,7 @@ def test_prefetched_windows_never_attend_a_token_twice(model_and_stats, monkeypa
         assert {e for e, _, _ in rec.events} == {"request"}
         assert off["prefetches_issued"] == 0 and off["chunks_prefetched"] == 0
         assert off["chunks_loaded_on_demand"] == off["chunk_loads"] > 0
+    assert off["stall_fraction"] == 0.0 and off["stall_time_s"] == 0.0  # CPU copies never stall
     # the pool holds the working set plus one recall window per window held
     held = 2 if prefetch_steps else 1
     working = math.ceil((48 + 32) / 16) + 1
@@ -206,3 +207,23 @@ def test_full_budget_with_prefetch_is_exact(model_and_stats):
     assert r["compactions"] == 0 and r["offload"]["prefetches_issued"] > 0
     assert torch.equal(out, ref)
     torch.testing.assert_close(fm.step_logits, dense.step_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_stall_fraction_is_stall_time_over_decode_time(model_and_stats):
+    model, stats = model_and_stats
+    fm = flashmem.wrap(model, _config(stats))
+    fm.generate(
+        torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(5)), 20, eos_token_id=None
+    )
+    r = fm.memory_report()
+    for key in (
+        "prefetches_issued",
+        "chunks_prefetched",
+        "chunks_loaded_on_demand",
+        "stall_time_s",
+        "stalls",
+    ):
+        assert key in r["offload"]
+    fm.offload.engine._stall_timings.total_s = 0.25  # as if the compute stream had waited 0.25 s
+    decode_s = r["timings"]["decode_s"]
+    assert fm.memory_report()["offload"]["stall_fraction"] == pytest.approx(0.25 / decode_s)
