@@ -55,6 +55,12 @@ ENTRIES: dict[str, tuple[str, str, list[str], list[str]]] = {
         [],
     ),
     "paged-decode": ("bench.paged_decode_timing", "paged decode kernel vs torch SDPA (CUDA only)", [], []),
+    "prefetch-overlap": (
+        "bench.prefetch_overlap",
+        "recall stall per decode time: prefetched ahead vs on demand (CUDA)",
+        [],
+        [],
+    ),
     "indexer": (
         "bench.indexer_eval",
         "attention mass covered by each indexer at a chunk budget",

@@ -64,6 +64,15 @@ def print_memory_report(report: dict, out=None) -> None:
         ("block size / block bytes", f"{report['block_size']} tokens / {format_bytes(report['kv_block_bytes'])}"),
         ("compactions", str(report["compactions"])),
     ]  # fmt: skip
+    off = report.get("offload")
+    if off is not None:
+        stall = off.get("stall_fraction")
+        rows.append((
+            "recall chunks prefetched / on demand",
+            "{} / {} ({} prefetches; stall {})".format(
+                off["chunks_prefetched"], off["chunks_loaded_on_demand"], off["prefetches_issued"],
+                "n/a" if stall is None else f"{stall:.2%} of decode time"),
+        ))  # fmt: skip
     width = max(len(k) for k, _ in rows)
     print("memory report", file=out)
     for k, v in rows:
@@ -87,6 +96,7 @@ def cmd_generate(args) -> int:
         chunk_size=args.chunk_size,
         chunk_budget=args.chunk_budget,
         lookahead=args.lookahead,
+        prefetch_steps=args.prefetch_steps,
         indexer=args.indexer,
         index_backend=args.index_backend,
         index_candidates=args.index_candidates,
@@ -175,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--chunk-size", type=int, default=64, help="tokens per recall chunk")
     g.add_argument("--chunk-budget", type=int, default=None, help="chunks recalled per lookahead window")
     g.add_argument("--lookahead", type=int, default=64, help="decode steps between indexer refreshes")
+    g.add_argument(
+        "--prefetch-steps",
+        type=int,
+        default=0,
+        help="copy the next recall window this many steps before its boundary (0: at the boundary)",
+    )
     g.add_argument(
         "--indexer", default="auto", help="auto, quest, mean_key, recency, lookahead, a checkpoint, none"
     )

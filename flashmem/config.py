@@ -48,6 +48,11 @@ class FlashMemConfig:
     chunk_budget: chunks recalled to the device per lookahead window (None: budget_tokens // (2 *
         chunk_size) when an indexer is active; 0 disables recall).
     lookahead: decode steps between indexer refreshes (tau).
+    prefetch_steps: decode steps before each window boundary at which the next window's chunks are
+        selected and their copies issued (on a side stream on CUDA), so decoding overlaps the
+        transfer; at the boundary the new window replaces the old one. While both windows are held
+        the device may hold up to 2 x chunk_budget recalled chunks (the pool is sized for it).
+        0: select, copy and wait at the boundary. Must be < lookahead.
     indexer: "auto" (the shipped learned indexer when it matches the model, else "quest"), a
         heuristic ("quest", "mean_key", "mean_key_prerope", "recency"), "lookahead", a checkpoint
         path, or "none" (no recall).
@@ -80,6 +85,7 @@ class FlashMemConfig:
     chunk_size: int = 64
     chunk_budget: int | None = None
     lookahead: int = 64
+    prefetch_steps: int = 0
     indexer: str = "auto"
     index_backend: str = "torch"
     index_candidates: int = 0
@@ -98,6 +104,13 @@ class FlashMemConfig:
         _check_int("chunk_size", self.chunk_size, 1)
         _check_int("chunk_budget", self.chunk_budget, 0, allow_none=True)
         _check_int("lookahead", self.lookahead, 1)
+        _check_int("prefetch_steps", self.prefetch_steps, 0)
+        if self.prefetch_steps >= self.lookahead:
+            raise ValueError(
+                f"FlashMemConfig.prefetch_steps ({self.prefetch_steps}) must be < lookahead ({self.lookahead}): "
+                "the next window is prefetched that many steps before the boundary; lower prefetch_steps "
+                "(0 disables prefetching) or raise lookahead"
+            )
         _check_int("prefill_chunk_tokens", self.prefill_chunk_tokens, 1, allow_none=True)
         _check_int("history_segment_tokens", self.history_segment_tokens, 1)
         _check_int("observe_tokens", self.observe_tokens, 0)
@@ -160,6 +173,12 @@ class FlashMemConfig:
         if self.budget_tokens is None:
             return 0
         return max(1, self.budget_tokens // (2 * self.chunk_size))
+
+    @property
+    def recall_windows_held(self) -> int:
+        """Recall windows the device may hold at once: 2 while a prefetch overlaps the current
+        window (prefetch_steps > 0), else 1."""
+        return 2 if self.prefetch_steps > 0 else 1
 
     @property
     def effective_prefill_chunk(self) -> int:

@@ -105,11 +105,17 @@ class FlashMemModel:
         if c.budget_tokens is None:
             return full
         # Working set: never more than budget + one interval (or one prefill chunk), plus one
-        # partially filled block; recalled chunks: chunk_budget whole chunks.
+        # partially filled block; recalled chunks: chunk_budget whole chunks per window held (two
+        # while a prefetch overlaps the current window).
         cap = c.budget_tokens + max(c.compaction_interval, c.effective_prefill_chunk)
         working = min(full, math.ceil(cap / c.block_size) + 1)
-        recall = c.effective_chunk_budget * (c.chunk_size // c.block_size) if c.recall_enabled else 0
+        recall = self._recall_chunks_held() * (c.chunk_size // c.block_size)
         return working + recall
+
+    def _recall_chunks_held(self) -> int:
+        """Most recalled chunks on the device at once (resident + in flight)."""
+        c = self.config
+        return c.effective_chunk_budget * c.recall_windows_held if c.recall_enabled else 0
 
     # ---- input checks (all before any work) --------------------------------------------------
     def _check_inputs(self, input_ids, max_new_tokens: int, kwargs: dict) -> torch.Tensor:
@@ -190,7 +196,7 @@ class FlashMemModel:
 
             from .recall import RecallController
 
-            self.offload = OffloadManager(self.mirror, self.pool, max_chunks=c.effective_chunk_budget)
+            self.offload = OffloadManager(self.mirror, self.pool, max_chunks=self._recall_chunks_held())
             self.recall = RecallController(
                 self.model,
                 self._indexers,
@@ -254,29 +260,61 @@ class FlashMemModel:
                 cache.paged, cache.seq_id, cache.logical_length, prompt_len=self._prompt_len, model=self.model
             )
             self._compactions += 1
-            if self.offload is not None and self.offload.resident.resident_chunks():
+            if self.offload is not None and len(self.offload.resident):
+                # ready chunks get new duplicate masks now; a pending prefetch's are marked outdated
+                # and rewritten at the window swap
                 self.offload.refresh_positions(self._working_positions())
             self._timings["compaction_s"] += time.perf_counter() - t0
 
-    def _working_positions(self) -> list[torch.Tensor]:
-        """Positions held by the working slots, per KV head (host tensors). Read back from the device:
-        called at compaction and recall refreshes only, never per decode step."""
+    def _working_positions(self, on_device: bool = False) -> list[torch.Tensor]:
+        """Positions held by the working slots, per KV head: host tensors (read back from the
+        device: called at compaction and recall refreshes only, never per decode step), or with
+        ``on_device`` tensors on the pool's device (no read-back)."""
         cache = self.cache
         _, _, pos = cache.paged.gather(cache.seq_id, 0)
-        pos = pos.cpu()
+        if not on_device:
+            pos = pos.cpu()
         return [pos[:, h] for h in range(self.num_kv_heads)]
 
     def _refresh_recall(self) -> None:
-        """Pick the chunks for the next ``lookahead`` steps and make them resident (async on CUDA)."""
+        """Pick the chunks for the next ``lookahead`` steps and make them resident now (the copies
+        are asynchronous on CUDA, and waited for before the next kernel)."""
         if self.recall is None:
             return
         t0 = time.perf_counter()
         position = self.cache.logical_length
         chunk_ids = self.recall.select(position)
-        self.offload.release_window()
-        if chunk_ids:
-            self.offload.request(chunk_ids, resident_per_head=self._working_positions())
-            self.offload.ensure_ready(chunk_ids)
+        if self.config.prefetch_steps == 0:
+            self.offload.release_window()
+            if chunk_ids:
+                self.offload.request(chunk_ids, resident_per_head=self._working_positions())
+                self.offload.ensure_ready(chunk_ids)
+        else:
+            # the same outcome as a prefetch swapped in at once: exactly these chunks are the window
+            self.offload.cancel_prefetch()
+            self.offload.load_window(chunk_ids, resident_per_head=self._working_positions())
+        self._timings["recall_s"] += time.perf_counter() - t0
+
+    def _prefetch_recall(self) -> None:
+        """``prefetch_steps`` steps before a window boundary: pick the next window's chunks and issue
+        their copies; the current window stays what the kernel reads until :meth:`_swap_recall`."""
+        if self.recall is None:
+            return
+        t0 = time.perf_counter()
+        chunk_ids = self.recall.select(self.cache.logical_length)
+        self.offload.prefetch(chunk_ids, resident_per_head=self._working_positions())
+        self._timings["recall_s"] += time.perf_counter() - t0
+
+    def _swap_recall(self) -> None:
+        """At a window boundary: the prefetched window replaces the current one (the compute stream
+        waits on its copies here; a stall only if a copy has not landed yet)."""
+        if self.offload is None or self.offload.pending_prefetch is None:
+            return
+        t0 = time.perf_counter()
+        outdated = self.offload.prefetch_masks_outdated
+        self.offload.swap_window(
+            resident_per_head=self._working_positions(on_device=True) if outdated else None
+        )
         self._timings["recall_s"] += time.perf_counter() - t0
 
     def _record_share(self) -> None:
@@ -325,6 +363,7 @@ class FlashMemModel:
         logits = self._prefill(input_ids, kwargs.get("progress"))
         generated: list[int] = []
         step_logits = []
+        lookahead, ahead = self.config.lookahead, self.config.prefetch_steps
         t0 = time.perf_counter()
         for step in range(max_new_tokens):
             if collect:
@@ -335,13 +374,19 @@ class FlashMemModel:
                 stream(token)
             if token in eos_set or step == max_new_tokens - 1:
                 break
-            if step % self.config.lookahead == 0:
-                self._refresh_recall()
+            if step == 0 or (step % lookahead == 0 and not ahead):
+                self._refresh_recall()  # the first window uses the prompt's measured attention
+            elif step % lookahead == 0:
+                self._swap_recall()
+            elif ahead and (step + ahead) % lookahead == 0:
+                self._prefetch_recall()
             ids = torch.tensor([[token]], device=self.device)
             logits = self._forward(ids, self.cache.logical_length)
             self._decode_steps += 1
             self._record_share()
             self._maybe_compact()
+        if self.offload is not None:
+            self.offload.cancel_prefetch()  # generation ended inside a window: its successor is unused
         self._timings["decode_s"] += time.perf_counter() - t0
         self.last_logits = logits
         self.step_logits = torch.stack(step_logits) if collect and step_logits else None
@@ -387,7 +432,12 @@ class FlashMemModel:
         tokens), host_kv_bytes, blocks_in_use, blocks_freed, blocks_allocated, peak_blocks_in_use,
         pool_blocks, pool_capacity_bytes, kv_block_bytes, kv_bytes_per_token, block_size,
         logical_tokens, device_slots, device_share, peak_device_share, avg_device_share,
-        compactions, decode_steps, budget_tokens, timings.
+        compactions, decode_steps, budget_tokens, timings, and with recall ``offload``: the transfer
+        engine's and resident set's counters (:meth:`OffloadManager.stats`: ``stall_time_s``,
+        ``prefetches_issued``, ``chunks_prefetched``, ``chunks_loaded_on_demand``, ...) plus
+        ``stall_fraction`` = stall_time_s / timings["decode_s"] (time the compute stream waited on
+        recall copies per second of decoding; 0.0 off CUDA, where copies are synchronous and never
+        waited on; None before any decode step).
         """
         if self.pool is None:
             raise RuntimeError("memory_report() is available after generate()")
@@ -425,7 +475,10 @@ class FlashMemModel:
             "recall_from_prefill_attention": self.recall.observed_refreshes if self.recall is not None else 0,
         }
         if self.offload is not None:
-            report["offload"] = self.offload.stats()
+            offload = self.offload.stats(sync=True)  # after generate: resolve every timing event
+            decode_s = self._timings.get("decode_s", 0.0)
+            offload["stall_fraction"] = offload["stall_time_s"] / decode_s if decode_s > 0 else None
+            report["offload"] = offload
         return report
 
 

@@ -21,6 +21,7 @@ def test_list_and_unknown_entry(capsys):
         "freed-blocks",
         "bandwidth",
         "paged-decode",
+        "prefetch-overlap",
         "indexer",
         "kvpress",
     ):
@@ -252,3 +253,25 @@ def test_kvpress_peer_records_why_it_did_not_run(monkeypatch, tmp_path):
     prompts = [{"id": "p", "context_ids": [1, 2], "question_ids": [3], "target_tokens": 100}]
     out = peers_kvpress.run_passkey(prompts, {"100": 0.2})
     assert out["status"] == "not run" and out["reason"] == "pip failed: no kvpress" and out["trials"] == []
+
+
+def test_prefetch_overlap_skips_without_cuda_and_runs_on_cpu(tmp_path, monkeypatch, capsys):
+    from bench import prefetch_overlap
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "prefetch_overlap.json"
+    assert prefetch_overlap.main(["--json", str(out)]) == 0
+    assert "skipped" in capsys.readouterr().out and not out.exists()
+    argv = ["--device", "cpu", "--quick", "--tokens", "400", "--new-tokens", "34", "--json", str(out)]
+    assert prefetch_overlap.main(argv) == 0
+    data = json.loads(out.read_text())
+    s = data["summary"]
+    assert s["correct"] and s["prefetch_steps"] == 8 and s["lookahead"] == 16
+    # the CPU backend copies synchronously inside the prefetch: nothing is ever waited on
+    assert s["stall_fraction_prefetch"] == 0.0 == s["stall_fraction_on_demand"]
+    on_demand, ahead = data["runs"]
+    assert on_demand["prefetches_issued"] == 0 and on_demand["chunks_loaded_on_demand"] > 0
+    assert ahead["prefetches_issued"] == 2 and ahead["chunks_prefetched"] > 0
+    assert ahead["host_equals_full"] and ahead["decode_steps"] == 33
+    with pytest.raises(SystemExit):
+        prefetch_overlap.main(["--device", "cpu", "--lookahead", "8", "--prefetch-steps", "8"])
