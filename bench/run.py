@@ -177,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         for name, (module, what, _, _) in ENTRIES.items():
             print(f"  {name:<13} {what}  [{module}]")
-        print("  all           every entry above except kvpress (--quick for the smoke suite)")
+        print(
+            "  all           every entry above except kvpress and passkey-trials (--quick: the smoke suite)"
+        )
         print("  report        rewrite README.md's result tables from bench/results (--check: compare only)")
         return 0
     name, rest = argv[0], argv[1:]
