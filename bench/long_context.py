@@ -128,6 +128,8 @@ def run(model, stats: str, tokens: int, new_tokens: int, config_kwargs: dict) ->
         "decode_breakdown_ms_per_step": breakdown,
         "offload": r.get("offload"),
         "device_kv_trace_decode_max": max(trace) if trace else None,
+        # device KV bytes after prefill (index 0) and after every decode step (index k: T + k tokens)
+        "device_kv_trace": trace,
         "report": {k: v for k, v in r.items() if k != "offload"},
     }
 
@@ -161,6 +163,32 @@ def decode_breakdown(before: dict, after: dict) -> dict:
         "h2d_bytes_per_step": d(o0, o1, "h2d_bytes") / steps,
         "chunks_loaded": d(o0, o1, "chunks_loaded"),
     }
+
+
+def plot_trace(result: dict, png: Path) -> None:
+    """Device KV bytes after prefill and every decode step against the full cache's line (log scale:
+    at 500K tokens the two differ by two orders of magnitude)."""
+    from bench import common
+
+    plt = common.pyplot()
+    trace = result.get("device_kv_trace") or []
+    if plt is None or not trace:
+        return
+    per_token = result["report"]["kv_bytes_per_token"]
+    T = result["context_tokens"]
+    steps = range(len(trace))
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot(steps, [(T + k) * per_token / 2**20 for k in steps], "k--", label="full KV cache (= host mirror)")
+    ax.plot(steps, [b / 2**20 for b in trace], label="flashmem device KV (allocator)")
+    ax.set_yscale("log")
+    ax.set_xlabel("decode step (0 = after prefill)")
+    ax.set_ylabel("MiB (log scale)")
+    ax.set_title(
+        f"{result['model']}, {T:,} tokens; peak share {result['peak_device_share']:.2%} (prefill included)",
+        fontsize=8,
+    )
+    ax.legend(fontsize=7)
+    common.save_figure(fig, png)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(RESULTS / ".long_context_stats.safetensors").unlink(missing_ok=True)
     out = args.json or RESULTS / f"long_context_{'llama8b' if args.llama8b else 'tiny'}_{args.tokens}.json"
     out.write_text(json.dumps(result, indent=2, default=str))
+    plot_trace(result, out.with_suffix(".png"))
     print(
         f"{name}: {args.tokens} tokens + {result['new_tokens']} decoded on {result['machine']['device']}: "
         f"peak device KV {result['peak_device_share']:.3%} of full ({result['peak_device_kv_bytes'] / 2**20:.1f} MiB "

@@ -275,3 +275,34 @@ def test_prefetch_overlap_skips_without_cuda_and_runs_on_cpu(tmp_path, monkeypat
     assert ahead["host_equals_full"] and ahead["decode_steps"] == 33
     with pytest.raises(SystemExit):
         prefetch_overlap.main(["--device", "cpu", "--lookahead", "8", "--prefetch-steps", "8"])
+
+
+def test_long_context_entry_small(tmp_path, monkeypatch):
+    from bench import long_context
+
+    monkeypatch.setattr(long_context, "RESULTS", tmp_path)
+    out = tmp_path / "lc.json"
+    argv = [
+        "--tokens",
+        "3000",
+        "--new-tokens",
+        "10",
+        "--budget-tokens",
+        "256",
+        "--prefill-chunk-tokens",
+        "512",
+    ]
+    assert long_context.main(argv + ["--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["correctness_exact"] and data["host_equals_full"]
+    assert data["host_kv_bytes"] == 3009 * data["report"]["kv_bytes_per_token"]  # every token seen, lossless
+    trace = data["device_kv_trace"]
+    assert len(trace) == 1 + data["report"]["decode_steps"]  # after prefill, then after each step
+    assert max(trace) <= data["peak_device_kv_bytes"] < data["full_kv_bytes"]
+    b = data["decode_breakdown_ms_per_step"]
+    assert b["steps"] == data["report"]["decode_steps"]
+    parts = b["forward_and_attention"] + b["recall_refresh"] + b["compaction"]
+    assert abs(parts - b["total"]) < 1e-6 * max(1.0, b["total"])
+    assert 0 <= b["h2d_copy_time_in_recall"] <= b["recall_refresh"] + 1e-9
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / ".long_context_stats.safetensors").exists()  # temporary stats removed
