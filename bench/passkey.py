@@ -24,6 +24,7 @@ attention's tokens. Writes JSON + a heat map PNG (accuracy per length x depth, o
 from __future__ import annotations
 
 import argparse
+import textwrap
 import time
 
 import torch
@@ -135,7 +136,8 @@ def _heatmap(summaries: list[dict], lengths, depths, png) -> None:
         ax.set_yticks(range(len(lengths)), [str(L) for L in lengths], fontsize=7)
         ax.set_xlabel("depth of the key")
         ax.set_ylabel("prompt tokens")
-        ax.set_title(f"{s['method']}: {s['correct']}/{s['trials']} correct", fontsize=8)
+        label = "\n".join(textwrap.wrap(s["method"].replace(",", ", "), 44))
+        ax.set_title(f"{label}: {s['correct']}/{s['trials']} correct", fontsize=8)
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 if v == v:

@@ -57,6 +57,14 @@ def _missing(*names: str) -> str:
     return f"_(not measured yet: {', '.join(f'`bench/results/{n}`' for n in names)} missing)_\n"
 
 
+def _method(label: str) -> str:
+    """``flashmem budget_tokens=256,chunk_size=16`` -> ``flashmem (budget 256, chunk size 16)``."""
+    if not label.startswith("flashmem ") or "=" not in label:
+        return label
+    pairs = [kv.split("=", 1) for kv in label[len("flashmem ") :].split(",")]
+    return "flashmem (" + _cfg({k.strip(): v for k, v in pairs}) + ")"
+
+
 def _cfg(cfg: dict) -> str:
     if not cfg:
         return "no budget"
@@ -90,18 +98,15 @@ def passkey_trials(results: Path) -> str:
                     f"`{name}`",
                 ]
             )
-    for tag in ("4k",):
         name = f"kvpress_passkey_trials_{tag}.json"
         d = _load(name, results)
-        if d is None:
-            continue
-        for method, s in d.get("summary", {}).items():
+        for method, s in (d or {}).get("summary", {}).items():
             rows.append(
                 [
-                    f"{_int(d.get('prompt_tokens'))} tokens" if d.get("prompt_tokens") else tag,
+                    f"{_int(d['prompt_tokens'])} tokens",
                     method,
                     f"{s['correct']}/{s['trials']}",
-                    "",
+                    "n/a",
                     _pct(s.get("mean_kept_share")) + " kept",
                     f"`{name}`",
                 ]
@@ -368,16 +373,14 @@ def passkey(results: Path) -> str:
         agree = [a for a in agree if a is not None]
         rows.append(
             [
-                s["method"],
+                _method(s["method"]),
                 *cells,
                 f"{s['correct']}/{s['trials']}",
                 f"{sum(agree) / len(agree):.2f}" if agree else "",
             ]
         )
     tokens = d["settings"].get("prompt_tokens", {})
-    heads = [
-        f"~{_int(int(L))} tokens" + (f" ({len(tokens[L])} prompts)" if L in tokens else "") for L in lengths
-    ]
+    heads = [f"{_int(tokens[L][0])} tokens" if tokens.get(L) else f"~{_int(int(L))} tokens" for L in lengths]
     depths = ", ".join(f"{x:g}" for x in d["settings"]["depths"])
     return (
         f"Depths {depths}; {d['settings']['new_tokens']} greedy tokens. Machine: {_stamp(d)}.\n\n"
@@ -392,7 +395,7 @@ def fidelity(results: Path) -> str:
     st = d["settings"]
     rows = [
         [
-            s["method"],
+            _method(s["method"]),
             f"{s['top1_agreement']:.3f}",
             f"{s['mean_kl']:.4f}",
             _pct(s["mean_avg_device_share"]),
@@ -425,7 +428,7 @@ def throughput(results: Path) -> str:
     for r in a["flashmem"]:
         rows.append(
             [
-                r["method"],
+                _method(r["method"]),
                 f"{r['step_ms']:.1f}",
                 f"{r['tokens_per_s']:.1f}",
                 f"{r['ratio_vs_full']:.2f}",
@@ -467,6 +470,49 @@ def throughput(results: Path) -> str:
     return out
 
 
+def kvpress_fidelity(results: Path) -> str:
+    d = _load("kvpress_fidelity.json", results)
+    if d is None:
+        return _missing("kvpress_fidelity.json")
+    st = d["settings"]
+    fm = {x["method"].replace("flashmem ", ""): x for x in (d.get("flashmem") or [])}
+    rows = []
+    for share in st["keep_shares"]:
+        label = share["label"]
+        f = fm.get(label)
+        if f is not None:
+            rows.append(
+                [
+                    f"**flashmem {label}**",
+                    _pct(share["share"]),
+                    f"**{f['top1_agreement']:.3f}**",
+                    f"**{f['mean_kl']:.4f}**",
+                    _pct(f["mean_avg_device_share"]),
+                ]
+            )
+        for x in d["summary"]:
+            if x["share_label"] == label:
+                rows.append(
+                    [
+                        x["method"],
+                        _pct(x["keep_share_requested"]),
+                        f"{x['top1_agreement']:.3f}",
+                        f"{x['mean_kl']:.4f}",
+                        _pct(x["mean_avg_kept_share"]),
+                    ]
+                )
+    env = d.get("env_check", {})
+    return (
+        f"{len(st['docs'])} documents of {_int(st['context_tokens'])} tokens, {st['new_tokens']} teacher-forced "
+        f"steps; kvpress {d['peers'].get('worker_versions', {}).get('kvpress', '?')} in its own environment "
+        f"(its full attention equals the main process's greedy tokens: {env.get('all_equal')}).\n\n"
+        + _table(
+            ["method", "share kept (target)", "top-1 agreement", "mean KL (nats)", "share kept (measured)"],
+            rows,
+        )
+    )
+
+
 def common_label(cfg: dict) -> str:
     return _cfg(cfg)
 
@@ -499,6 +545,7 @@ SECTIONS: dict[str, Callable[[Path], str]] = {
     "passkey": passkey,
     "fidelity": fidelity,
     "throughput": throughput,
+    "kvpress-fidelity": kvpress_fidelity,
     "passkey-trials": passkey_trials,
     "long-context": long_context,
     "freed-blocks": freed_blocks,
