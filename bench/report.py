@@ -154,6 +154,16 @@ def long_context(results: Path) -> str:
             f"tokens vs {short_ms:.2f} ms at {_int(short['context_tokens'])} tokens: a ratio of "
             f"**{long_ms / short_ms:.2f}** (ideal 1.0).\n"
         )
+        fd_long = _load("long_context_tiny_500000_flush_denormal.json", results)
+        fd_short = _load("long_context_tiny_4096_flush_denormal.json", results)
+        if fd_long and fd_short:
+            fl = 1000 * fd_long["report"]["timings"]["decode_s"] / fd_long["report"]["decode_steps"]
+            fs = 1000 * fd_short["report"]["timings"]["decode_s"] / fd_short["report"]["decode_steps"]
+            out += (
+                f"With denormal floats flushed to zero (`--flush-denormal`, same settings): {fl:.2f} ms vs "
+                f"{fs:.2f} ms, a ratio of **{fl / fs:.2f}** (`long_context_tiny_500000_flush_denormal.json`, "
+                f"`long_context_tiny_4096_flush_denormal.json`).\n"
+            )
         b_long, b_short = d.get("decode_breakdown_ms_per_step"), short.get("decode_breakdown_ms_per_step")
         if b_long and b_short:
             parts = [
