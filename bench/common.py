@@ -255,6 +255,58 @@ def _greedy(logits: torch.Tensor) -> int:
     return int(logits.argmax())
 
 
+def cache_kv_bytes(cache, device: torch.device | None = None) -> tuple[int, int]:
+    """(bytes of a Hugging Face cache's key/value tensors on ``device``, bytes of all of them)."""
+    on_device = total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor) and t.numel():
+                n = t.numel() * t.element_size()
+                total += n
+                on_device += n if device is None or t.device == device else 0
+    return on_device, total
+
+
+def snapshot_after_prefill(fm, store: list[dict]) -> None:
+    """For generate's ``stream`` callback: the first token arrives right after prefill, before any
+    decode step; keep that moment's report timings and offload counters in ``store`` (once)."""
+    if not store:
+        rep = fm.memory_report()
+        store.append({"timings": dict(rep["timings"]), "offload": rep.get("offload") or {}})
+
+
+def decode_breakdown(before: dict, after: dict) -> dict:
+    """Where a decode step's time goes, in ms per step, from the report after prefill (``before``,
+    see :func:`snapshot_after_prefill`) and at the end (``after``): recall refreshes (indexer scoring +
+    chunk requests + waits), compaction, host-to-device copy time and stall time (of those, as the
+    transfer engine measured them), and the rest: the model's forward with flashmem's attention."""
+    steps = after["decode_steps"]
+    if not steps:
+        return {}
+    t0, t1 = before["timings"], after["timings"]
+    o0, o1 = before.get("offload") or {}, after.get("offload") or {}
+
+    def d(a: dict, b: dict, key: str) -> float:
+        return float(b.get(key, 0.0)) - float(a.get(key, 0.0))
+
+    decode = t1["decode_s"] - t0["decode_s"]
+    recall = d(t0, t1, "recall_s")
+    compaction = d(t0, t1, "compaction_s")
+    ms = 1000.0 / steps
+    return {
+        "steps": steps,
+        "total": decode * ms,
+        "recall_refresh": recall * ms,
+        "compaction": compaction * ms,
+        "forward_and_attention": (decode - recall - compaction) * ms,
+        "h2d_copy_time_in_recall": d(o0, o1, "h2d_time_s") * ms,
+        "stall_time_in_recall": d(o0, o1, "stall_time_s") * ms,
+        "h2d_bytes_per_step": d(o0, o1, "h2d_bytes") / steps,
+        "chunks_loaded": d(o0, o1, "chunks_loaded"),
+    }
+
+
 @torch.no_grad()
 def hf_decode(
     model, ids: torch.Tensor, max_new_tokens: int, *, forced: list[int] | None = None, collect_logits=True
@@ -288,12 +340,7 @@ def hf_decode(
         out = model(input_ids=torch.tensor([[token]], device=ids.device), logits_to_keep=1, **kw)
         logits = out.logits[0, -1].float()
         step_s.append(time.perf_counter() - t0)
-    kv_bytes = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                kv_bytes += t.numel() * t.element_size()
+    _, kv_bytes = cache_kv_bytes(cache)
     return {
         "tokens": tokens,
         "logits": torch.stack(all_logits) if all_logits else None,
@@ -335,8 +382,7 @@ def flashmem_decode(
 
     def on_token(_token: int) -> None:
         stamps.append(time.perf_counter())
-        if not after_prefill:  # the first token comes right after prefill, before any decode step
-            after_prefill.append(dict(fm.memory_report()["timings"]))
+        snapshot_after_prefill(fm, after_prefill)
         pool = getattr(fm, "pool", None)
         if pool is not None:
             callback_trace.append(int(pool.device_kv_bytes))
@@ -371,7 +417,7 @@ def flashmem_decode(
         "step_s": [b - a for a, b in zip(stamps, stamps[1:])],
         # seconds spent in the decode steps only (the report's timings minus those after prefill)
         "decode_timings": {
-            k: v - (after_prefill[0].get(k, 0.0) if after_prefill else 0.0)
+            k: v - (after_prefill[0]["timings"].get(k, 0.0) if after_prefill else 0.0)
             for k, v in report["timings"].items()
             if k != "prefill_s"
         },

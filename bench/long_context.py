@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import flashmem
+from bench import common
 from flashmem.offload.triattention import calibrate
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -95,19 +96,19 @@ def run(model, stats: str, tokens: int, new_tokens: int, config_kwargs: dict) ->
     )
     fm = flashmem.wrap(model, config)
     after_prefill: list[dict] = []
-
-    def on_token(_token: int) -> None:  # the first token comes right after prefill, before any decode
-        if not after_prefill:
-            rep = fm.memory_report()
-            after_prefill.append({"timings": rep["timings"], "offload": rep.get("offload") or {}})
-
     t0 = time.perf_counter()
-    out = fm.generate(ids.to(device), new_tokens, eos_token_id=None, progress=True, stream=on_token)
+    out = fm.generate(
+        ids.to(device),
+        new_tokens,
+        eos_token_id=None,
+        progress=True,
+        stream=lambda _token: common.snapshot_after_prefill(fm, after_prefill),
+    )
     wall = time.perf_counter() - t0
     r = fm.memory_report()
     trace = r.pop("device_kv_trace")
     timings = r["timings"]
-    breakdown = decode_breakdown(after_prefill[0], r)
+    breakdown = common.decode_breakdown(after_prefill[0], r)
     return {
         "context_tokens": tokens,
         "new_tokens": int(out.shape[1] - tokens),
@@ -134,42 +135,9 @@ def run(model, stats: str, tokens: int, new_tokens: int, config_kwargs: dict) ->
     }
 
 
-def decode_breakdown(before: dict, after: dict) -> dict:
-    """Where a decode step's time goes, in ms per step, from the report after prefill (``before``) and
-    at the end (``after``): recall refreshes (indexer scoring + chunk requests + waits), compaction,
-    host-to-device copy time and stall time (of those, as the transfer engine measured them), and the
-    rest: the model's forward with flashmem's attention."""
-    steps = after["decode_steps"]
-    if not steps:
-        return {}
-    t0, t1 = before["timings"], after["timings"]
-    o0, o1 = before.get("offload") or {}, after.get("offload") or {}
-
-    def d(a: dict, b: dict, key: str) -> float:
-        return float(b.get(key, 0.0)) - float(a.get(key, 0.0))
-
-    decode = t1["decode_s"] - t0["decode_s"]
-    recall = d(t0, t1, "recall_s")
-    compaction = d(t0, t1, "compaction_s")
-    ms = 1000.0 / steps
-    return {
-        "steps": steps,
-        "total": decode * ms,
-        "recall_refresh": recall * ms,
-        "compaction": compaction * ms,
-        "forward_and_attention": (decode - recall - compaction) * ms,
-        "h2d_copy_time_in_recall": d(o0, o1, "h2d_time_s") * ms,
-        "stall_time_in_recall": d(o0, o1, "stall_time_s") * ms,
-        "h2d_bytes_per_step": d(o0, o1, "h2d_bytes") / steps,
-        "chunks_loaded": d(o0, o1, "chunks_loaded"),
-    }
-
-
 def plot_trace(result: dict, png: Path) -> None:
     """Device KV bytes after prefill and every decode step against the full cache's line (log scale:
     at 500K tokens the two differ by two orders of magnitude)."""
-    from bench import common
-
     plt = common.pyplot()
     trace = result.get("device_kv_trace") or []
     if plt is None or not trace:

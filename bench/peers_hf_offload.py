@@ -26,24 +26,12 @@ import time
 
 import torch
 
+from bench import common
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _cache_device_bytes(cache, device: torch.device) -> tuple[int, int]:
-    """(bytes of key/value tensors on ``device``, bytes of all key/value tensors) of a DynamicCache."""
-    on_device = total = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor) and t.numel():
-                n = t.numel() * t.element_size()
-                total += n
-                if t.device == device:
-                    on_device += n
-    return on_device, total
 
 
 @torch.no_grad()
@@ -90,11 +78,11 @@ def hf_cache_decode(model, ids: torch.Tensor, steps: int, *, offloading: bool) -
         _sync(device)
         step_s.append(time.perf_counter() - t0)
         tokens.append(token)
-        device_kv.append(_cache_device_bytes(cache, device)[0])
+        device_kv.append(common.cache_kv_bytes(cache, device)[0])
         if cuda:
             allocated.append(torch.cuda.memory_allocated(device) - base)
             step_peak.append(torch.cuda.max_memory_allocated(device) - base)
-    on_device, total = _cache_device_bytes(cache, device)
+    on_device, total = common.cache_kv_bytes(cache, device)
     med = statistics.median(step_s) if step_s else None
     return {
         "method": "HF offloaded cache" if offloading else "full attention (DynamicCache)",
@@ -123,28 +111,19 @@ def skip_reason() -> str | None:
     return None
 
 
-def _flashmem_cuda(model, ids, steps: int, cfg: dict) -> dict:
-    import flashmem
-
-    device = next(model.parameters()).device
-    fm = flashmem.wrap(model, flashmem.FlashMemConfig(**cfg))
-    stamps: list[float] = []
-
-    def on_token(_token: int) -> None:
-        _sync(device)
-        stamps.append(time.perf_counter())
-
-    out = fm.generate(ids.to(device), steps, eos_token_id=None, stream=on_token, progress=False)
-    rep = fm.memory_report()
-    step_s = [b - a for a, b in zip(stamps, stamps[1:])]
-    med = statistics.median(step_s) if step_s else None
+def _flashmem_run(model, ids, steps: int, cfg: dict) -> dict:
+    """flashmem on the same ids through the shared decode loop (its step times end with the greedy
+    token read back, so they include the GPU work)."""
+    run = common.flashmem_decode(model, cfg, ids, steps, collect_logits=False)
+    rep = run["report"]
+    med = statistics.median(run["step_s"]) if run["step_s"] else None
     return {
         "method": f"flashmem {cfg}",
         "flashmem_config": cfg,
-        "tokens": out[0, ids.shape[1] :].tolist(),
+        "tokens": run["tokens"],
         "step_ms": 1000 * med if med else None,
         "tokens_per_s": 1.0 / med if med else None,
-        "device_kv_trace": rep.get("device_kv_trace"),
+        "device_kv_trace": run["trace"],
         "device_share_end": rep.get("device_share"),
         "max_device_share": rep.get("peak_device_share"),
         "avg_device_share": rep.get("avg_device_share"),
@@ -158,8 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     on the same default-model prompt on a CUDA device: device KV share and decode tokens/s."""
     import argparse
     import json
-
-    from bench import common
 
     p = argparse.ArgumentParser(
         prog="python -m bench.run hf-offload", description=main.__doc__.split("\n")[0]
@@ -187,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     offl = hf_cache_decode(model, ids, steps, offloading=True)
     if offl["tokens"] != full["tokens"]:
         raise AssertionError("the offloaded cache must generate full attention's tokens (it is lossless)")
-    fm = _flashmem_cuda(model, ids, steps, cfg)
+    fm = _flashmem_run(model, ids, steps, cfg)
     rows = []
     for run in (full, offl, fm):
         ratio = run["tokens_per_s"] / full["tokens_per_s"] if run["tokens_per_s"] else None

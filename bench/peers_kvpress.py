@@ -729,24 +729,12 @@ def _worker_fidelity(task: dict) -> dict:
                 decoding = name.startswith("DecodingPress")
                 t0 = time.perf_counter()
                 cache = DynamicCache()
-                if decoding:  # the press leaves the prefill whole and cuts the cache while decoding
-                    with press(model):
-                        model.model(input_ids=head, past_key_values=cache)
-                        prefill_kept = cache.get_seq_length() / (T - 1)
-                        run = _decode_after(
-                            model,
-                            cache,
-                            last,
-                            T - 1,
-                            n,
-                            contextlib.nullcontext(),
-                            forced=forced,
-                            keep_logits=True,
-                        )
-                else:
-                    with press(model):
-                        model.model(input_ids=head, past_key_values=cache)
+                with contextlib.ExitStack() as hooks:
+                    hooks.enter_context(press(model))
+                    model.model(input_ids=head, past_key_values=cache)
                     prefill_kept = cache.get_seq_length() / (T - 1)
+                    if not decoding:  # a prefill press is removed before the continuation is decoded;
+                        hooks.close()  # the decoding press stays and cuts the cache while decoding
                     run = _decode_after(
                         model,
                         cache,

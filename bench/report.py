@@ -464,7 +464,7 @@ def throughput(results: Path) -> str:
             ]
         )
     out += (
-        f"\nPart B: tiny model, {common_label(b['flashmem_config'])}; step time long / short: flashmem "
+        f"\nPart B: tiny model, {_cfg(b['flashmem_config'])}; step time long / short: flashmem "
         f"**{b['flashmem_long_over_short']:.2f}**, full attention {b['full_long_over_short']:.2f}.\n\n"
         + _table(
             [
@@ -521,10 +521,6 @@ def kvpress_fidelity(results: Path) -> str:
             rows,
         )
     )
-
-
-def common_label(cfg: dict) -> str:
-    return _cfg(cfg)
 
 
 def suite(results: Path) -> str:
