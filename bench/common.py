@@ -226,7 +226,7 @@ def tiny_bench_model(max_positions: int = 262_144, *, layers: int = 2, seed: int
     """A tiny random-init Llama (``flashmem.testing.tiny_model``) and a path to TriAttention stats
     calibrated for it on random tokens (needed for a budget: the shipped stats fit the default model
     only). Returns ``(model, stats_path, description)``."""
-    from flashmem.offload.triattention import calibrate
+    from flashmem import calibrate
     from flashmem.testing import tiny_model
 
     model = tiny_model("llama", layers=layers, seed=seed, max_positions=max_positions, **kw)

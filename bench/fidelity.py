@@ -4,7 +4,7 @@
                                  [--flashmem-config JSON] [--json PATH]
 
 Documents: long plain-text files of the installed transformers and torch packages
-(:func:`flashmem.offload.triattention.local_text_files`, read from disk; files the shipped
+(:func:`flashmem.calibration_text_files`, read from disk; files the shipped
 calibration used are skipped), each cut to ``--tokens`` tokens with the default model's tokenizer.
 
 Method (teacher forcing): full attention (plain Hugging Face forward, ``DynamicCache``) generates
@@ -32,7 +32,7 @@ SKIP_FILES = 40  # start past the files the shipped calibration read (held-out t
 
 
 def documents(tok, num_docs: int, num_tokens: int) -> list[dict]:
-    from flashmem.offload.triattention import local_text_files
+    from flashmem import calibration_text_files as local_text_files
 
     docs = []
     for path in local_text_files()[SKIP_FILES:]:

@@ -9,7 +9,7 @@ A sequence of 16,000 tokens fills 1,000 blocks of 16 slots. For evictions of 50%
   mean) beside the closed-form expectation ``1000 * e^16`` (e = evicted share, independent slots)
   and the exact hypergeometric one for exactly-k sampling ``1000 * prod_{i<16} (E - i) / (N - i)``;
   (b) by real TriAttention scores (``--model default``: the embedded default model is calibrated
-  on local text with :func:`flashmem.offload.triattention.calibrate`, then the keys of one layer
+  on local text with :func:`flashmem.calibrate`, then the keys of one layer
   of other local text are scored per KV head). With per-head keep-sets a slot is empty only when
   every KV head evicted it; the "shared" variant evicts whole tokens by their best head score.
 * compaction: the same keep-sets go through a real :class:`~flashmem.offload.paged_cache.PagedKVCache`
@@ -110,7 +110,7 @@ def compaction_freed(keep_idx: torch.Tensor, num_tokens: int, *, head_dim: int =
 
 def keep_from_scores(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     """scores [N, H] -> keep_idx [H, n_keep] (top scores per head, sorted)."""
-    from flashmem.offload.triattention import select_keep
+    from flashmem.offload import select_keep
 
     return select_keep(scores, n_keep)
 
@@ -138,9 +138,9 @@ def real_scores(num_tokens: int, calib_tokens: int, window: int, layer: int | No
     except Exception as exc:  # noqa: BLE001 - any failure means "not available", reported as such
         return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
 
+    from flashmem import calibrate, local_text_token_ids
     from flashmem.hf_compat import capture_attention_inputs, kv_geometry, rotary_cos_sin, unrotate
     from flashmem.kernels.triattention_score import aggregate_scores, reference_triattention_score
-    from flashmem.offload.triattention import calibrate, local_text_token_ids
 
     num_layers, num_q, num_kv, head_dim = kv_geometry(model)
     layer = num_layers // 2 if layer is None else layer
@@ -375,7 +375,7 @@ def time_kernels_cuda(
         reference_triattention_score,
         triattention_score,
     )
-    from flashmem.offload.triattention import select_keep
+    from flashmem.offload import select_keep
 
     dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(0)

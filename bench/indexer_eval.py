@@ -19,11 +19,17 @@ from pathlib import Path
 
 import torch
 
-from flashmem.indexer.dataset import TargetConfig, load_records, save_records
-from flashmem.indexer.evaluate import evaluate_records, refresh_cost
-from flashmem.indexer.lookahead import LookaheadIndexer
-from flashmem.indexer.synthetic import local_documents, synthetic_documents
-from flashmem.indexer.train import build_records, default_checkpoint_path
+from flashmem import build_records, load_indexer, model_fingerprint
+from flashmem.indexer import (
+    TargetConfig,
+    default_checkpoint_path,
+    evaluate_records,
+    load_records,
+    local_documents,
+    refresh_cost,
+    save_records,
+    synthetic_documents,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = [0.05, 0.1, 0.2, 0.3]
@@ -43,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, tok = load_model("default")
     ckpt = args.indexer or default_checkpoint_path()
-    look = LookaheadIndexer.load(ckpt, model=model)
+    look = load_indexer(ckpt, model_fingerprint(model))
     meta = json.loads(Path(ckpt).with_suffix(".json").read_text())
     cfg = TargetConfig(
         chunk_size=look.config.chunk_size, tau=look.config.tau, window_stride=args.window_stride

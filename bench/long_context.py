@@ -24,7 +24,7 @@ import torch
 
 import flashmem
 from bench import common
-from flashmem.offload.triattention import calibrate
+from flashmem import calibrate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -3,7 +3,7 @@
     python -m bench.run memory [--quick] [--flashmem-config JSON] [--steps N] [--contexts 8192]
                                [--tiny-contexts 16384,65536] [--json PATH]
 
-For each prompt (real local text, see ``flashmem.offload.triattention.local_text_token_ids``; random
+For each prompt (real local text, see ``flashmem.local_text_token_ids``; random
 tokens on the tiny model) and each flashmem setting, ``generate`` runs ``--steps`` decode steps and
 the device KV bytes are recorded after every step: the wrapper's own per-step trace
 (``memory_report()["device_kv_trace"]``) when it has one, else the allocator's ``pool.device_kv_bytes``
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = []
     if contexts:
-        from flashmem.offload.triattention import local_text_token_ids
+        from flashmem import local_text_token_ids
 
         model, tok, name = common.load_default()
         for T in contexts:

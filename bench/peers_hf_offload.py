@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(reason)
         return 0
     import flashmem
-    from flashmem.offload.triattention import local_text_token_ids
+    from flashmem import local_text_token_ids
 
     model, tok = flashmem.load_default_model(device="cuda")
     ids, source = local_text_token_ids(tok, context)

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("prefetch_overlap: skipped: CUDA is not available (run with --device cpu for the CPU path)")
         return 0
-    from flashmem.offload.triattention import calibrate
+    from flashmem import calibrate
 
     cuda = args.device == "cuda"
     tokens = args.tokens or (16384 if cuda else 2048)

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         a = part_a(tiny, ids, configs, steps, stats_path)
         a.update(model=tiny_desc, model_short="tiny Llama")
     else:
-        from flashmem.offload.triattention import local_text_token_ids
+        from flashmem import local_text_token_ids
 
         model, tok, name = common.load_default()
         ids, _ = local_text_token_ids(tok, context)

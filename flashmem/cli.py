@@ -150,7 +150,7 @@ def read_text_source(path: str, suffixes=(".txt", ".md", ".rst", ".py")) -> str:
 
 
 def cmd_calibrate(args) -> int:
-    from flashmem.offload.triattention import calibrate
+    from .calibration import calibrate
 
     text = read_text_source(args.text)
     model, tok = _load(args)
@@ -213,20 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(func=cmd_calibrate)
 
     t = sub.add_parser(
-        "train-indexer", help="train the lookahead indexer (see flashmem.indexer.train)", add_help=False
+        "train-indexer", help="train the lookahead indexer (see flashmem.indexer_training)", add_help=False
     )
-    t.set_defaults(func=None, forward="flashmem.indexer.train")
+    t.set_defaults(func=None)
     e = sub.add_parser("eval-indexer", help="evaluate indexers against the oracle", add_help=False)
-    e.set_defaults(func=None, forward="flashmem.indexer.evaluate")
+    e.set_defaults(func=None)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("train-indexer", "eval-indexer"):
-        import importlib
+        from . import indexer_training
 
-        module = importlib.import_module(
-            "flashmem.indexer." + ("train" if argv[0] == "train-indexer" else "evaluate")
-        )
-        return int(module.main(argv[1:]) or 0)
+        command = indexer_training.train_main if argv[0] == "train-indexer" else indexer_training.eval_main
+        return int(command(argv[1:]) or 0)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -34,7 +34,8 @@ _capture_callback: contextvars.ContextVar[Callable | None] = contextvars.Context
 )
 
 
-def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack of a causal LM (``model.model``), or the model itself."""
     return getattr(model, "model", model)
 
 
@@ -104,7 +105,7 @@ def use_attention(model: torch.nn.Module, name: str) -> Iterator[None]:
 
 def cache_argument_name(model: torch.nn.Module) -> str:
     """``"cache"`` on releases whose forward takes it (5.24+), else ``"past_key_values"``."""
-    params = inspect.signature(_base_model(model).forward).parameters
+    params = inspect.signature(base_model(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
@@ -131,7 +132,7 @@ def validate_model(model: torch.nn.Module) -> None:
             f"model type {model_type!r} is not supported; flashmem supports {SUPPORTED_MODEL_TYPES} "
             "(decoder-only, full attention, rotary position embeddings)"
         )
-    if getattr(_base_model(model), "rotary_emb", None) is None:
+    if rotary_embedding(model) is None:
         raise ValueError(
             "the model has no rotary embedding (model.model.rotary_emb); flashmem needs RoPE models"
         )
@@ -176,12 +177,26 @@ def model_fingerprint(model: torch.nn.Module) -> dict:
     }
 
 
+def attention_scaling(model: torch.nn.Module, layer: int) -> float:
+    """The softmax scale layer ``layer``'s attention applies (``head_dim ** -0.5`` unless the model says
+    otherwise)."""
+    try:
+        return float(base_model(model).layers[layer].self_attn.scaling)
+    except (AttributeError, IndexError, TypeError):
+        return kv_geometry(model)[3] ** -0.5
+
+
 # ---- rotary ------------------------------------------------------------------------------------
+def rotary_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The model's own rotary embedding module (``model.model.rotary_emb``), or None."""
+    return getattr(base_model(model), "rotary_emb", None)
+
+
 def rotary_cos_sin(
     model: torch.nn.Module, positions: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin ``[T, D]`` of the model's own rotary embedding at ``positions`` ``[T]``."""
-    rotary = _base_model(model).rotary_emb
+    rotary = rotary_embedding(model)
     device = positions.device
     probe = torch.empty((), dtype=dtype, device=device)
     cos, sin = rotary(probe, positions.reshape(1, -1).long())

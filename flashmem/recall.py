@@ -19,9 +19,11 @@ import torch
 
 from flashmem.indexer.chunk_index import fold_query_for_heads as _fold
 from flashmem.indexer.heuristics import QueryState, get_indexer
+from flashmem.indexer.lookahead import default_checkpoint_path
 from flashmem.indexer.summaries import ChunkSummaryBuilder
 
 from . import hf_compat
+from .files import load_indexer
 
 
 def resolve_indexer(name: str, model: torch.nn.Module, num_layers: int, chunk_size: int) -> tuple[str, list]:
@@ -29,8 +31,6 @@ def resolve_indexer(name: str, model: torch.nn.Module, num_layers: int, chunk_si
     for this model and this chunk size, else ``"quest"``), a heuristic name, ``"lookahead"`` or a
     checkpoint path. Errors (unknown name, a checkpoint for another model or chunk size) are raised
     here, before any work."""
-    from flashmem.indexer.train import default_checkpoint_path
-
     if name == "auto":
         path = default_checkpoint_path()
         if path.is_file():
@@ -47,10 +47,8 @@ def resolve_indexer(name: str, model: torch.nn.Module, num_layers: int, chunk_si
 
 
 def _learned(path: Path, model: torch.nn.Module, num_layers: int, chunk_size: int) -> tuple[str, list]:
-    from flashmem.indexer.lookahead import LookaheadIndexer
-
     device = next(model.parameters()).device
-    learned = LookaheadIndexer.load(path, model=model, device=device)
+    learned = load_indexer(path, hf_compat.model_fingerprint(model), device=device)
     if learned.config.chunk_size != chunk_size:
         raise ValueError(
             f"indexer checkpoint {Path(path).name} was trained for {learned.config.chunk_size}-token chunks, "

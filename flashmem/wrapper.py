@@ -15,12 +15,18 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from flashmem.kernels.checks import resolve_backend
 from flashmem.offload.block_pool import BlockPool
+from flashmem.offload.host_mirror import HostMirror
+from flashmem.offload.offload_manager import OffloadManager
 from flashmem.offload.paged_cache import PagedKVCache
+from flashmem.offload.triattention_policy import TriAttentionPolicy
 
 from . import hf_compat
 from .cache import FlashMemCache
 from .config import FlashMemConfig
+from .files import load_stats_for_model
+from .recall import RecallController, resolve_indexer
 
 _GENERATE_KWARGS = {
     "eos_token_id",
@@ -34,12 +40,6 @@ _GENERATE_KWARGS = {
     "stream",
     "forced_tokens",
 }
-
-
-def _resolve_backend(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return name
 
 
 class FlashMemModel:
@@ -59,12 +59,10 @@ class FlashMemModel:
         param = next(model.parameters())
         self.device = param.device
         self.dtype = param.dtype
-        self.attention_backend = _resolve_backend(config.attention_backend, self.device)
+        self.attention_backend = resolve_backend(config.attention_backend, self.device)
         self.policy = self._make_policy() if config.budget_tokens is not None else None
         self.indexer_name, self._indexers = None, None
         if config.recall_enabled:
-            from .recall import resolve_indexer
-
             self.indexer_name, self._indexers = resolve_indexer(
                 config.indexer, model, self.num_layers, config.chunk_size
             )
@@ -84,8 +82,6 @@ class FlashMemModel:
 
     # ---- construction helpers ----------------------------------------------------------------
     def _make_policy(self):
-        from flashmem.offload.triattention import TriAttentionPolicy, load_stats_for_model
-
         c = self.config
         stats = load_stats_for_model(self.model, c.stats_path)
         return TriAttentionPolicy(
@@ -96,7 +92,7 @@ class FlashMemModel:
             sink_tokens=c.sink_tokens,
             mode=c.triattention_mode,
             protect_prompt=c.protect_prompt,
-            backend="triton" if self.attention_backend == "triton" else "torch",
+            backend=self.attention_backend,
         )
 
     def _pool_blocks(self, total_tokens: int) -> int:
@@ -163,8 +159,6 @@ class FlashMemModel:
 
     # ---- the loop ----------------------------------------------------------------------------
     def _mirror_for(self, total_tokens: int, reserve: bool = False):
-        from flashmem.offload.host_mirror import HostMirror
-
         return HostMirror(
             self.num_layers,
             self.num_kv_heads,
@@ -192,10 +186,6 @@ class FlashMemModel:
         if c.mirror_enabled:
             self.mirror = self._mirror_for(total_tokens, reserve=True)
         if c.recall_enabled:
-            from flashmem.offload.offload_manager import OffloadManager
-
-            from .recall import RecallController
-
             self.offload = OffloadManager(self.mirror, self.pool, max_chunks=self._recall_chunks_held())
             self.recall = RecallController(
                 self.model,
@@ -256,9 +246,7 @@ class FlashMemModel:
         cache = self.cache
         if self.policy.should_compact(cache.num_slots):
             t0 = time.perf_counter()
-            self.policy.compact(
-                cache.paged, cache.seq_id, cache.logical_length, prompt_len=self._prompt_len, model=self.model
-            )
+            self.policy.compact(cache.paged, cache.seq_id, cache.logical_length, prompt_len=self._prompt_len)
             self._compactions += 1
             if self.offload is not None and len(self.offload.resident):
                 # ready chunks get new duplicate masks now; a pending prefetch's are marked outdated

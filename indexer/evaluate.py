@@ -12,23 +12,20 @@ else ``min(budget, candidates)``) give
 Averages are over documents, layers and refresh positions. The oracle ranks by the true window mass,
 so its covered mass is the best any selection of K chunks can reach.
 
-CLI: ``flashmem eval-indexer --model default|PATH [--indexer PATH] --text FILE --chunk-budget K``
-prints one JSON object.
+The command that runs a model to build the records is ``flashmem eval-indexer``
+(:mod:`flashmem.indexer_training`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import time
 
 import torch
 
-from .dataset import DocRecord, TargetConfig, extract_document
 from .heuristics import HEURISTICS, QueryState, get_indexer
 from .lookahead import LookaheadIndexer
+from .records import DocRecord
 
 
 def budget_k(budget: float, n_candidates: torch.Tensor) -> torch.Tensor:
@@ -165,47 +162,3 @@ def _refresh_cost(lookahead: LookaheadIndexer, num_chunks: int, repeats: int) ->
         "amortised_flops_per_decode_step": per_layer * c.num_layers / c.tau,
         "compressed_key_bytes_per_chunk_per_layer": c.num_kv_heads * c.rank * 4,
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="flashmem eval-indexer", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--model", default="default", help="'default' (embedded SmolLM2-135M) or a local model directory"
-    )
-    p.add_argument(
-        "--indexer", default=None, help="lookahead checkpoint (.safetensors); default: the shipped one"
-    )
-    p.add_argument("--text", nargs="+", required=True, help="text file(s) to evaluate on")
-    p.add_argument(
-        "--chunk-budget", type=float, default=0.1, help="chunks per refresh: integer K, or a fraction < 1"
-    )
-    p.add_argument("--max-tokens", type=int, default=4096)
-    p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--tau", type=int, default=64)
-    p.add_argument("--window-stride", type=int, default=1)
-    args = p.parse_args(argv)
-    from ..models import load_model
-    from .train import default_checkpoint_path
-
-    model, tok = load_model(args.model)
-    look = LookaheadIndexer.load(args.indexer or default_checkpoint_path(), model=model)
-    cfg = TargetConfig(
-        chunk_size=args.chunk_size,
-        tau=args.tau,
-        window_stride=args.window_stride,
-        first_refresh=min(1024, args.max_tokens // 4),
-    )
-    records = []
-    for path in args.text:
-        with open(path, encoding="utf-8") as f:
-            ids = tok(f.read())["input_ids"][: args.max_tokens]
-        records.append(extract_document(model, torch.tensor(ids), cfg, name=path))
-    result = {
-        "budget": args.chunk_budget,
-        "documents": args.text,
-        "tokens": args.max_tokens,
-        "indexers": evaluate_records(records, args.chunk_budget, lookahead=look),
-    }
-    json.dump(result, sys.stdout, indent=2)
-    print()
-    return 0

@@ -33,11 +33,17 @@ from pathlib import Path
 
 import torch
 
-from .heuristics import QueryState, register_indexer
+from .heuristics import QueryState
 from .summaries import ChunkSummaries
 
 NUM_DISTANCE_BUCKETS = 16
 CHECKPOINT_FORMAT = "flashmem-lookahead-indexer/1"
+DEFAULT_CHECKPOINT = "smollm2_135m_lookahead.safetensors"
+
+
+def default_checkpoint_path() -> Path:
+    """The trained checkpoint shipped for the embedded default model (package data)."""
+    return Path(__file__).resolve().parent / "data" / DEFAULT_CHECKPOINT
 
 
 @dataclass
@@ -208,41 +214,32 @@ class LookaheadIndexer(torch.nn.Module):
         return path, jpath
 
     @classmethod
-    def load(
-        cls,
-        path: str | Path,
-        model: torch.nn.Module | None = None,
-        fingerprint: dict | None = None,
-        device: torch.device | str = "cpu",
-    ) -> LookaheadIndexer:
-        """Load a checkpoint; with ``model`` (or ``fingerprint``) refuse one trained for another model."""
-        from safetensors.torch import load_file
-
-        path = Path(path).with_suffix(".safetensors")
-        jpath = path.with_suffix(".json")
-        if not path.is_file() or not jpath.is_file():
-            raise FileNotFoundError(f"indexer checkpoint needs both {path} and {jpath}")
-        meta = json.loads(jpath.read_text())
-        if meta.get("format") != CHECKPOINT_FORMAT:
+    def from_checkpoint(cls, tensors: dict, meta: dict, origin: str = "checkpoint") -> LookaheadIndexer:
+        """Build an indexer from a checkpoint's tensors and JSON metadata (see :meth:`save`);
+        ``origin`` (the path) names the file in every error. Checks the format, the config, that the
+        tensors are exactly this config's parameters with their shapes, and that every value is
+        finite: a bad checkpoint is refused here, never half-way through a decode."""
+        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise ValueError(f"{origin} is not a flashmem lookahead indexer checkpoint ({found!r})")
+        try:
+            config = LookaheadConfig(**meta["config"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{origin}: invalid indexer config ({err})") from None
+        indexer = cls(config, fingerprint=meta.get("fingerprint"))
+        expected = {k: tuple(v.shape) for k, v in indexer.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in tensors.items()}
+        if found != expected:
+            diff = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
             raise ValueError(
-                f"{jpath} is not a flashmem lookahead indexer checkpoint ({meta.get('format')!r})"
+                f"{origin}: tensors do not match the checkpoint's config (differ in {diff}: "
+                f"expected {[expected.get(k) for k in diff]}, found {[found.get(k) for k in diff]})"
             )
-        if model is not None:
-            from ..hf_compat import model_fingerprint
-
-            fingerprint = model_fingerprint(model)
-        saved = meta.get("fingerprint")
-        if fingerprint is not None and saved != fingerprint:
-            diff = sorted(
-                k for k in set(saved or {}) | set(fingerprint) if (saved or {}).get(k) != fingerprint.get(k)
-            )
-            raise ValueError(
-                f"indexer checkpoint {path.name} was trained for another model (differs in {diff}); "
-                "train one for this model with `flashmem train-indexer`"
-            )
-        indexer = cls(LookaheadConfig(**meta["config"]), fingerprint=saved)
-        indexer.load_state_dict(load_file(str(path)))
-        return indexer.to(device).eval()
+        for name, t in tensors.items():
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{origin}: tensor {name!r} must hold finite floats")
+        indexer.load_state_dict(tensors)
+        return indexer.eval()
 
 
 class LayerIndexer:
@@ -263,15 +260,6 @@ class LayerIndexer:
         """Fill ``summaries.compressed`` (done once when a chunk closes)."""
         summaries.compressed = self.parent.compress(self.layer, summaries.mean_key)
         return summaries
-
-
-def _lookahead_factory(path: str | None = None, layer: int = 0, model=None, **kwargs):
-    from .train import default_checkpoint_path
-
-    return LookaheadIndexer.load(path or default_checkpoint_path(), model=model, **kwargs).for_layer(layer)
-
-
-register_indexer("lookahead", _lookahead_factory)
 
 
 def select_chunks(

@@ -17,7 +17,6 @@ import hashlib
 import random
 import site
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 FILLER = [
@@ -143,18 +142,30 @@ def _split_of(path: Path) -> str:
 
 
 def local_text_files(
-    roots: list[Path] | None = None, suffixes=(".md", ".py", ".txt", ".rst")
-) -> Iterator[Path]:
-    """Text files under ``roots`` (default: this interpreter's site-packages), sorted for determinism."""
+    roots: list[Path] | None = None, suffixes=(".md", ".py", ".txt", ".rst"), *, min_bytes: int = 0
+) -> list[Path]:
+    """Text files under ``roots`` (default: this interpreter's site-packages) with one of ``suffixes``
+    and at least ``min_bytes`` bytes, sorted by path within each root (a root that is a file is taken
+    as it is). Symbolic links are skipped, so no file is read twice."""
     if roots is None:
         roots = [Path(p) for p in site.getsitepackages() if Path(p).is_dir()] or [Path(sys.prefix)]
+    files: list[Path] = []
     for root in roots:
         if root.is_file():
-            yield root
+            files.append(root)
             continue
         for p in sorted(root.rglob("*")):
-            if p.suffix in suffixes and p.is_file() and not p.is_symlink():
-                yield p
+            try:
+                if (
+                    p.suffix in suffixes
+                    and p.is_file()
+                    and not p.is_symlink()
+                    and p.stat().st_size >= min_bytes
+                ):
+                    files.append(p)
+            except OSError:
+                continue
+    return files
 
 
 def local_documents(

@@ -1,4 +1,8 @@
-"""Device block pool and paged cache, host mirror, offload manager, TriAttention compaction."""
+"""Device block pool and paged cache, host mirror, offload manager, TriAttention compaction.
+
+Takes tensors and model fingerprints, never a model: running a model (calibration) is
+:mod:`flashmem.calibration`'s job.
+"""
 
 from .block_pool import BlockPool, BlockPoolExhausted
 from .compaction import compact_sequence
@@ -7,27 +11,26 @@ from .offload_manager import OffloadManager
 from .paged_cache import PagedKVCache
 from .resident_set import ResidentSet, dedupe_positions
 from .transfer import TransferEngine
-from .triattention import (
-    EVICTION_POLICIES,
-    TriAttentionPolicy,
-    TriAttentionStats,
-    calibrate,
-    load_stats_for_model,
-)
+from .triattention_policy import TRIATTENTION_MODES, TriAttentionPolicy
+from .triattention_select import protected_mask, score_layer, select_keep
+from .triattention_stats import DEFAULT_STATS_PATH, QueryStatsAccumulator, TriAttentionStats
 
 __all__ = [
-    "EVICTION_POLICIES",
+    "DEFAULT_STATS_PATH",
+    "TRIATTENTION_MODES",
     "BlockPool",
     "BlockPoolExhausted",
     "HostMirror",
     "OffloadManager",
     "PagedKVCache",
+    "QueryStatsAccumulator",
     "ResidentSet",
     "TransferEngine",
     "TriAttentionPolicy",
     "TriAttentionStats",
-    "calibrate",
     "compact_sequence",
     "dedupe_positions",
-    "load_stats_for_model",
+    "protected_mask",
+    "score_layer",
+    "select_keep",
 ]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flashmem.offload.triattention import calibrate
+from flashmem.calibration import calibrate
 from flashmem.testing import tiny_model
 
 

@@ -126,7 +126,7 @@ def test_sparse_prefill_keeps_device_bounded_for_long_prompts(model_and_stats):
 
 def test_learned_indexer_for_another_chunk_size_is_refused(model_and_stats):
     model, stats = model_and_stats
-    from flashmem.indexer.train import default_checkpoint_path
+    from flashmem.indexer.lookahead import default_checkpoint_path
 
     # the shipped checkpoint is for the default model: refused for this one, before any work
     with pytest.raises(ValueError, match="another model"):

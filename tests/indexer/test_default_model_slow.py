@@ -6,13 +6,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_shipped_checkpoint_and_eval_cli(tmp_path, capsys):
-    from flashmem.indexer.evaluate import main
-    from flashmem.indexer.lookahead import LookaheadIndexer
-    from flashmem.indexer.train import default_checkpoint_path
+    from flashmem.files import load_indexer
+    from flashmem.hf_compat import model_fingerprint
+    from flashmem.indexer.lookahead import default_checkpoint_path
+    from flashmem.indexer_training import eval_main as main
     from flashmem.models import load_default_model
 
     model, tok = load_default_model()
-    LookaheadIndexer.load(default_checkpoint_path(), model=model)
+    load_indexer(default_checkpoint_path(), model_fingerprint(model))
     text = tmp_path / "doc.txt"
     text.write_text(" ".join(f"Line {i}: the value of item {i} is {i * 7 % 13}." for i in range(400)))
     assert main(["--text", str(text), "--chunk-budget", "0.1", "--max-tokens", "1536"]) == 0

@@ -3,13 +3,15 @@ import math
 import pytest
 import torch
 
+from flashmem.files import load_indexer
 from flashmem.hf_compat import model_fingerprint
-from flashmem.indexer.dataset import TargetConfig, extract_document
 from flashmem.indexer.evaluate import evaluate_records, refresh_cost
 from flashmem.indexer.heuristics import QueryState
 from flashmem.indexer.lookahead import LookaheadConfig, LookaheadIndexer, distance_buckets, select_chunks
+from flashmem.indexer.records import TargetConfig
 from flashmem.indexer.summaries import summarize_chunks
 from flashmem.indexer.train import fit
+from flashmem.indexer_data import extract_document
 
 
 def _tiny(layers=2, heads=4, kv=2, seed=0):
@@ -95,7 +97,7 @@ def test_training_improves_over_init_and_roundtrips(tiny_records, tmp_path):
 
     path, meta = idx.save(tmp_path / "ix.safetensors", extra={"note": "t"})
     assert path.is_file() and meta.is_file()
-    back = LookaheadIndexer.load(path, model=model)
+    back = load_indexer(path, model_fingerprint(model))
     for k, v in idx.state_dict().items():
         assert torch.equal(back.state_dict()[k], v)
     again = evaluate_records(recs, 0.2, names=["lookahead"], lookahead=back)
@@ -103,9 +105,9 @@ def test_training_improves_over_init_and_roundtrips(tiny_records, tmp_path):
 
     other = _tiny(layers=3)
     with pytest.raises(ValueError, match="another model"):
-        LookaheadIndexer.load(path, model=other)
+        load_indexer(path, model_fingerprint(other))
     with pytest.raises(FileNotFoundError):
-        LookaheadIndexer.load(tmp_path / "missing.safetensors")
+        load_indexer(tmp_path / "missing.safetensors")
 
 
 def test_select_chunks_keeps_sinks_and_tail():

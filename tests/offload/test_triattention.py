@@ -7,20 +7,19 @@ import math
 import pytest
 import torch
 
+from flashmem.calibration import calibrate
+from flashmem.files import load_stats, load_stats_for_model
 from flashmem.hf_compat import model_fingerprint, rotary_cos_sin, rotate
 from flashmem.kernels.triattention_score import aggregate_scores, reference_triattention_score, zscore
-from flashmem.offload.block_pool import BlockPool
-from flashmem.offload.paged_cache import PagedKVCache
-from flashmem.offload.triattention import (
-    EVICTION_POLICIES,
-    EvictionPolicy,
+from flashmem.offload import (
+    DEFAULT_STATS_PATH,
     QueryStatsAccumulator,
     TriAttentionPolicy,
     TriAttentionStats,
-    calibrate,
-    load_stats_for_model,
     select_keep,
 )
+from flashmem.offload.block_pool import BlockPool
+from flashmem.offload.paged_cache import PagedKVCache
 from flashmem.testing import tiny_model
 
 
@@ -70,7 +69,7 @@ def test_save_load_round_trip_and_fingerprint_check(tmp_path):
     stats.source = "unit test"
     path = tmp_path / "stats.safetensors"
     stats.save(path)
-    loaded = TriAttentionStats.load(path, expected_fingerprint=fp)
+    loaded = load_stats(path, expected_fingerprint=fp)
     for name in ("q_mean_real", "q_mean_imag", "q_abs_mean", "omega"):
         assert torch.equal(getattr(loaded, name), getattr(stats, name))
     assert loaded.num_tokens == 1234 and loaded.fingerprint == fp and loaded.source == "unit test"
@@ -79,7 +78,7 @@ def test_save_load_round_trip_and_fingerprint_check(tmp_path):
     other = dict(fp, num_layers=3, head_dim=32)
     other["rope"] = dict(fp["rope"], rope_theta=1.0)
     with pytest.raises(ValueError) as err:
-        TriAttentionStats.load(path, expected_fingerprint=other)
+        load_stats(path, expected_fingerprint=other)
     message = str(err.value)
     assert "num_layers" in message and "head_dim" in message and "rope.rope_theta" in message
     assert "architecture" not in message
@@ -89,7 +88,7 @@ def test_save_load_round_trip_and_fingerprint_check(tmp_path):
 
     save_file({"x": torch.zeros(1)}, str(bogus), metadata={"format": "something else"})
     with pytest.raises(ValueError, match="not a TriAttention stats file"):
-        TriAttentionStats.load(bogus)
+        load_stats(bogus)
 
 
 def test_shipped_stats_refuse_other_models():
@@ -212,10 +211,9 @@ def _filled_cache(model, num_tokens, seed=0, block_size=16, num_blocks=None):
     return cache, seq, keys, torch.stack(post), values
 
 
-def test_policy_protocol_registry_and_should_compact():
+def test_policy_should_compact_and_validation():
     stats = _stats()
-    policy = EVICTION_POLICIES["triattention"](stats, budget_tokens=64, window_tokens=16, sink_tokens=4)
-    assert isinstance(policy, EvictionPolicy)
+    policy = TriAttentionPolicy(stats, budget_tokens=64, window_tokens=16, sink_tokens=4)
     assert not policy.should_compact(64 + 127)
     assert policy.should_compact(64 + 128)
     with pytest.raises(ValueError, match="window"):
@@ -236,7 +234,7 @@ def test_policy_compacts_to_budget_and_frees_blocks(mode):
     )
     assert policy.should_compact(cache.num_slots(seq))
     t = cache.logical_length(seq)
-    expected_keep = policy.select(cache, seq, t, model=model)
+    expected_keep = policy.select(cache, seq, t)
 
     # the selection equals scoring the pre-RoPE keys at their positions with the reference
     positions = torch.arange(n)[:, None].expand(n, 2).to(torch.int32)
@@ -260,7 +258,7 @@ def test_policy_compacts_to_budget_and_frees_blocks(mode):
     assert float(overlap) > 0.97
 
     blocks = len(cache.block_table(seq))
-    freed = policy.compact(cache, seq, t, model=model)
+    freed = policy.compact(cache, seq, t)
     assert freed == blocks - math.ceil(budget / 16)
     assert cache.num_slots(seq) == budget and cache.logical_length(seq) == n
     for layer in range(2):
@@ -301,16 +299,14 @@ def test_policy_refuses_mismatched_model():
     model = tiny_model("llama", layers=2, q_heads=4, kv_heads=2, head_dim=16)
     stats = _stats(fingerprint=dict(model_fingerprint(model), num_layers=7))
     cache, seq, *_ = _filled_cache(model, 120)
-    policy = TriAttentionPolicy(stats, budget_tokens=50, window_tokens=8)
     with pytest.raises(ValueError, match="num_layers"):
-        policy.compact(cache, seq, 120, model=model)
+        TriAttentionPolicy(stats, budget_tokens=50, window_tokens=8, fingerprint=model_fingerprint(model))
     assert cache.num_slots(seq) == 120
+    TriAttentionPolicy(stats, budget_tokens=50, window_tokens=8, fingerprint=stats.fingerprint)  # matches
 
 
 def test_shipped_default_model_stats_are_well_formed():
-    from flashmem.offload.triattention import DEFAULT_STATS_PATH
-
-    stats = TriAttentionStats.load(DEFAULT_STATS_PATH)
+    stats = load_stats(DEFAULT_STATS_PATH)
     assert stats.q_mean_real.shape == (30, 9, 32)  # SmolLM2-135M: 30 layers, 9 query heads, head_dim 64
     assert stats.fingerprint["num_key_value_heads"] == 3 and stats.fingerprint["rope"]["rope_theta"] == 1e5
     assert stats.num_tokens >= 32768

@@ -1,0 +1,114 @@
+"""Every file flashmem reads goes through here: one checked reader that names the path.
+
+Files are safetensors (tensors, no pickled code) with JSON metadata, in the file itself (TriAttention
+stats) or beside it (indexer checkpoints, ``.json``). A missing, empty, truncated or corrupted file, a
+directory, or a file whose tensors do not fit its own description is refused with an error that
+names the path, before any work. The formats are the lower packages' own
+(:class:`flashmem.offload.TriAttentionStats`, :class:`flashmem.indexer.LookaheadIndexer`); this
+module only reads bytes and hands them over.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from flashmem.indexer.lookahead import LookaheadIndexer
+from flashmem.offload.triattention_stats import DEFAULT_STATS_PATH, TriAttentionStats, fingerprint_diff
+
+from .hf_compat import model_fingerprint
+
+
+def _check_file(path, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what} file not found: {p}")
+    if not p.is_file():
+        raise ValueError(f"{what} path {p} is not a regular file (a directory?); give the file itself")
+    if p.stat().st_size == 0:
+        raise ValueError(f"{what} file {p} is empty")
+    return p
+
+
+def read_safetensors(path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file; ``what`` ("TriAttention stats", ...) names the
+    kind of file in errors. Raises FileNotFoundError / ValueError naming ``path``."""
+    p = _check_file(path, what)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as err:  # SafetensorError and friends: the file is not what it claims
+        raise ValueError(f"{what} file {p} is not a readable safetensors file ({err})") from None
+    return tensors, metadata
+
+
+def read_json(path, what: str) -> dict:
+    """A JSON object from ``path``; errors name the path."""
+    p = _check_file(path, what)
+    try:
+        value = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{what} file {p} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} file {p} must hold a JSON object, found {type(value).__name__}")
+    return value
+
+
+def load_stats(path, expected_fingerprint: dict | None = None) -> TriAttentionStats:
+    """TriAttention stats from ``path`` (checked); a fingerprint that differs from
+    ``expected_fingerprint`` raises ValueError naming the differing fields."""
+    tensors, metadata = read_safetensors(path, "TriAttention stats")
+    stats = TriAttentionStats.from_tensors(tensors, metadata, origin=str(path))
+    if expected_fingerprint is not None:
+        stats.check_fingerprint(expected_fingerprint)
+    return stats
+
+
+def load_indexer(
+    path, expected_fingerprint: dict | None = None, device: torch.device | str = "cpu"
+) -> LookaheadIndexer:
+    """A lookahead indexer checkpoint (``path`` .safetensors + its .json); with
+    ``expected_fingerprint``, one trained for another model is refused."""
+    path = Path(path).with_suffix(".safetensors")
+    meta = read_json(path.with_suffix(".json"), "indexer checkpoint metadata")
+    tensors, _ = read_safetensors(path, "indexer checkpoint")
+    indexer = LookaheadIndexer.from_checkpoint(tensors, meta, origin=str(path))
+    saved = indexer.fingerprint
+    if expected_fingerprint is not None and saved != expected_fingerprint:
+        diff = sorted(
+            k
+            for k in set(saved or {}) | set(expected_fingerprint)
+            if (saved or {}).get(k) != expected_fingerprint.get(k)
+        )
+        raise ValueError(
+            f"indexer checkpoint {path.name} was trained for another model (differs in {diff}); "
+            "train one for this model with `flashmem train-indexer`"
+        )
+    return indexer.to(device)
+
+
+def load_stats_for_model(model: torch.nn.Module, stats_path=None) -> TriAttentionStats:
+    """Stats for ``model``: from ``stats_path`` (fingerprint checked), or, when it is None, the stats
+    shipped for the embedded default model (an error for any other model: calibrate it first)."""
+    fingerprint = model_fingerprint(model)
+    if stats_path is not None:
+        return load_stats(stats_path, expected_fingerprint=fingerprint)
+    if not DEFAULT_STATS_PATH.is_file():
+        raise FileNotFoundError(
+            f"no shipped TriAttention stats at {DEFAULT_STATS_PATH}; calibrate with "
+            "'flashmem calibrate --model default --text DIR --out PATH' and pass stats_path"
+        )
+    stats = load_stats(DEFAULT_STATS_PATH)
+    diffs = fingerprint_diff(fingerprint, stats.fingerprint)
+    if diffs:
+        raise ValueError(
+            "budget_tokens needs TriAttention stats calibrated for this model, and the shipped stats are "
+            f"for the embedded default model ({'; '.join(diffs)}). Calibrate with "
+            "'flashmem calibrate --model PATH --text DIR --out stats.safetensors' and set stats_path."
+        )
+    return stats

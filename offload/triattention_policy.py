@@ -1,0 +1,230 @@
+"""The TriAttention compaction policy: when to prune a sequence, and what survives.
+
+Modes: ``per_head`` (layers combined into one keep-set per KV head, shared by all layers) and
+``per_layer_per_head`` (``keep_idx [L, H_kv, keep]``). Survivors slide forward in token order
+(:func:`flashmem.offload.compaction.compact_sequence`), so whole tail blocks return to the pool.
+
+Rope scaling: keys in the cache are post-RoPE and carry any magnitude factor YaRN folds into cos/sin;
+that scales every score of a layer by the same constant and leaves rankings and z-scores unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels.checks import check_int, resolve_backend
+from ..kernels.triattention_score import zscore
+from .compaction import compact_sequence
+from .paged_cache import PagedKVCache
+from .triattention_select import protected_mask, score_layer, select_keep
+from .triattention_stats import TriAttentionStats
+
+TRIATTENTION_MODES = ("per_head", "per_layer_per_head")
+LAYER_REDUCTIONS = ("sum", "max")
+
+
+class TriAttentionPolicy:
+    """Prune a sequence back to ``budget_tokens`` slots per KV head once it holds
+    ``budget_tokens + compaction_interval``; survivors slide forward and tail blocks are freed.
+
+    stats: calibration of the model (layer/head geometry must match the cache's pool);
+    mode: "per_head" (one keep-set per KV head for all layers; layer scores z-scored and combined
+    with ``layer_reduce`` "sum" or "max") or "per_layer_per_head"; protect_prompt: never evict slots
+    whose position is below ``prompt_len``; keys_rotated: the cache holds post-RoPE keys (as written
+    by Hugging Face models); score_backend / compaction_backend: "auto" | "triton" | "torch"
+    ("auto": triton on CUDA, torch elsewhere); backend: sets both; fingerprint: the fingerprint of
+    the model the policy serves (``flashmem.hf_compat.model_fingerprint``), checked against the stats'
+    once, here.
+    """
+
+    def __init__(
+        self,
+        stats: TriAttentionStats,
+        *,
+        budget_tokens: int,
+        compaction_interval: int = 128,
+        window_tokens: int = 128,
+        sink_tokens: int = 4,
+        mode: str = "per_head",
+        protect_prompt: bool = False,
+        layer_reduce: str = "sum",
+        keys_rotated: bool = True,
+        score_backend: str = "auto",
+        compaction_backend: str = "auto",
+        backend: str | None = None,
+        fingerprint: dict | None = None,
+    ) -> None:
+        if backend is not None:
+            score_backend = compaction_backend = backend
+        if not isinstance(stats, TriAttentionStats):
+            raise TypeError(f"stats must be TriAttentionStats, got {type(stats).__name__}")
+        for name, value, minimum in (
+            ("budget_tokens", budget_tokens, 1),
+            ("compaction_interval", compaction_interval, 1),
+            ("window_tokens", window_tokens, 0),
+            ("sink_tokens", sink_tokens, 0),
+        ):
+            check_int("TriAttentionPolicy", name, value, minimum)
+        if budget_tokens < sink_tokens + window_tokens:
+            raise ValueError(
+                f"budget_tokens ({budget_tokens}) must be at least sink_tokens + window_tokens "
+                f"({sink_tokens} + {window_tokens}); raise the budget or shrink the window"
+            )
+        if mode not in TRIATTENTION_MODES:
+            raise ValueError(f"mode must be one of {TRIATTENTION_MODES}, got {mode!r}")
+        if layer_reduce not in LAYER_REDUCTIONS:
+            raise ValueError(f"layer_reduce must be one of {LAYER_REDUCTIONS}, got {layer_reduce!r}")
+        for value in (score_backend, compaction_backend):
+            resolve_backend(value, "cpu")  # validates the name
+        if fingerprint is not None and stats.fingerprint:
+            stats.check_fingerprint(fingerprint)
+        self.stats = stats
+        self.budget_tokens = budget_tokens
+        self.compaction_interval = compaction_interval
+        self.window_tokens = window_tokens
+        self.sink_tokens = sink_tokens
+        self.mode = mode
+        self.protect_prompt = bool(protect_prompt)
+        self.layer_reduce = layer_reduce
+        self.keys_rotated = bool(keys_rotated)
+        self.score_backend = score_backend
+        self.compaction_backend = compaction_backend
+        self._stats_device: dict[torch.device, TriAttentionStats] = {}
+
+    def should_compact(self, num_slots: int) -> bool:
+        """True once the sequence holds ``budget_tokens + compaction_interval`` slots (host counter)."""
+        return num_slots >= self.budget_tokens + self.compaction_interval
+
+    def _stats_on(self, device: torch.device) -> TriAttentionStats:
+        if device not in self._stats_device:
+            self._stats_device[device] = self.stats.to(device)
+        return self._stats_device[device]
+
+    def _check_cache(self, cache: PagedKVCache) -> None:
+        pool = cache.pool
+        stats = self.stats
+        if (pool.num_layers, pool.head_dim) != (stats.num_layers, stats.head_dim) or (
+            stats.num_q_heads % pool.num_kv_heads
+        ):
+            raise ValueError(
+                f"stats (L={stats.num_layers}, H_q={stats.num_q_heads}, D={stats.head_dim}) do not fit the "
+                f"cache (L={pool.num_layers}, H_kv={pool.num_kv_heads}, D={pool.head_dim})"
+            )
+
+    def layer_scores(self, cache: PagedKVCache, seq_id: int, step_position: int) -> list[torch.Tensor]:
+        """Per-layer aggregated scores of the sequence's current slots: L tensors [N, H_kv] fp32."""
+        self._check_cache(cache)
+        stats = self._stats_on(cache.pool.device)
+        slot_index = cache.slot_indices(seq_id)
+        out = []
+        for layer in range(cache.pool.num_layers):
+            keys, _, positions = cache.gather(seq_id, layer, slot_index=slot_index)
+            out.append(
+                score_layer(
+                    keys,
+                    None if self.keys_rotated else positions,
+                    stats,
+                    layer,
+                    step_position,
+                    rotated=self.keys_rotated,
+                    backend=self.score_backend,
+                )
+            )
+        return out
+
+    def _protected(
+        self,
+        cache: PagedKVCache,
+        seq_id: int,
+        layer: int,
+        num_slots: int,
+        prompt_len: int | None,
+        extra_protected: torch.Tensor | None,
+        slot_index: torch.Tensor,
+    ) -> torch.Tensor:
+        device = cache.pool.device
+        positions = None
+        if self.protect_prompt and prompt_len is not None:
+            pool = cache.pool
+            flat = pool.num_blocks * pool.block_size
+            positions = pool.positions[layer].view(flat, pool.num_kv_heads).index_select(0, slot_index)
+        mask = protected_mask(
+            num_slots,
+            sink_tokens=self.sink_tokens,
+            window_tokens=self.window_tokens,
+            positions=positions,
+            prompt_len=prompt_len if positions is not None else None,
+            device=device,
+        )
+        if extra_protected is not None:
+            extra = extra_protected.to(device=device, dtype=torch.bool)
+            if mask.dim() == 1 and extra.dim() == 2:
+                mask = mask[:, None]
+            elif mask.dim() == 2 and extra.dim() == 1:
+                extra = extra[:, None]
+            mask = mask | extra
+        return mask
+
+    def select(
+        self,
+        cache: PagedKVCache,
+        seq_id: int,
+        step_position: int | None = None,
+        *,
+        prompt_len: int | None = None,
+        extra_protected: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Choose ``min(budget, num_slots)`` survivors per KV head.
+
+        step_position: position of the scoring step (default: the sequence's logical length);
+        prompt_len: prompt length (protected when ``protect_prompt``); extra_protected: [N] or
+        [N, H_kv] bool slots the caller pins (e.g. recalled chunks). Scoring needs no rotary
+        embedding: cache keys are post-RoPE and the rotation folds into the phase. Returns keep_idx [H_kv, keep]
+        ("per_head") or [L, H_kv, keep] ("per_layer_per_head"), int64 sorted slot indices.
+        """
+        num_slots = cache.num_slots(seq_id)
+        if step_position is None:
+            step_position = cache.logical_length(seq_id)
+        if extra_protected is not None and (
+            not isinstance(extra_protected, torch.Tensor) or extra_protected.shape[0] != num_slots
+        ):
+            raise ValueError(f"extra_protected must be a bool tensor [N] or [N, H_kv] with N = {num_slots}")
+        keep = min(self.budget_tokens, num_slots)
+        pool = cache.pool
+        slot_index = cache.slot_indices(seq_id)
+        if keep == num_slots:
+            idx = torch.arange(num_slots, device=pool.device).expand(pool.num_kv_heads, num_slots)
+            if self.mode == "per_layer_per_head":
+                idx = idx.expand(pool.num_layers, pool.num_kv_heads, num_slots)
+            return idx.contiguous()
+        per_layer = self.layer_scores(cache, seq_id, step_position)
+        if self.mode == "per_head":
+            stacked = torch.stack([zscore(s, dim=0) for s in per_layer])  # [L, N, H_kv]
+            combined = stacked.sum(dim=0) if self.layer_reduce == "sum" else stacked.amax(dim=0)
+            protected = self._protected(cache, seq_id, 0, num_slots, prompt_len, extra_protected, slot_index)
+            return select_keep(combined, keep, protected)
+        keeps = []
+        for layer, scores in enumerate(per_layer):
+            protected = self._protected(
+                cache, seq_id, layer, num_slots, prompt_len, extra_protected, slot_index
+            )
+            keeps.append(select_keep(scores, keep, protected))
+        return torch.stack(keeps)  # [L, H_kv, keep]
+
+    def compact(
+        self,
+        cache: PagedKVCache,
+        seq_id: int,
+        t: int | None = None,
+        *,
+        prompt_len: int | None = None,
+        extra_protected: torch.Tensor | None = None,
+    ) -> int:
+        """Score the sequence's slots at step ``t`` (default: its logical length), keep ``budget``
+        per KV head and compact (see :meth:`select` for the arguments). Returns the blocks freed, as
+        counted by the allocator (0 when the sequence fits the budget)."""
+        num_slots = cache.num_slots(seq_id)
+        if num_slots <= self.budget_tokens:
+            return 0
+        keep_idx = self.select(cache, seq_id, t, prompt_len=prompt_len, extra_protected=extra_protected)
+        return compact_sequence(cache, seq_id, keep_idx, backend=self.compaction_backend, validate=False)
