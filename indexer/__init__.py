@@ -2,8 +2,8 @@
 
 Takes tensors and model fingerprints, never a model: what runs a model to build records or train
 end to end is :mod:`flashmem.indexer_data` / :mod:`flashmem.indexer_training`. The fitting loop
-(:mod:`flashmem.indexer.train`) is imported on first use of ``fit``, so the inference path never
-loads training code."""
+(:mod:`flashmem.indexer.train`) is not imported here, so the inference path never loads training
+code."""
 
 from .chunk_index import ChunkIndex, FaissChunkIndex, TorchChunkIndex, fold_query_for_heads, make_chunk_index
 from .evaluate import evaluate_records, refresh_cost, selection_metrics
@@ -37,7 +37,6 @@ __all__ = [
     "TargetConfig",
     "default_checkpoint_path",
     "evaluate_records",
-    "fit",
     "load_records",
     "local_documents",
     "local_text_files",
@@ -67,10 +66,3 @@ __all__ = [
     "summarize_chunks",
 ]
 
-
-def __getattr__(name: str):
-    if name == "fit":
-        from .train import fit
-
-        return fit
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
