@@ -65,4 +65,3 @@ __all__ = [
     "select_chunks",
     "summarize_chunks",
 ]
-
