@@ -9,8 +9,9 @@ The decode loop (:mod:`flashmem.wrapper`) drives one step at a time:
 ``update`` stores the layer's new post-RoPE keys/values in the reserved slots, and the registered
 ``"flashmem"`` attention function (see :mod:`flashmem.hf_compat`) calls :meth:`attend`, which
 reads only the paged cache: a single-token step goes through the paged decode kernel, a
-multi-token step through SDPA over the gathered slots with a causal mask built from each slot's
-true position (so compacted and recalled slots are handled exactly).
+multi-token step (the sparse prefill) through SDPA over the gathered slots with a causal mask built
+from each slot's true position (so compacted and recalled slots are handled exactly). During the
+exact, layer-major prefill (:mod:`flashmem.prefill`) ``update`` hands the tiles to that pass instead.
 """
 
 from __future__ import annotations
@@ -19,11 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from flashmem.kernels.paged_decode import (
-    merge_attention_states,
-    paged_decode_attention,
-    reference_paged_decode_attention,
-)
+from flashmem.kernels.paged_decode import paged_decode_attention, reference_paged_decode_attention
 from flashmem.offload.paged_cache import PagedKVCache
 
 
@@ -73,9 +70,6 @@ class FlashMemCache(Cache):
         mirror=None,
         recall=None,
         offload=None,
-        prefill_mode: str = "exact",
-        history_segment_tokens: int = 4096,
-        observe_tokens: int = 16,
     ) -> None:
         pool = paged.pool
         super().__init__(layers=[_PagedLayerView(self, i) for i in range(pool.num_layers)])
@@ -86,15 +80,12 @@ class FlashMemCache(Cache):
         self.mirror = mirror
         self.recall = recall
         self.offload = offload
-        self.prefill_mode = prefill_mode
-        self.history_segment_tokens = history_segment_tokens
-        self.observe_tokens = observe_tokens
+        self.prefill_runner = None  # the layer-major prefill in flight (flashmem.prefill), if any
         self.transient_peak_bytes = 0
         self._positions: torch.Tensor | None = None
         self._slot_index: torch.Tensor | None = None
         self._start = 0
         self._fresh = False
-        self._exact_history = False
         self._new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._block_tables: torch.Tensor | None = None
         self._block_valid: torch.Tensor | None = None
@@ -113,6 +104,10 @@ class FlashMemCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.logical_length
 
+    def note_transient(self, device_bytes: int) -> None:
+        """Record a transient device KV figure (pool + prefill buffers) for the peak report."""
+        self.transient_peak_bytes = max(self.transient_peak_bytes, device_bytes)
+
     # ---- step protocol -----------------------------------------------------------------------
     def begin_step(self, positions: torch.Tensor, start: int) -> None:
         """Reserve slots for the tokens at ``positions`` ``[T]`` (= ``start .. start + T - 1``, true
@@ -125,9 +120,6 @@ class FlashMemCache(Cache):
         self._start = start
         self._slot_index = paged.pending_slot_indices(self.seq_id)
         self._new = {}
-        self._exact_history = (
-            num_new > 1 and self.mirror is not None and self.prefill_mode == "exact" and start > 0
-        )
         if self.recall is not None:
             self.recall.begin_step(positions)
         self._block_tables = self._block_valid = self._read_index = None
@@ -144,7 +136,7 @@ class FlashMemCache(Cache):
                 valid = torch.cat([valid, recalled[1]])
             self._block_tables = table.view(1, -1)
             self._block_valid = valid.view(1, -1)
-        elif not self._fresh and not self._exact_history:
+        elif not self._fresh:
             index = paged.slot_indices(self.seq_id, include_pending=True)
             recalled = self._recalled()
             if recalled is not None:
@@ -191,6 +183,8 @@ class FlashMemCache(Cache):
     # ---- transformers hooks ------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store the step's keys/values ``[1, H_kv, T, D]`` (post-RoPE) in the reserved slots."""
+        if self.prefill_runner is not None:
+            return self.prefill_runner.update(key_states, value_states, layer_idx)
         if self._positions is None:
             raise RuntimeError("FlashMemCache.update outside begin_step/end_step")
         if key_states.shape[0] != 1:
@@ -202,7 +196,7 @@ class FlashMemCache(Cache):
             self.mirror.append(layer_idx, k, v)
         if self.recall is not None:
             self.recall.on_keys(layer_idx, k)
-        if self._fresh or self._exact_history:
+        if self._fresh:
             self._new[layer_idx] = (key_states, value_states)
         return key_states, value_states
 
@@ -238,8 +232,6 @@ class FlashMemCache(Cache):
                 query, k.to(query.dtype), v.to(query.dtype), is_causal=True, scale=scaling
             )
             return out.transpose(1, 2)
-        if self._exact_history:
-            return self._attend_history(layer_idx, query, scaling, group)
         k, v, pos = self.paged.gather(self.seq_id, layer_idx, slot_index=self._read_index)
         # k, v: [S, H_kv, D]; pos: [S, H_kv]; query positions: [T]
         qpos = self._positions.to(pos.device)
@@ -249,73 +241,3 @@ class FlashMemCache(Cache):
         v = v.permute(1, 0, 2).repeat_interleave(group, dim=0).unsqueeze(0).to(query.dtype)
         out = F.scaled_dot_product_attention(query, k, v, attn_mask=allowed, scale=scaling)
         return out.transpose(1, 2)
-
-    def _attend_history(
-        self, layer_idx: int, query: torch.Tensor, scaling: float | None, group: int
-    ) -> torch.Tensor:
-        """Exact prefill of a chunk: attention over every earlier token, streamed from the host mirror
-        one segment of one layer at a time, merged (log-sum-exp) with causal attention inside the chunk.
-        Device memory beyond the pool: one segment of one layer (``history_segment_tokens`` rows)."""
-        mirror = self.mirror
-        pool = self.paged.pool
-        k_new, v_new = self._new[layer_idx]  # [1, H_kv, T, D]
-        out, lse = _attention_lse(query, k_new, v_new, scaling, group, causal=True)
-        start = self._start
-        mirror.wait_rows(start)
-        cs = mirror.chunk_size
-        seg = max(cs, self.history_segment_tokens // cs * cs)  # segments start on chunk boundaries
-        window = min(self.observe_tokens, query.shape[2]) if self.recall is not None else 0
-        chunk_lse = []
-        for s in range(0, start, seg):
-            e = min(start, s + seg)
-            hk = mirror.keys[layer_idx][s:e].to(query.device, non_blocking=True)  # [S, H_kv, D]
-            hv = mirror.values[layer_idx][s:e].to(query.device, non_blocking=True)
-            staged = 2 * hk.numel() * hk.element_size()
-            self.transient_peak_bytes = max(self.transient_peak_bytes, pool.device_kv_bytes + staged)
-            o2, l2, logits = _attention_lse(
-                query,
-                hk.permute(1, 0, 2).unsqueeze(0),
-                hv.permute(1, 0, 2).unsqueeze(0),
-                scaling,
-                group,
-                causal=False,
-                return_logits=True,
-            )
-            out, lse = merge_attention_states(out, lse, o2, l2)
-            if window:
-                tail = logits[0, :, -window:, :]  # [H_q, W, S]
-                pad = (-tail.shape[-1]) % cs
-                if pad:
-                    tail = F.pad(tail, (0, pad), value=float("-inf"))
-                chunk_lse.append(torch.logsumexp(tail.unflatten(-1, (-1, cs)), dim=-1))  # [H_q, W, n]
-        if window and chunk_lse:
-            # attention mass of the prompt's last `window` queries on every history chunk, this layer
-            mass = torch.exp(torch.cat(chunk_lse, dim=-1) - lse[0, :, -window:, None]).sum(dim=(0, 1))
-            self.recall.observe_mass(layer_idx, mass)
-        return out.transpose(1, 2).to(query.dtype)
-
-
-def _attention_lse(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    scaling: float | None,
-    group: int,
-    causal: bool,
-    return_logits: bool = False,
-):
-    """Softmax attention returning (out ``[1, H_q, T, D]`` fp32, lse ``[1, H_q, T]`` fp32).
-
-    query ``[1, H_q, T, D]``; key/value ``[1, H_kv, S, D]``; ``causal`` aligns the last query with
-    the last key (used within one chunk, where S == T)."""
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    k = key.repeat_interleave(group, dim=1).float()
-    v = value.repeat_interleave(group, dim=1).float()
-    logits = torch.matmul(query.float(), k.transpose(-1, -2)) * scale  # [1, H_q, T, S]
-    if causal:
-        t, s = logits.shape[-2:]
-        mask = torch.ones(t, s, dtype=torch.bool, device=logits.device).tril(s - t)
-        logits = logits.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)
-    out = torch.matmul(torch.exp(logits - lse[..., None]), v)
-    return (out, lse, logits) if return_logits else (out, lse)

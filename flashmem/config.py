@@ -60,11 +60,11 @@ class FlashMemConfig:
         (backend "torch", or "faiss" with flashmem[faiss]) of mean post-RoPE keys, retrieves that
         many candidates by inner product at every refresh, and only the union of the candidates is
         scored by the indexer (0: the indexer scores every chunk).
-    prefill: "exact" (each prefill chunk attends to every earlier token, streamed from the host
-        mirror one layer segment at a time) or "sparse" (to the device-resident tokens only).
-    prefill_chunk_tokens: tokens per prefill forward (None: compaction_interval under a budget,
-        4096 without one).
-    history_segment_tokens: rows of one layer staged at a time by exact prefill.
+    prefill: "exact" (layer by layer: each layer attends causally to its whole prompt KV, which is
+        on the device for that layer only; see flashmem.prefill) or "sparse" (token chunks attending
+        to the device-resident tokens only: approximate, compacting as it goes).
+    prefill_chunk_tokens: prompt tokens per forward: the exact prefill's tile (None: 8192) or the
+        sparse prefill's chunk (None: compaction_interval).
     observe_tokens: exact prefill measures the attention mass of the prompt's last observe_tokens
         queries on every chunk; the first recall after the prompt uses it instead of the indexer
         (0: always ask the indexer).
@@ -91,7 +91,6 @@ class FlashMemConfig:
     index_candidates: int = 0
     prefill: str = "exact"
     prefill_chunk_tokens: int | None = None
-    history_segment_tokens: int = 4096
     observe_tokens: int = 16
 
     def __post_init__(self) -> None:
@@ -112,7 +111,6 @@ class FlashMemConfig:
                 "(0 disables prefetching) or raise lookahead"
             )
         _check_int("prefill_chunk_tokens", self.prefill_chunk_tokens, 1, allow_none=True)
-        _check_int("history_segment_tokens", self.history_segment_tokens, 1)
         _check_int("observe_tokens", self.observe_tokens, 0)
         _check_int("index_candidates", self.index_candidates, 0)
         if self.index_backend == "faiss" and not self.index_candidates:
@@ -153,6 +151,17 @@ class FlashMemConfig:
                 "recall de-duplicates tokens per KV head, shared by all layers: use triattention_mode='per_head' "
                 "with an indexer, or indexer='none' with 'per_layer_per_head'"
             )
+        if (
+            self.prefill == "exact"
+            and self.budget_tokens is not None
+            and self.triattention_mode == "per_head"
+            and not self.mirror_enabled
+        ):
+            raise ValueError(
+                "the exact prefill under a budget picks one keep-set per KV head from every layer's scores "
+                "and reads the survivors back from the host mirror: keep host_mirror on, or use "
+                "triattention_mode='per_layer_per_head' or prefill='sparse'"
+            )
         if self.prefill == "sparse" and self.budget_tokens is None:
             raise ValueError(
                 "prefill='sparse' needs budget_tokens (without a budget every token stays resident)"
@@ -184,4 +193,4 @@ class FlashMemConfig:
     def effective_prefill_chunk(self) -> int:
         if self.prefill_chunk_tokens is not None:
             return self.prefill_chunk_tokens
-        return 4096 if self.budget_tokens is None else self.compaction_interval
+        return self.compaction_interval if self.prefill == "sparse" else 8192

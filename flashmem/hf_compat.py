@@ -103,6 +103,18 @@ def use_attention(model: torch.nn.Module, name: str) -> Iterator[None]:
             c._attn_implementation = previous
 
 
+@contextlib.contextmanager
+def attention_runner(model: torch.nn.Module, runner) -> Iterator[None]:
+    """During the block, the model's attention layers call ``runner.attend(layer_idx, query, scaling)``
+    (the "flashmem" attention) and read nothing else."""
+    token = active_runner.set(runner)
+    try:
+        with use_attention(model, ATTENTION_NAME):
+            yield
+    finally:
+        active_runner.reset(token)
+
+
 def cache_argument_name(model: torch.nn.Module) -> str:
     """``"cache"`` on releases whose forward takes it (5.24+), else ``"past_key_values"``."""
     params = inspect.signature(base_model(model).forward).parameters
@@ -111,6 +123,54 @@ def cache_argument_name(model: torch.nn.Module) -> str:
 
 def forward_kwargs(model: torch.nn.Module, cache) -> dict:
     return {cache_argument_name(model): cache, "use_cache": True}
+
+
+# ---- driving the decoder layer by layer (layer-major prefill) -----------------------------------
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers in order (``model.model.layers``)."""
+    base = base_model(model)
+    return list(base.layers[: text_config(model).num_hidden_layers])
+
+
+def embed_tokens(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Input embeddings ``[1, T, hidden]`` of ``input_ids`` ``[1, T]``, as the model's forward makes them."""
+    return base_model(model).embed_tokens(input_ids)
+
+
+_LAYER_CACHE_NAMES: dict[type, str] = {}
+
+
+def _layer_cache_name(layer: torch.nn.Module) -> str:
+    """``"cache"`` where the decoder layer's forward takes it (5.24+), else ``"past_key_values"``."""
+    cls = type(layer)
+    if cls not in _LAYER_CACHE_NAMES:
+        params = inspect.signature(cls.forward).parameters
+        _LAYER_CACHE_NAMES[cls] = "cache" if "cache" in params else "past_key_values"
+    return _LAYER_CACHE_NAMES[cls]
+
+
+def run_decoder_layer(
+    model: torch.nn.Module, layer: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor, cache
+) -> torch.Tensor:
+    """One decoder layer on ``hidden`` ``[1, t, hidden]`` at true ``positions`` ``[t]`` (call inside
+    :func:`attention_runner`); returns the layer's output ``[1, t, hidden]``."""
+    position_ids = positions[None]
+    cos, sin = rotary_embedding(model)(hidden, position_ids)
+    out = layer(
+        hidden,
+        attention_mask=None,
+        position_ids=position_ids,
+        use_cache=True,
+        position_embeddings=(cos, sin),
+        **{_layer_cache_name(layer): cache},
+    )
+    return out[0] if isinstance(out, tuple) else out
+
+
+def lm_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits ``[1, t, vocab]`` of the last layer's hidden states ``[1, t, hidden]``: the final norm,
+    then the LM head, as the model's forward applies them."""
+    return model.lm_head(base_model(model).norm(hidden))
 
 
 # ---- model checks ------------------------------------------------------------------------------

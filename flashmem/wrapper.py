@@ -26,6 +26,7 @@ from . import hf_compat
 from .cache import FlashMemCache
 from .config import FlashMemConfig
 from .files import load_stats_for_model
+from .prefill import LayerMajorPrefill
 from .recall import RecallController, resolve_indexer
 
 _GENERATE_KWARGS = {
@@ -100,10 +101,11 @@ class FlashMemModel:
         full = math.ceil(total_tokens / c.block_size)
         if c.budget_tokens is None:
             return full
-        # Working set: never more than budget + one interval (or one prefill chunk), plus one
-        # partially filled block; recalled chunks: chunk_budget whole chunks per window held (two
-        # while a prefetch overlaps the current window).
-        cap = c.budget_tokens + max(c.compaction_interval, c.effective_prefill_chunk)
+        # Working set: never more than budget + one interval (the sparse prefill: or one prefill
+        # chunk), plus one partially filled block; recalled chunks: chunk_budget whole chunks per
+        # window held (two while a prefetch overlaps the current window).
+        step = c.effective_prefill_chunk if c.prefill == "sparse" else 1
+        cap = c.budget_tokens + max(c.compaction_interval, step)
         working = min(full, math.ceil(cap / c.block_size) + 1)
         recall = self._recall_chunks_held() * (c.chunk_size // c.block_size)
         return working + recall
@@ -207,9 +209,6 @@ class FlashMemModel:
             mirror=self.mirror,
             recall=self.recall,
             offload=self.offload,
-            prefill_mode=c.prefill,
-            history_segment_tokens=c.history_segment_tokens,
-            observe_tokens=c.observe_tokens,
         )
         self._device_trace = []
         self._share_sum = 0.0
@@ -217,15 +216,15 @@ class FlashMemModel:
         self._decode_steps = 0
         self._compactions = 0
         self._timings = {"prefill_s": 0.0, "decode_s": 0.0, "compaction_s": 0.0, "recall_s": 0.0}
+        self._prefill_h2d_bytes = 0
 
     def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Run ``ids`` ``[1, T]`` at positions ``start ..``; returns logits of the last token ``[vocab]``."""
         cache = self.cache
         positions = torch.arange(start, start + ids.shape[1], device=self.device)
         cache.begin_step(positions, start)
-        token = hf_compat.active_runner.set(cache)
         try:
-            with hf_compat.use_attention(self.model, hf_compat.ATTENTION_NAME):
+            with hf_compat.attention_runner(self.model, cache):
                 out = self.model(
                     input_ids=ids,
                     position_ids=positions.unsqueeze(0),
@@ -235,8 +234,6 @@ class FlashMemModel:
         except BaseException:
             cache.abort_step()
             raise
-        finally:
-            hf_compat.active_runner.reset(token)
         cache.end_step()
         return out.logits[0, -1].float()
 
@@ -382,16 +379,38 @@ class FlashMemModel:
         return torch.cat([input_ids, new], dim=1)
 
     def _prefill(self, input_ids: torch.Tensor, progress: bool | None) -> torch.Tensor:
+        """Prefill the prompt ``[1, T]``: exact and layer by layer (:mod:`flashmem.prefill`), or the
+        sparse, token-chunked pass; returns the last token's logits ``[vocab]``."""
+        total = input_ids.shape[1]
+        show = progress if progress is not None else total > 8192
+        t0 = time.perf_counter()
+        if self.config.prefill == "exact":
+            runner = LayerMajorPrefill(
+                self.model,
+                self.cache,
+                self.policy,
+                tile_tokens=self.config.effective_prefill_chunk,
+                observe_tokens=self.config.observe_tokens,
+                progress=show,
+            )
+            logits = runner.run(input_ids)
+            self._prefill_h2d_bytes = runner.h2d_bytes
+            self._compactions += int(runner.evicted)
+        else:
+            logits = self._sparse_prefill(input_ids, show)
+        self._timings["prefill_s"] += time.perf_counter() - t0
+        self._record_share()
+        return logits
+
+    def _sparse_prefill(self, input_ids: torch.Tensor, show: bool) -> torch.Tensor:
+        """Token chunks attending to the device-resident tokens only, compacting as they go."""
         total = input_ids.shape[1]
         chunk = self.config.effective_prefill_chunk
-        sparse = self.config.prefill == "sparse"
-        show = progress if progress is not None else total > 8192
         bar = tqdm(total=total, unit="tok", desc="prefill", disable=not show, leave=False)
-        t0 = time.perf_counter()
         logits = None
         for start in range(0, total, chunk):
             ids = input_ids[:, start : start + chunk]
-            if sparse and start > 0:
+            if start > 0:
                 self._refresh_recall()
             logits = self._forward(ids, start)
             self._maybe_compact()
@@ -401,8 +420,6 @@ class FlashMemModel:
                 device_kv=format_bytes(self.pool.device_kv_bytes), host_kv=format_bytes(host), refresh=False
             )
         bar.close()
-        self._timings["prefill_s"] += time.perf_counter() - t0
-        self._record_share()
         return logits
 
     def _default_eos(self):

@@ -111,59 +111,55 @@ class TriAttentionPolicy:
                 f"cache (L={pool.num_layers}, H_kv={pool.num_kv_heads}, D={pool.head_dim})"
             )
 
-    def layer_scores(self, cache: PagedKVCache, seq_id: int, step_position: int) -> list[torch.Tensor]:
-        """Per-layer aggregated scores of the sequence's current slots: L tensors [N, H_kv] fp32."""
-        self._check_cache(cache)
-        stats = self._stats_on(cache.pool.device)
-        slot_index = cache.slot_indices(seq_id)
-        out = []
-        for layer in range(cache.pool.num_layers):
-            keys, _, positions = cache.gather(seq_id, layer, slot_index=slot_index)
-            out.append(
-                score_layer(
-                    keys,
-                    None if self.keys_rotated else positions,
-                    stats,
-                    layer,
-                    step_position,
-                    rotated=self.keys_rotated,
-                    backend=self.score_backend,
-                )
+    def key_scores(self, keys: torch.Tensor, layer: int, step_position: int) -> torch.Tensor:
+        """Aggregated scores ``[N, H_kv]`` fp32 of one layer's keys ``[N, H_kv, D]`` (post-RoPE, as the
+        cache holds them) at step ``step_position``."""
+        if not self.keys_rotated:
+            raise ValueError(
+                "key_scores scores post-RoPE keys; this policy was built with keys_rotated=False"
             )
-        return out
+        stats = self._stats_on(keys.device)
+        return score_layer(keys, None, stats, layer, step_position, rotated=True, backend=self.score_backend)
 
-    def _protected(
+    def accumulate(self, combined: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
+        """Fold one layer's scores ``[N, H_kv]`` into the ``per_head`` keep score: z-scored per KV head,
+        summed (``layer_reduce="sum"``) or maxed over layers. ``combined`` None starts the fold."""
+        z = zscore(scores, dim=0)
+        if combined is None:
+            return z
+        return combined + z if self.layer_reduce == "sum" else torch.maximum(combined, z)
+
+    def keep_from_scores(
         self,
-        cache: PagedKVCache,
-        seq_id: int,
-        layer: int,
-        num_slots: int,
-        prompt_len: int | None,
-        extra_protected: torch.Tensor | None,
-        slot_index: torch.Tensor,
+        scores: torch.Tensor,
+        keep: int,
+        *,
+        positions: torch.Tensor | None = None,
+        prompt_len: int | None = None,
+        extra_protected: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        device = cache.pool.device
-        positions = None
-        if self.protect_prompt and prompt_len is not None:
-            pool = cache.pool
-            flat = pool.num_blocks * pool.block_size
-            positions = pool.positions[layer].view(flat, pool.num_kv_heads).index_select(0, slot_index)
+        """``keep`` survivors per KV head from scores ``[N, H_kv]`` (slot order): sinks, the recent
+        window, ``extra_protected`` ([N] or [N, H_kv] bool) and, with ``protect_prompt``, the slots
+        whose ``positions`` ``[N, H_kv]`` fall below ``prompt_len`` always survive. Returns keep_idx
+        ``[H_kv, keep]`` int64, sorted."""
+        num_slots = scores.shape[0]
+        protect = self.protect_prompt and prompt_len is not None and positions is not None
         mask = protected_mask(
             num_slots,
             sink_tokens=self.sink_tokens,
             window_tokens=self.window_tokens,
-            positions=positions,
-            prompt_len=prompt_len if positions is not None else None,
-            device=device,
+            positions=positions if protect else None,
+            prompt_len=prompt_len if protect else None,
+            device=scores.device,
         )
         if extra_protected is not None:
-            extra = extra_protected.to(device=device, dtype=torch.bool)
+            extra = extra_protected.to(device=scores.device, dtype=torch.bool)
             if mask.dim() == 1 and extra.dim() == 2:
                 mask = mask[:, None]
             elif mask.dim() == 2 and extra.dim() == 1:
                 extra = extra[:, None]
             mask = mask | extra
-        return mask
+        return select_keep(scores, keep, mask)
 
     def select(
         self,
@@ -174,14 +170,15 @@ class TriAttentionPolicy:
         prompt_len: int | None = None,
         extra_protected: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Choose ``min(budget, num_slots)`` survivors per KV head.
+        """Choose ``min(budget, num_slots)`` survivors per KV head of a sequence in the cache.
 
         step_position: position of the scoring step (default: the sequence's logical length);
         prompt_len: prompt length (protected when ``protect_prompt``); extra_protected: [N] or
         [N, H_kv] bool slots the caller pins (e.g. recalled chunks). Scoring needs no rotary
-        embedding: cache keys are post-RoPE and the rotation folds into the phase. Returns keep_idx [H_kv, keep]
-        ("per_head") or [L, H_kv, keep] ("per_layer_per_head"), int64 sorted slot indices.
+        embedding: cache keys are post-RoPE and the rotation folds into the phase. Returns keep_idx
+        [H_kv, keep] ("per_head") or [L, H_kv, keep] ("per_layer_per_head"), int64 sorted slot indices.
         """
+        self._check_cache(cache)
         num_slots = cache.num_slots(seq_id)
         if step_position is None:
             step_position = cache.logical_length(seq_id)
@@ -191,24 +188,44 @@ class TriAttentionPolicy:
             raise ValueError(f"extra_protected must be a bool tensor [N] or [N, H_kv] with N = {num_slots}")
         keep = min(self.budget_tokens, num_slots)
         pool = cache.pool
-        slot_index = cache.slot_indices(seq_id)
         if keep == num_slots:
             idx = torch.arange(num_slots, device=pool.device).expand(pool.num_kv_heads, num_slots)
             if self.mode == "per_layer_per_head":
                 idx = idx.expand(pool.num_layers, pool.num_kv_heads, num_slots)
             return idx.contiguous()
-        per_layer = self.layer_scores(cache, seq_id, step_position)
+        slot_index = cache.slot_indices(seq_id)
+        combined, keeps = None, []
+        for layer in range(pool.num_layers):
+            keys, _, positions = cache.gather(seq_id, layer, slot_index=slot_index)
+            if self.keys_rotated:
+                scores = self.key_scores(keys, layer, step_position)
+            else:
+                stats = self._stats_on(keys.device)
+                scores = score_layer(
+                    keys, positions, stats, layer, step_position, rotated=False, backend=self.score_backend
+                )
+            if self.mode == "per_head":
+                combined = self.accumulate(combined, scores)
+                if layer == 0:
+                    first_positions = positions
+            else:
+                keeps.append(
+                    self.keep_from_scores(
+                        scores,
+                        keep,
+                        positions=positions,
+                        prompt_len=prompt_len,
+                        extra_protected=extra_protected,
+                    )
+                )
         if self.mode == "per_head":
-            stacked = torch.stack([zscore(s, dim=0) for s in per_layer])  # [L, N, H_kv]
-            combined = stacked.sum(dim=0) if self.layer_reduce == "sum" else stacked.amax(dim=0)
-            protected = self._protected(cache, seq_id, 0, num_slots, prompt_len, extra_protected, slot_index)
-            return select_keep(combined, keep, protected)
-        keeps = []
-        for layer, scores in enumerate(per_layer):
-            protected = self._protected(
-                cache, seq_id, layer, num_slots, prompt_len, extra_protected, slot_index
+            return self.keep_from_scores(
+                combined,
+                keep,
+                positions=first_positions,
+                prompt_len=prompt_len,
+                extra_protected=extra_protected,
             )
-            keeps.append(select_keep(scores, keep, protected))
         return torch.stack(keeps)  # [L, H_kv, keep]
 
     def compact(
