@@ -33,8 +33,8 @@ from bench import common
 
 # two device budgets, with recall of 16-token chunks (the settings of the pass-key trials in the README)
 DEFAULT_CONFIGS = [
-    {"budget_tokens": 256, "chunk_size": 16, "chunk_budget": 12, "history_segment_tokens": 1024},
-    {"budget_tokens": 512, "chunk_size": 16, "chunk_budget": 16, "history_segment_tokens": 1024},
+    {"budget_tokens": 256, "chunk_size": 16, "chunk_budget": 12},
+    {"budget_tokens": 512, "chunk_size": 16, "chunk_budget": 16},
 ]
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 NEW_TOKENS = 8

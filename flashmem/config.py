@@ -3,26 +3,86 @@
 from __future__ import annotations
 
 import numbers
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
 TRIATTENTION_MODES = ("per_head", "per_layer_per_head")
 INDEX_BACKENDS = ("torch", "faiss")
 PREFILL_MODES = ("exact", "sparse")
+INDEXER_KEYWORDS = ("auto", "lookahead", "none")
+CHECKPOINT_SUFFIXES = (".safetensors", ".json")
 
 
-def _check_int(name: str, value, minimum: int, *, allow_none: bool = False) -> None:
+def _type_name(value) -> str:
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _int_hint(value) -> str:
+    """What to pass instead of a non-int ``value``."""
+    if isinstance(value, bool):
+        return "pass an int (True/False are not counts)"
+    if isinstance(value, float) and value.is_integer():
+        return f"pass the int {int(value)}"
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return f"pass the int {int(value)}, not a string"
+    return "pass a plain int"
+
+
+def _int_field(name: str, value, minimum: int, *, allow_none: bool = False) -> int | None:
+    """``value`` as a plain ``int`` (numpy and other ``numbers.Integral`` types are converted, so the
+    field works everywhere downstream), or None where allowed. bool, float and str are refused."""
     if value is None and allow_none:
-        return
+        return None
+    kind = "an int or None" if allow_none else "an int"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"FlashMemConfig.{name} must be an int, got {type(value).__name__} ({value!r})")
+        raise TypeError(
+            f"FlashMemConfig.{name} must be {kind}, got {_type_name(value)} ({value!r}); {_int_hint(value)}"
+        )
+    value = int(value)
     if value < minimum:
-        raise ValueError(f"FlashMemConfig.{name} must be >= {minimum}, got {value}")
+        raise ValueError(
+            f"FlashMemConfig.{name} must be >= {minimum}, got {value}; set it to {minimum} or more"
+        )
+    return value
+
+
+def _bool_field(name: str, value, *, allow_none: bool = False) -> bool | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, bool):
+        kind = "True, False or None" if allow_none else "True or False"
+        raise TypeError(f"FlashMemConfig.{name} must be {kind}, got {_type_name(value)} ({value!r})")
+    return value
 
 
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str):
+        raise TypeError(
+            f"FlashMemConfig.{name} must be a string, one of {choices}, got {_type_name(value)} ({value!r})"
+        )
     if value not in choices:
         raise ValueError(f"FlashMemConfig.{name} must be one of {choices}, got {value!r}")
+
+
+def _path_field(name: str, value) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise TypeError(
+            f"FlashMemConfig.{name} must be a non-empty path (str or os.PathLike), "
+            f"got {_type_name(value)} ({value!r})"
+        )
+    return value
+
+
+def known_indexers() -> tuple[str, ...]:
+    """Indexer names the config accepts besides a checkpoint path: the keywords and the registry."""
+    from flashmem.indexer.heuristics import INDEXERS
+
+    return tuple(sorted(set(INDEXER_KEYWORDS) | set(INDEXERS)))
 
 
 @dataclass
@@ -68,6 +128,11 @@ class FlashMemConfig:
     observe_tokens: exact prefill measures the attention mass of the prompt's last observe_tokens
         queries on every chunk; the first recall after the prompt uses it instead of the indexer
         (0: always ask the indexer).
+
+    Integer fields take any ``numbers.Integral`` (numpy integers included) and store it as a plain
+    int; bool, float and str are refused with TypeError. ``stats_path`` and an indexer checkpoint
+    path must name existing files, and ``index_backend="faiss"`` needs faiss to import, all checked
+    here, before any model is touched.
     """
 
     budget_tokens: int | None = None
@@ -94,40 +159,58 @@ class FlashMemConfig:
     observe_tokens: int = 16
 
     def __post_init__(self) -> None:
-        _check_int("budget_tokens", self.budget_tokens, 1, allow_none=True)
-        _check_int("block_size", self.block_size, 1)
-        _check_int("max_context_tokens", self.max_context_tokens, 1)
-        _check_int("compaction_interval", self.compaction_interval, 1)
-        _check_int("window_tokens", self.window_tokens, 0)
-        _check_int("sink_tokens", self.sink_tokens, 0)
-        _check_int("chunk_size", self.chunk_size, 1)
-        _check_int("chunk_budget", self.chunk_budget, 0, allow_none=True)
-        _check_int("lookahead", self.lookahead, 1)
-        _check_int("prefetch_steps", self.prefetch_steps, 0)
+        # Types first, converting numpy integers (and other numbers.Integral) to plain int, so that a
+        # config that passes here works in every component it reaches.
+        self.budget_tokens = _int_field("budget_tokens", self.budget_tokens, 1, allow_none=True)
+        self.block_size = _int_field("block_size", self.block_size, 1)
+        self.max_context_tokens = _int_field("max_context_tokens", self.max_context_tokens, 1)
+        self.compaction_interval = _int_field("compaction_interval", self.compaction_interval, 1)
+        self.window_tokens = _int_field("window_tokens", self.window_tokens, 0)
+        self.sink_tokens = _int_field("sink_tokens", self.sink_tokens, 0)
+        self.max_host_bytes = _int_field("max_host_bytes", self.max_host_bytes, 1, allow_none=True)
+        self.chunk_size = _int_field("chunk_size", self.chunk_size, 1)
+        self.chunk_budget = _int_field("chunk_budget", self.chunk_budget, 0, allow_none=True)
+        self.lookahead = _int_field("lookahead", self.lookahead, 1)
+        self.prefetch_steps = _int_field("prefetch_steps", self.prefetch_steps, 0)
+        self.index_candidates = _int_field("index_candidates", self.index_candidates, 0)
+        self.prefill_chunk_tokens = _int_field(
+            "prefill_chunk_tokens", self.prefill_chunk_tokens, 1, allow_none=True
+        )
+        self.observe_tokens = _int_field("observe_tokens", self.observe_tokens, 0)
+        self.protect_prompt = _bool_field("protect_prompt", self.protect_prompt)
+        self.host_mirror = _bool_field("host_mirror", self.host_mirror, allow_none=True)
+        _check_choice("triattention_mode", self.triattention_mode, TRIATTENTION_MODES)
+        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _check_choice("index_backend", self.index_backend, INDEX_BACKENDS)
+        _check_choice("prefill", self.prefill, PREFILL_MODES)
+        if self.stats_path is not None:
+            self.stats_path = _path_field("stats_path", self.stats_path)
+            if not Path(self.stats_path).is_file():
+                raise ValueError(
+                    f"FlashMemConfig.stats_path {self.stats_path!r} is not a file; give the .safetensors "
+                    "written by 'flashmem calibrate', or None for the stats shipped with the default model"
+                )
+        self.indexer = _path_field("indexer", self.indexer)
+        self._check_indexer()
+
         if self.prefetch_steps >= self.lookahead:
             raise ValueError(
                 f"FlashMemConfig.prefetch_steps ({self.prefetch_steps}) must be < lookahead ({self.lookahead}): "
                 "the next window is prefetched that many steps before the boundary; lower prefetch_steps "
                 "(0 disables prefetching) or raise lookahead"
             )
-        _check_int("prefill_chunk_tokens", self.prefill_chunk_tokens, 1, allow_none=True)
-        _check_int("observe_tokens", self.observe_tokens, 0)
-        _check_int("index_candidates", self.index_candidates, 0)
         if self.index_backend == "faiss" and not self.index_candidates:
             raise ValueError(
                 "index_backend='faiss' is used for candidate retrieval: set index_candidates > 0"
             )
-        _check_int("max_host_bytes", self.max_host_bytes, 1, allow_none=True)
-        if self.host_mirror is not None and not isinstance(self.host_mirror, bool):
-            raise TypeError(f"FlashMemConfig.host_mirror must be a bool or None, got {self.host_mirror!r}")
-        if not isinstance(self.indexer, str) or not self.indexer:
-            raise TypeError(f"FlashMemConfig.indexer must be a non-empty string, got {self.indexer!r}")
-        if not isinstance(self.protect_prompt, bool):
-            raise TypeError(f"FlashMemConfig.protect_prompt must be a bool, got {self.protect_prompt!r}")
-        _check_choice("triattention_mode", self.triattention_mode, TRIATTENTION_MODES)
-        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
-        _check_choice("index_backend", self.index_backend, INDEX_BACKENDS)
-        _check_choice("prefill", self.prefill, PREFILL_MODES)
+        if self.index_backend == "faiss":
+            try:
+                import faiss  # noqa: F401
+            except ImportError as exc:
+                raise ValueError(
+                    f"index_backend='faiss' needs the faiss package, which does not import here ({exc}): "
+                    "pip install 'flashmem[faiss]', or use index_backend='torch' (same results)"
+                ) from None
         if self.budget_tokens is not None and self.budget_tokens < self.sink_tokens + self.window_tokens:
             raise ValueError(
                 f"FlashMemConfig.budget_tokens ({self.budget_tokens}) must be at least sink_tokens + "
@@ -165,6 +248,22 @@ class FlashMemConfig:
         if self.prefill == "sparse" and self.budget_tokens is None:
             raise ValueError(
                 "prefill='sparse' needs budget_tokens (without a budget every token stays resident)"
+            )
+
+    def _check_indexer(self) -> None:
+        name = self.indexer
+        if name in INDEXER_KEYWORDS or Path(name).is_file():
+            return
+        if name.endswith(CHECKPOINT_SUFFIXES) or "/" in name or os.sep in name:
+            raise ValueError(
+                f"FlashMemConfig.indexer: checkpoint {name!r} is not a file; give a checkpoint written by "
+                "'flashmem train-indexer', or an indexer name"
+            )
+        names = known_indexers()
+        if name not in names:
+            raise ValueError(
+                f"FlashMemConfig.indexer: unknown indexer {name!r}; choose one of {names} or give a "
+                "checkpoint path"
             )
 
     @property

@@ -119,17 +119,17 @@ def train_main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--out", required=True, help="checkpoint path (.safetensors; a .json is written beside it)"
     )
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--tau", type=int, default=64)
-    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--steps", type=int, default=300, help="optimiser steps")
+    p.add_argument("--chunk-size", type=int, default=64, help="tokens per chunk")
+    p.add_argument("--tau", type=int, default=64, help="lookahead window (decode steps per refresh)")
+    p.add_argument("--rank", type=int, default=32, help="rank of the learned query/key projections")
     p.add_argument("--budget", type=float, default=0.1, help="validation chunk budget (fraction or count)")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per training document")
     p.add_argument("--synthetic", type=int, default=6, help="synthetic documents")
     p.add_argument("--local", type=int, default=8, help="local text documents")
     p.add_argument("--window-stride", type=int, default=4, help="label every n-th query of each window")
     p.add_argument("--records-cache", default=None, help="reuse/write extracted records here")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the document choice, split and sampling")
     args = p.parse_args(argv)
     if args.steps <= 0:
         p.error("--steps must be positive")
@@ -170,10 +170,10 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--chunk-budget", type=float, default=0.1, help="chunks per refresh: integer K, or a fraction < 1"
     )
-    p.add_argument("--max-tokens", type=int, default=4096)
-    p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--tau", type=int, default=64)
-    p.add_argument("--window-stride", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=4096, help="tokens read from each text file")
+    p.add_argument("--chunk-size", type=int, default=64, help="tokens per chunk")
+    p.add_argument("--tau", type=int, default=64, help="lookahead window (decode steps per refresh)")
+    p.add_argument("--window-stride", type=int, default=1, help="label every n-th query of each window")
     args = p.parse_args(argv)
     model, tok = load_model(args.model)
     look = load_indexer(args.indexer or default_checkpoint_path(), model_fingerprint(model))
