@@ -261,15 +261,14 @@ class FlashMemCache(Cache):
         k_new, v_new = self._new[layer_idx]  # [1, H_kv, T, D]
         out, lse = _attention_lse(query, k_new, v_new, scaling, group, causal=True)
         start = self._start
-        mirror.wait_rows(start)
         cs = mirror.chunk_size
         seg = max(cs, self.history_segment_tokens // cs * cs)  # segments start on chunk boundaries
         window = min(self.observe_tokens, query.shape[2]) if self.recall is not None else 0
         chunk_lse = []
         for s in range(0, start, seg):
             e = min(start, s + seg)
-            hk = mirror.keys[layer_idx][s:e].to(query.device, non_blocking=True)  # [S, H_kv, D]
-            hv = mirror.values[layer_idx][s:e].to(query.device, non_blocking=True)
+            # [S, H_kv, D]; the current stream waits on this layer's device-to-host writes first
+            hk, hv = mirror.rows_to_device(layer_idx, s, e, query.device)
             staged = 2 * hk.numel() * hk.element_size()
             self.transient_peak_bytes = max(self.transient_peak_bytes, pool.device_kv_bytes + staged)
             o2, l2, logits = _attention_lse(

@@ -14,9 +14,22 @@ multiple of ``chunk_size`` so the rows of the last (possibly partial) chunk exis
 
 Writing, once per forward pass: ``append(layer, k, v)`` for every layer (``k, v: [n, H_kv, D]``),
 then ``commit(n)``. On CUDA each append is one batched device-to-host copy per tensor, issued on
-the mirror's own stream after it waits on the caller's (compute) stream; nothing blocks the host.
-Readers (the transfer engine) call :meth:`wait_rows` before reading rows that may still be in
-flight. All counters are host-side.
+the mirror's own stream after it waits on the caller's (compute) stream, followed by a CUDA event
+recorded for that append; nothing blocks the host.
+
+Ordering readers after those copies is per layer: each layer keeps the events of its appends whose
+copies are not known to have landed (``_pending[layer]``), and a read of rows ``[0, end)`` of layer
+``l`` waits on the event of the latest append of layer ``l`` that wrote a row below ``end`` (on one
+stream that event also covers every earlier append of the layer). Nothing is tracked as a maximum
+over layers: the exact prefill reads layer ``l``'s history while the copies of later layers' rows
+of the previous chunk may still be in flight. Two kinds of reader (see :meth:`wait_rows`):
+
+* a device stream (the exact prefill's host-to-device copies, :meth:`rows_to_device`):
+  ``stream.wait_event(event)``, the host does not block;
+* the host itself, reading the pinned storage with the CPU (the transfer engine's gather,
+  :meth:`chunk_rows`, growth): ``event.synchronize()``.
+
+All counters are host-side.
 
 Capacity is checked before any allocation: a :meth:`reserve` (or a constructor ``capacity_tokens``)
 that would exceed ``max_host_bytes`` or the host's memory raises ``ValueError`` and leaves the
@@ -27,10 +40,29 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
 _GIB = float(1 << 30)
+_MAX_PENDING = 8  # pending write events per layer before the landed ones are pruned (event queries)
+
+
+@dataclass
+class _Write:
+    """One append of one layer still possibly in flight: rows ``[start, end)``, copied on the mirror
+    stream of device ``device``, followed by ``event``."""
+
+    start: int
+    end: int
+    device: int
+    event: torch.cuda.Event
+
+
+def _copy_to_device(src: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One ``non_blocking`` host-to-device copy on the current stream of ``device`` (a seam the CPU
+    tests replace to simulate CUDA ordering)."""
+    return src.to(device, non_blocking=True)
 
 
 def host_memory_bytes() -> tuple[int, int]:
@@ -115,11 +147,13 @@ class HostMirror:
         self._make_views()
         self._num_tokens = 0
         self._layer_tokens = [0] * num_layers
-        # device-to-host bookkeeping (host-side only)
+        # device-to-host bookkeeping (host-side only), per layer: the appends whose copies are not
+        # known to have landed, in issue order; rows below the lowest pending start have landed
         self._d2h_streams: dict[int, torch.cuda.Stream] = {}
-        self._write_event: torch.cuda.Event | None = None
-        self._write_event_rows = 0
-        self._flushed_rows = 0
+        self._pending: list[list[_Write]] = [[] for _ in range(num_layers)]
+        self._free_events: list[torch.cuda.Event] = []
+        # per device: event recorded after the latest host-to-device read of the storage
+        self._read_events: dict[int, torch.cuda.Event] = {}
         self.d2h_bytes = 0
         self.d2h_copies = 0
         self.reallocations = 0
@@ -212,7 +246,7 @@ class HostMirror:
         new = torch.empty(shape, dtype=self.dtype, pin_memory=self.pin_memory)
         used = max(self._layer_tokens)
         if used:
-            self.wait_rows(used)
+            self.flush()  # the host copies the rows: every layer's writes must have landed
             new[:, :, :used].copy_(self.storage[:, :, :used])
         if self.capacity_tokens:
             self.reallocations += 1
@@ -220,8 +254,12 @@ class HostMirror:
         self._make_views()
 
     # ---- writes ------------------------------------------------------------------------------
+    @staticmethod
+    def _device_index(device: torch.device) -> int:
+        return device.index if device.index is not None else torch.cuda.current_device()
+
     def _d2h_stream(self, device: torch.device) -> torch.cuda.Stream:
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = self._device_index(device)
         stream = self._d2h_streams.get(index)
         if stream is None:
             stream = torch.cuda.Stream(device=index)
@@ -263,23 +301,29 @@ class HostMirror:
                 self.reserve(end)  # doubling does not fit: grow exactly (raises if that does not fit)
         dst_k = self.keys[layer][start:end]
         dst_v = self.values[layer][start:end]
+        pending = self._pending[layer]
         if k.device.type == "cuda":
+            device = self._device_index(k.device)
             stream = self._d2h_stream(k.device)
             stream.wait_stream(torch.cuda.current_stream(k.device))
+            for w in pending:  # rows rewritten after a rollback, first written from another device
+                if w.device != device and w.end > start:
+                    stream.wait_event(w.event)
             with torch.cuda.stream(stream):
                 dst_k.copy_(k, non_blocking=True)
                 dst_v.copy_(v, non_blocking=True)
             k.record_stream(stream)
             v.record_stream(stream)
-            if self._write_event is None:
-                self._write_event = torch.cuda.Event()
-            self._write_event.record(stream)
-            self._write_event_rows = max(self._write_event_rows, end)
+            if len(pending) >= _MAX_PENDING:
+                self._prune_landed(layer)
+            event = self._free_events.pop() if self._free_events else torch.cuda.Event()
+            event.record(stream)
+            self._pending[layer].append(_Write(start, end, device, event))
         else:
+            if pending:  # a copy still in flight must not land over this host write
+                self._synchronize_pending([layer])
             dst_k.copy_(k)
             dst_v.copy_(v)
-            if self._write_event is None:
-                self._flushed_rows = max(self._flushed_rows, end)
         self._layer_tokens[layer] = end
         self.d2h_bytes += 2 * k.numel() * self.element_size
         self.d2h_copies += 2
@@ -299,22 +343,97 @@ class HostMirror:
         self._num_tokens = target
 
     def rollback(self) -> None:
-        """Forget rows appended since the last commit (e.g. after an error mid-forward)."""
+        """Forget rows appended since the last commit (e.g. after an error mid-forward).
+
+        Copies still in flight for the forgotten rows stay pending: a later append of the same rows
+        is issued after them on the same stream, so the latest append covering a row is still the
+        one a reader waits for."""
         self._layer_tokens = [self._num_tokens] * self.num_layers
 
-    def wait_rows(self, end_row: int) -> None:
-        """Block the host until rows ``[0, end_row)`` written by :meth:`append` have landed.
+    def landed_rows(self, layer: int) -> int:
+        """Rows ``[0, n)`` of ``layer`` that the host knows hold their written values (host-side
+        counter; a CUDA append counts only once its event was waited for or queried)."""
+        pending = self._pending[layer]
+        return min([self._layer_tokens[layer]] + [w.start for w in pending])
 
-        A no-op for CPU writes and for rows already known to be flushed.
+    def _covering(self, layer: int, end_row: int) -> list[_Write]:
+        """Per device stream, the latest pending append of ``layer`` that wrote a row below
+        ``end_row``: its event follows (stream order) every earlier write of those rows."""
+        latest: dict[int, _Write] = {}
+        for w in self._pending[layer]:
+            if w.start < end_row:
+                latest[w.device] = w
+        return list(latest.values())
+
+    def _retire(self, layer: int, upto: _Write) -> None:
+        """Drop ``upto`` and the earlier pending appends of its stream (they have landed)."""
+        pending = self._pending[layer]
+        index = next(i for i, w in enumerate(pending) if w is upto)
+        keep = []
+        for i, w in enumerate(pending):
+            if w.device == upto.device and i <= index:
+                self._free_events.append(w.event)
+            else:
+                keep.append(w)
+        self._pending[layer] = keep
+
+    def _prune_landed(self, layer: int) -> None:
+        """Drop the pending appends of ``layer`` whose events have fired (queries; never blocks)."""
+        keep = []
+        for w in self._pending[layer]:
+            if w.event.query():
+                self._free_events.append(w.event)
+            else:
+                keep.append(w)
+        self._pending[layer] = keep
+
+    def _layer_list(self, layers) -> list[int]:
+        layer_list = [layers] if isinstance(layers, int) else list(layers)
+        for l in layer_list:
+            if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < self.num_layers:
+                raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {l!r}")
+        return layer_list
+
+    def wait_rows(
+        self, layers, end_row: int | None = None, *, stream: torch.cuda.Stream | None = None
+    ) -> None:
+        """Order a reader of rows ``[0, end_row)`` of ``layers`` after the appends that wrote them.
+
+        Args:
+            layers: the layer (int) or layers (iterable of ints) the reader reads. Only these layers'
+                write events are waited for.
+            end_row: rows below it are read (default: every row the layers have appended).
+            stream: the reader. ``None``: the host reads the storage with the CPU (gather, growth,
+                :meth:`chunk_rows`): it blocks on each covering event (``event.synchronize()``) and
+                the rows then count as landed. A CUDA stream: the reader is work queued on that
+                stream (a host-to-device copy out of the pinned storage): ``stream.wait_event`` on
+                each covering event; the host does not block.
+
+        Per layer, the event waited for is the one of the latest append that wrote a row below
+        ``end_row``. A no-op for CPU appends and rows already landed.
         """
-        if end_row <= self._flushed_rows or self._write_event is None:
-            return
-        self._write_event.synchronize()
-        self._flushed_rows = max(self._flushed_rows, self._write_event_rows)
+        for l in self._layer_list(layers):
+            end = self._layer_tokens[l] if end_row is None else min(int(end_row), self._layer_tokens[l])
+            if end <= self.landed_rows(l):
+                continue
+            for w in self._covering(l, end):
+                if stream is None:
+                    w.event.synchronize()
+                    self._retire(l, w)
+                else:
+                    stream.wait_event(w.event)
+
+    def _synchronize_pending(self, layers) -> None:
+        """Block the host on every pending write of ``layers`` (rolled-back rows included)."""
+        for l in layers:
+            for w in self._pending[l]:
+                w.event.synchronize()
+                self._free_events.append(w.event)
+            self._pending[l] = []
 
     def flush(self) -> None:
-        """Wait for every pending device-to-host write."""
-        self.wait_rows(max(self._layer_tokens) if self._layer_tokens else 0)
+        """Block the host until every pending device-to-host write (all layers) has landed."""
+        self._synchronize_pending(range(self.num_layers))
 
     # ---- reads -------------------------------------------------------------------------------
     def _check_chunk_ids(self, chunk_ids) -> list[int]:
@@ -346,10 +465,46 @@ class HostMirror:
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} out of range [0, {self.num_layers})")
         rows = self.chunk_row_index(chunk_ids)
-        self.wait_rows(int(rows.max()) + 1 if rows.numel() else 0)
+        self.wait_rows(layer, int(rows.max()) + 1 if rows.numel() else 0)  # host reader
         k = self.keys[layer].index_select(0, rows)
         v = self.values[layer].index_select(0, rows)
         return k, v, torch.where(rows < self._num_tokens, rows, -1).to(torch.int32)
+
+    def rows_to_device(
+        self, layer: int, start: int, end: int, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V rows ``[start, end)`` of one layer on ``device``: ``[end - start, H_kv, D]`` each.
+
+        The exact prefill's read of the history. On CUDA the reader is the current stream of
+        ``device``: it first waits (``stream.wait_event``, the host does not block) on this layer's
+        write event covering the rows, then one ``non_blocking`` copy per tensor is issued out of the
+        pinned storage, and an event recorded after them keeps the storage from being released
+        under the copies. On another device (CPU) the host reads: it waits for the rows to land and
+        the result may be a view of the storage. Rows must have been appended by this layer.
+        """
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        if not 0 <= start <= end <= self._layer_tokens[layer]:
+            raise ValueError(
+                f"rows [{start}, {end}) of layer {layer} are not written (it holds {self._layer_tokens[layer]})"
+            )
+        device = torch.device(device)
+        src_k = self.keys[layer][start:end]
+        src_v = self.values[layer][start:end]
+        if device.type == "cuda":
+            index = self._device_index(device)
+            stream = torch.cuda.current_stream(device)
+            self.wait_rows(layer, end, stream=stream)
+            k = _copy_to_device(src_k, device)
+            v = _copy_to_device(src_v, device)
+            event = self._read_events.get(index)
+            if event is None:
+                event = self._read_events[index] = torch.cuda.Event()
+            event.record(stream)
+        else:
+            self.wait_rows(layer, end)
+            k, v = src_k.to(device), src_v.to(device)
+        return k, v
 
     def stats(self) -> dict:
         """Host-side counters: tokens, bytes held/reserved, device-to-host traffic."""

@@ -3,7 +3,9 @@
 One :meth:`TransferEngine.load` call is one *batch*:
 
 1. gather, on the host, the rows of the requested chunks of every layer from the mirror into ONE
-   contiguous (pinned, when CUDA is present) staging buffer of bytes laid out as::
+   contiguous (pinned, when CUDA is present) staging buffer of bytes (the host reads the mirror
+   with the CPU, so it first blocks on the mirror's pending device-to-host writes of the rows it
+   reads, every layer's own events: :meth:`HostMirror.wait_rows` with no stream), laid out as::
 
        slots      [n * C]                         int64  flat pool slot of each chunk row
        kv         [L, 2, n * C, H_kv, D]          mirror dtype (index 0 = K, 1 = V)
@@ -199,8 +201,9 @@ class TransferEngine:
         if busy:
             raise ValueError(f"chunks {busy[:8]} already have a copy in flight")
 
-        # 1. gather into one staging buffer (host)
-        m.wait_rows(int(rows.max()) + 1)  # chunks may come in any order
+        # 1. gather into one staging buffer: the host reads the pinned rows of every layer with the
+        # CPU, so it blocks on those layers' pending device-to-host writes (event.synchronize)
+        m.wait_rows(range(m.num_layers), int(rows.max()) + 1)  # chunks may come in any order
         nbytes = self._layout(n_rows)[3]
         staging_index, buf = self._take_staging(nbytes)
         s_slots, s_kv, s_pos = self._views(buf, n_rows)
