@@ -3,7 +3,7 @@
 The device cache keeps only a bounded subset of the KV (sinks, recalled chunks, compacted working
 tokens, the recent window); the host mirror keeps all of it so any token can be recalled later.
 
-Storage (one allocation, pinned when CUDA is available)::
+Storage (one allocation, page-locked when CUDA is available)::
 
     storage:     [num_layers, 2, capacity_tokens, H_kv, D]   (index 0 = K, 1 = V)
     keys[l]:     [capacity_tokens, H_kv, D]                  view of storage[l, 0]
@@ -33,13 +33,27 @@ All counters are host-side.
 
 Capacity is checked before any allocation: a :meth:`reserve` (or a constructor ``capacity_tokens``)
 that would exceed ``max_host_bytes`` or the host's memory raises ``ValueError`` and leaves the
-mirror unchanged.
+mirror unchanged. The figure checked is the one reserved, :func:`host_reserved_bytes`.
+
+Pinned allocation. ``torch.empty(..., pin_memory=True)`` goes through PyTorch's caching host
+allocator, which rounds every request up to the next power of two (a 61 GiB mirror reserves
+64 GiB; 33 GiB reserves 64 GiB) and keeps a freed block cached rather than giving it back (after a
+growth the old storage stays pinned). One allocation per layer through it would still round each
+one (61 GiB over 36 layers: 36 x 2 GiB = 72 GiB). So the mirror allocates its storage as pageable
+memory (``torch.empty``, pages untouched until written) and page-locks exactly that range with
+``cudaHostRegister``: the driver locks whole pages, so what is reserved is the byte count rounded
+up to the page size, the figure :meth:`HostMirror.check_capacity` checks. The range is
+unregistered (after the copies that may still touch it: pending writes and reads) when the mirror
+grows or is garbage-collected, and the memory returns to the OS with the last tensor viewing it.
+The transfer engine's small staging buffers keep ``torch.empty(..., pin_memory=True)``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +77,89 @@ def _copy_to_device(src: torch.Tensor, device: torch.device) -> torch.Tensor:
     """One ``non_blocking`` host-to-device copy on the current stream of ``device`` (a seam the CPU
     tests replace to simulate CUDA ordering)."""
     return src.to(device, non_blocking=True)
+
+
+_CUDA_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context
+
+
+def page_size() -> int:
+    """Bytes of one host memory page (the granularity of page-locking)."""
+    return os.sysconf("SC_PAGE_SIZE")
+
+
+def host_reserved_bytes(nbytes: int, *, pinned: bool, page: int | None = None) -> int:
+    """Host bytes reserved to store ``nbytes`` of mirror K/V: the figure the capacity check uses.
+
+    Pinned storage is pageable memory page-locked with ``cudaHostRegister`` (see the module
+    docstring), which locks whole pages: ``nbytes`` rounded up to ``page`` (default: this host's
+    page size); no power-of-two rounding. Pageable storage: ``nbytes`` (the CPU allocator does not
+    round).
+    """
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"nbytes must be an int >= 0, got {nbytes!r}")
+    if not pinned or nbytes == 0:
+        return nbytes
+    page = page_size() if page is None else page
+    return -(-nbytes // page) * page
+
+
+def _cuda_host_register(ptr: int, nbytes: int) -> None:
+    """Page-lock ``[ptr, ptr + nbytes)`` (``cudaHostRegister``); raises before locking anything when
+    CUDA is missing. Tests replace it (and :func:`_cuda_host_unregister`) to run on the CPU."""
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "HostMirror(pin_memory=True) page-locks host memory with CUDA, which is not available; "
+            "build the mirror with pin_memory=False"
+        )
+    cudart = torch.cuda.cudart()
+    try:
+        torch.cuda.check_error(cudart.cudaHostRegister(ptr, nbytes, _CUDA_HOST_REGISTER_PORTABLE))
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"cudaHostRegister of {nbytes} bytes ({nbytes / _GIB:.2f} GiB) for the host mirror failed: "
+            f"{exc}; shorten the context or free host memory"
+        ) from exc
+
+
+def _cuda_host_unregister(ptr: int) -> None:
+    """Undo :func:`_cuda_host_register` (``cudaHostUnregister``)."""
+    torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(ptr))
+
+
+def _wait_pending_copies(pending: list[list[_Write]], read_events: dict) -> None:
+    """Block the host until every write into, and every recorded read out of, the storage is done."""
+    for writes in pending:
+        for w in writes:
+            w.event.synchronize()
+    for event in read_events.values():
+        event.synchronize()
+
+
+class _PageLockedBytes:
+    """``nbytes`` (rounded up to whole pages) of pageable host memory, page-aligned and page-locked
+    with ``cudaHostRegister``; :meth:`release` waits for the copies that may still touch it, then
+    unregisters it. ``data``: ``[reserved]`` uint8."""
+
+    def __init__(self, nbytes: int, wait_copies) -> None:
+        page = page_size()
+        self.reserved = host_reserved_bytes(nbytes, pinned=True, page=page)
+        raw = torch.empty(
+            self.reserved + page, dtype=torch.uint8
+        )  # pageable; the slack page is never touched
+        offset = (-raw.data_ptr()) % page
+        self.data = raw[offset : offset + self.reserved]
+        self.ptr = self.data.data_ptr()
+        _cuda_host_register(self.ptr, self.reserved)
+        self._wait_copies = wait_copies
+        self.registered = True
+
+    def release(self) -> None:
+        if not self.registered:
+            return
+        self.registered = False
+        self._wait_copies()
+        _cuda_host_unregister(self.ptr)
+        self.data = None  # the memory goes back with the last tensor viewing it
 
 
 def host_memory_bytes() -> tuple[int, int]:
@@ -99,8 +196,9 @@ class HostMirror:
         dtype: storage dtype; appends must match it exactly (the mirror is lossless).
         capacity_tokens: tokens to reserve now (rounded up to a whole chunk); 0 defers allocation.
         max_host_bytes: optional cap on the mirror's K+V bytes (``capacity_bytes``).
-        pin_memory: page-lock the storage (default: when CUDA is available). Required for truly
-            asynchronous host-to-device copies.
+        pin_memory: page-lock the storage (default: when CUDA is available) with
+            ``cudaHostRegister``, exactly the checked size (see the module docstring). Required for
+            truly asynchronous host-to-device copies.
     """
 
     def __init__(
@@ -154,6 +252,7 @@ class HostMirror:
         self._free_events: list[torch.cuda.Event] = []
         # per device: event recorded after the latest host-to-device read of the storage
         self._read_events: dict[int, torch.cuda.Event] = {}
+        self._release_storage = None  # finalizer that unregisters the page-locked storage
         self.d2h_bytes = 0
         self.d2h_copies = 0
         self.reallocations = 0
@@ -174,6 +273,15 @@ class HostMirror:
     def capacity_bytes(self) -> int:
         """K + V bytes allocated on the host (reserved rows, used or not)."""
         return self.capacity_tokens * self.kv_bytes_per_token
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Host bytes the storage reserves now (:func:`host_reserved_bytes` of ``capacity_bytes``)."""
+        return self.reserved_bytes_for(self.capacity_tokens)
+
+    def reserved_bytes_for(self, capacity_tokens: int) -> int:
+        """Host bytes a storage of ``capacity_tokens`` rows (a multiple of chunk_size) reserves."""
+        return host_reserved_bytes(capacity_tokens * self.kv_bytes_per_token, pinned=self.pin_memory)
 
     @property
     def host_kv_bytes(self) -> int:
@@ -202,33 +310,34 @@ class HostMirror:
     def check_capacity(self, n_tokens: int) -> int:
         """Rounded capacity (tokens) for ``n_tokens``; raises ``ValueError`` if it cannot fit.
 
-        Checks the user cap ``max_host_bytes``, the physical RAM and the RAM available now (a
-        growth allocates the new storage before the old one is released).
+        Checks the bytes the storage would reserve (:meth:`reserved_bytes_for`, page rounding of
+        page-locked memory included) against the user cap ``max_host_bytes``, the physical RAM and
+        the RAM available now (a growth allocates the new storage before the old one is released).
         """
         if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
             raise ValueError(f"HostMirror.reserve expects a token count >= 0, got {n_tokens!r}")
         target = math.ceil(n_tokens / self.chunk_size) * self.chunk_size
         if target <= self.capacity_tokens:
             return self.capacity_tokens
-        need = target * self.kv_bytes_per_token
-        per_tok = self.kv_bytes_per_token
+        need = self.reserved_bytes_for(target)
+        what = (
+            f"host mirror for {n_tokens} tokens reserves {need} bytes ({need / _GIB:.2f} GiB, "
+            f"{self.kv_bytes_per_token} bytes/token{', page-locked' if self.pin_memory else ''})"
+        )
         if self.max_host_bytes is not None and need > self.max_host_bytes:
             raise ValueError(
-                f"host mirror for {n_tokens} tokens needs {need / _GIB:.2f} GiB "
-                f"({per_tok} bytes/token), over max_host_bytes={self.max_host_bytes / _GIB:.2f} GiB; "
+                f"{what}, over max_host_bytes={self.max_host_bytes} ({self.max_host_bytes / _GIB:.2f} GiB); "
                 "shorten the context or raise max_host_bytes"
             )
         physical, available = host_memory_bytes()
         if need > physical:
             raise ValueError(
-                f"host mirror for {n_tokens} tokens needs {need / _GIB:.2f} GiB ({per_tok} bytes/token), "
-                f"more than this machine's {physical / _GIB:.2f} GiB of RAM; shorten the context"
+                f"{what}, more than this machine's {physical / _GIB:.2f} GiB of RAM; shorten the context"
             )
         if need > available:
             raise ValueError(
-                f"host mirror for {n_tokens} tokens needs {need / _GIB:.2f} GiB ({per_tok} bytes/token) "
-                f"but only {available / _GIB:.2f} GiB of host RAM is available; shorten the context or "
-                "free host memory"
+                f"{what} but only {available / _GIB:.2f} GiB of host RAM is available; shorten the "
+                "context or free host memory"
             )
         return target
 
@@ -236,22 +345,41 @@ class HostMirror:
         """Make room for ``n_tokens`` tokens (rounded up to a whole chunk).
 
         Checked up front: raises ``ValueError`` before allocating anything when the storage would
-        not fit (see :meth:`check_capacity`); the mirror is then unchanged. Growing keeps the rows
-        already written (one copy of the used rows).
+        not fit (see :meth:`check_capacity`); the mirror is then unchanged (also when page-locking
+        fails). Growing keeps the rows already written (one copy of the used rows, after every
+        pending write has landed) and then releases the old storage.
         """
         target = self.check_capacity(n_tokens)
         if target <= self.capacity_tokens:
             return
         shape = (self.num_layers, 2, target, self.num_kv_heads, self.head_dim)
-        new = torch.empty(shape, dtype=self.dtype, pin_memory=self.pin_memory)
+        buffer = None
+        if self.pin_memory:
+            wait = functools.partial(_wait_pending_copies, self._pending, self._read_events)
+            buffer = _PageLockedBytes(target * self.kv_bytes_per_token, wait)
+            new = buffer.data[: target * self.kv_bytes_per_token].view(self.dtype).view(shape)
+        else:
+            new = torch.empty(shape, dtype=self.dtype)
         used = max(self._layer_tokens)
-        if used:
-            self.flush()  # the host copies the rows: every layer's writes must have landed
-            new[:, :, :used].copy_(self.storage[:, :, :used])
+        try:
+            if used:
+                self.flush()  # the host copies the rows: every layer's writes must have landed
+                new[:, :, :used].copy_(self.storage[:, :, :used])
+        except BaseException:
+            if buffer is not None:
+                buffer.release()
+            raise
         if self.capacity_tokens:
             self.reallocations += 1
+        release_old = self._release_storage
         self.storage = new
         self._make_views()
+        self._release_storage = None
+        if buffer is not None:
+            self._release_storage = weakref.finalize(self, buffer.release)
+            self._release_storage.atexit = False  # at exit the process frees it all
+        if release_old is not None:
+            release_old()  # waits for the copies still touching the old storage, then unregisters
 
     # ---- writes ------------------------------------------------------------------------------
     @staticmethod
@@ -507,12 +635,14 @@ class HostMirror:
         return k, v
 
     def stats(self) -> dict:
-        """Host-side counters: tokens, bytes held/reserved, device-to-host traffic."""
+        """Host-side counters: tokens, K/V bytes held, capacity (K/V bytes of the allocated rows) and
+        reserved host bytes (page rounding included), device-to-host traffic."""
         return {
             "host_tokens": self._num_tokens,
             "host_chunks": self.num_chunks,
             "host_kv_bytes": self.host_kv_bytes,
             "host_capacity_bytes": self.capacity_bytes,
+            "host_reserved_bytes": self.reserved_bytes,
             "host_pinned": self.pin_memory,
             "d2h_bytes": self.d2h_bytes,
             "d2h_copies": self.d2h_copies,

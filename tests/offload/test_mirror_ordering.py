@@ -14,6 +14,7 @@ once layer 0 has waited for its own.
 """
 
 import contextlib
+import gc
 
 import pytest
 import torch
@@ -35,6 +36,7 @@ class _Sim:
         self.ran: list = []  # labels of the copies that have run, in order
         self.host_syncs: list = []  # events the host blocked on
         self.stream_waits: list = []  # (stream, event) waits issued
+        self.side_streams: list = []
 
 
 class _Stream:
@@ -121,7 +123,11 @@ def sim(monkeypatch):
         finally:
             sim.current = previous
 
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None, **kw: _Stream(sim, f"side{device}"))
+    def side_stream(device=None, **kwargs):
+        sim.side_streams.append(_Stream(sim, f"side{device}"))
+        return sim.side_streams[-1]
+
+    monkeypatch.setattr(torch.cuda, "Stream", side_stream)
     monkeypatch.setattr(torch.cuda, "Event", _Event)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: sim.current)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -245,3 +251,23 @@ def test_host_wait_after_rollback_covers_the_rewritten_rows(sim):
         assert torch.equal(k, _plain(c[0][l])) and torch.equal(v, _plain(c[1][l]))
     mirror.flush()
     assert all(s.done == len(s.ops) for s in {e.stream for e in sim.host_syncs})
+
+
+def test_page_locked_storage_is_released_after_its_copies(sim, monkeypatch):
+    """The mirror's page-locked storage is unregistered only once the copies into it have run."""
+    released = []
+
+    def unregister(ptr):
+        released.append(all(st.done == len(st.ops) for st in sim.side_streams))
+
+    monkeypatch.setattr(hm, "_cuda_host_register", lambda ptr, nbytes: None)
+    monkeypatch.setattr(hm, "_cuda_host_unregister", unregister)
+    mirror = HostMirror(L, H, D, chunk_size=T, dtype=torch.float32, capacity_tokens=T, pin_memory=True)
+    (a,) = _chunks(1, seed=4)
+    for l in range(L):
+        _append(sim, mirror, a, 0, l)
+    mirror.commit(T)
+    assert sim.side_streams and sim.side_streams[0].done == 0  # the copies are still queued
+    del mirror
+    gc.collect()
+    assert released == [True]
