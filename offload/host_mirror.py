@@ -29,7 +29,10 @@ of the previous chunk may still be in flight. Two kinds of reader (see :meth:`wa
 * the host itself, reading the pinned storage with the CPU (the transfer engine's gather,
   :meth:`chunk_rows`, growth): ``event.synchronize()``.
 
-All counters are host-side.
+All counters are host-side. Traffic is counted where each copy is issued: ``d2h_bytes`` (appends,
+every row written once per append) and ``h2d_bytes`` (rows served to the device by
+:meth:`rows_to_device`); :meth:`traffic` returns both, cumulative, so a caller can take the
+difference across a prefill or a decode. The transfer engine counts the recall copies it issues.
 
 Capacity is checked before any allocation: a :meth:`reserve` (or a constructor ``capacity_tokens``)
 that would exceed ``max_host_bytes`` or the host's memory raises ``ValueError`` and leaves the
@@ -253,8 +256,10 @@ class HostMirror:
         # per device: event recorded after the latest host-to-device read of the storage
         self._read_events: dict[int, torch.cuda.Event] = {}
         self._release_storage = None  # finalizer that unregisters the page-locked storage
-        self.d2h_bytes = 0
+        self.d2h_bytes = 0  # device-to-host bytes of the appends (K and V)
         self.d2h_copies = 0
+        self.h2d_bytes = 0  # host-to-device bytes of the rows served by rows_to_device (K and V)
+        self.h2d_copies = 0
         self.reallocations = 0
         if capacity_tokens:
             self.reserve(capacity_tokens)
@@ -609,6 +614,7 @@ class HostMirror:
         pinned storage, and an event recorded after them keeps the storage from being released
         under the copies. On another device (CPU) the host reads: it waits for the rows to land and
         the result may be a view of the storage. Rows must have been appended by this layer.
+        Counts ``h2d_bytes`` (K and V; on the CPU the bytes served, what a device would copy).
         """
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
@@ -632,11 +638,20 @@ class HostMirror:
         else:
             self.wait_rows(layer, end)
             k, v = src_k.to(device), src_v.to(device)
+        self.h2d_bytes += 2 * (end - start) * self.num_kv_heads * self.head_dim * self.element_size
+        self.h2d_copies += 2
         return k, v
+
+    def traffic(self) -> dict:
+        """Cumulative bytes of the copies the mirror issued: ``d2h_bytes`` (appends into the mirror)
+        and ``h2d_bytes`` (rows served by :meth:`rows_to_device`, the exact prefill's history)."""
+        return {"d2h_bytes": self.d2h_bytes, "h2d_bytes": self.h2d_bytes}
 
     def stats(self) -> dict:
         """Host-side counters: tokens, K/V bytes held, capacity (K/V bytes of the allocated rows) and
-        reserved host bytes (page rounding included), device-to-host traffic."""
+        reserved host bytes (page rounding included), traffic: ``d2h_bytes`` / ``d2h_copies``
+        (appends) and ``mirror_h2d_bytes`` / ``mirror_h2d_copies`` (rows served to the device by
+        :meth:`rows_to_device`; named apart from the transfer engine's ``h2d_bytes``)."""
         return {
             "host_tokens": self._num_tokens,
             "host_chunks": self.num_chunks,
@@ -646,5 +661,7 @@ class HostMirror:
             "host_pinned": self.pin_memory,
             "d2h_bytes": self.d2h_bytes,
             "d2h_copies": self.d2h_copies,
+            "mirror_h2d_bytes": self.h2d_bytes,
+            "mirror_h2d_copies": self.h2d_copies,
             "host_reallocations": self.reallocations,
         }

@@ -251,3 +251,29 @@ def test_pinned_without_cuda_is_a_clear_error():
         pytest.skip("CUDA present")
     with pytest.raises(ValueError, match="pin_memory=False"):
         HostMirror(L, H, D, chunk_size=4, dtype=torch.float32, capacity_tokens=4, pin_memory=True)
+
+
+def test_traffic_counts_the_bytes_copied():
+    mirror = HostMirror(L, H, D, chunk_size=4, dtype=torch.float32, pin_memory=False)
+    appended = 0
+    ks, vs = [], []
+    for i, n in enumerate([7, 1, 4]):
+        k, v = _fill(mirror, n, seed=i)
+        ks.append(k)
+        vs.append(v)
+        appended += sum(t.numel() * t.element_size() for t in k + v)
+    dense_k = [torch.cat([k[l] for k in ks]) for l in range(L)]
+    dense_v = [torch.cat([v[l] for v in vs]) for l in range(L)]
+    assert mirror.traffic() == {"d2h_bytes": appended, "h2d_bytes": 0}
+    served = 0
+    for layer, start, end in [(0, 0, 8), (2, 4, 12), (1, 3, 3), (1, 0, 12)]:
+        k, v = mirror.rows_to_device(layer, start, end, "cpu")
+        assert torch.equal(k, dense_k[layer][start:end]) and torch.equal(v, dense_v[layer][start:end])
+        served += k.numel() * k.element_size() + v.numel() * v.element_size()
+    assert mirror.traffic() == {"d2h_bytes": appended, "h2d_bytes": served}
+    stats = mirror.stats()
+    assert stats["d2h_bytes"] == appended and stats["mirror_h2d_bytes"] == served
+    assert stats["mirror_h2d_copies"] == 2 * 4
+    with pytest.raises(ValueError, match="not written"):
+        mirror.rows_to_device(0, 0, 13, "cpu")
+    assert mirror.traffic()["h2d_bytes"] == served

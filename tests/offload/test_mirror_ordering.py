@@ -37,6 +37,8 @@ class _Sim:
         self.host_syncs: list = []  # events the host blocked on
         self.stream_waits: list = []  # (stream, event) waits issued
         self.side_streams: list = []
+        self.d2h_copied = 0  # bytes of the copies queued on side streams
+        self.h2d_copied = 0  # bytes of the host-to-device copies issued
 
 
 class _Stream:
@@ -105,6 +107,7 @@ class _OnGpu(torch.Tensor):
             with torch._C.DisableTorchFunctionSubclass():
                 snapshot = src.clone()
             sim.current.ops.append((sim.tag, lambda: dst.copy_(snapshot)))
+            sim.d2h_copied += snapshot.numel() * snapshot.element_size()
             return dst
         return super().__torch_function__(func, types, args, kwargs)
 
@@ -132,8 +135,13 @@ def sim(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: sim.current)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "stream", stream_ctx)
+
     # the device reader's host-to-device copy runs on the compute stream: at once
-    monkeypatch.setattr(hm, "_copy_to_device", lambda src, device: src.clone(), raising=False)
+    def copy_to_device(src, device):
+        sim.h2d_copied += src.numel() * src.element_size()
+        return src.clone()
+
+    monkeypatch.setattr(hm, "_copy_to_device", copy_to_device, raising=False)
     return sim
 
 
@@ -231,6 +239,10 @@ def test_exact_prefill_reader_waits_on_its_stream_for_its_layer_only(sim):
         mirror.commit(T)
     assert sim.host_syncs == [], "a device reader must not block the host"
     assert sim.stream_waits and all(s is sim.compute for s, _ in sim.stream_waits)
+    # traffic: what was queued device-to-host and copied host-to-device, counted where issued
+    history_rows = sum(step * T for step in range(steps)) * L
+    assert sim.h2d_copied == 2 * history_rows * H * D * 4
+    assert mirror.traffic() == {"d2h_bytes": sim.d2h_copied, "h2d_bytes": sim.h2d_copied}
 
 
 def test_host_wait_after_rollback_covers_the_rewritten_rows(sim):
