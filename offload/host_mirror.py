@@ -252,7 +252,8 @@ class HostMirror:
         # known to have landed, in issue order; rows below the lowest pending start have landed
         self._d2h_streams: dict[int, torch.cuda.Stream] = {}
         self._pending: list[list[_Write]] = [[] for _ in range(num_layers)]
-        self._free_events: list[torch.cuda.Event] = []
+        # landed writes' events, per device (an event is recorded on streams of its own device only)
+        self._free_events: dict[int, list[torch.cuda.Event]] = {}
         # per device: event recorded after the latest host-to-device read of the storage
         self._read_events: dict[int, torch.cuda.Event] = {}
         self._release_storage = None  # finalizer that unregisters the page-locked storage
@@ -449,7 +450,8 @@ class HostMirror:
             v.record_stream(stream)
             if len(pending) >= _MAX_PENDING:
                 self._prune_landed(layer)
-            event = self._free_events.pop() if self._free_events else torch.cuda.Event()
+            free = self._free_events.setdefault(device, [])
+            event = free.pop() if free else torch.cuda.Event()
             event.record(stream)
             self._pending[layer].append(_Write(start, end, device, event))
         else:
@@ -505,7 +507,7 @@ class HostMirror:
         keep = []
         for i, w in enumerate(pending):
             if w.device == upto.device and i <= index:
-                self._free_events.append(w.event)
+                self._free_events[w.device].append(w.event)
             else:
                 keep.append(w)
         self._pending[layer] = keep
@@ -515,7 +517,7 @@ class HostMirror:
         keep = []
         for w in self._pending[layer]:
             if w.event.query():
-                self._free_events.append(w.event)
+                self._free_events[w.device].append(w.event)
             else:
                 keep.append(w)
         self._pending[layer] = keep
@@ -561,7 +563,7 @@ class HostMirror:
         for l in layers:
             for w in self._pending[l]:
                 w.event.synchronize()
-                self._free_events.append(w.event)
+                self._free_events[w.device].append(w.event)
             self._pending[l] = []
 
     def flush(self) -> None:

@@ -37,6 +37,7 @@ class _Sim:
         self.host_syncs: list = []  # events the host blocked on
         self.stream_waits: list = []  # (stream, event) waits issued
         self.side_streams: list = []
+        self.events_created = 0
         self.d2h_copied = 0  # bytes of the copies queued on side streams
         self.h2d_copied = 0  # bytes of the host-to-device copies issued
 
@@ -70,6 +71,7 @@ class _Event:
     sim: _Sim
 
     def __init__(self, enable_timing: bool = False, **kwargs) -> None:
+        self.sim.events_created += 1
         self.stream = None
         self.mark = 0
 
@@ -283,3 +285,24 @@ def test_page_locked_storage_is_released_after_its_copies(sim, monkeypatch):
     del mirror
     gc.collect()
     assert released == [True]
+
+
+def test_decode_appends_reuse_landed_events(sim):
+    """One-token appends whose copies land between steps: landed events are pruned (queried) and
+    reused, so events do not pile up, and a read after many steps still waits for the last ones."""
+    mirror = HostMirror(L, H, D, chunk_size=T, dtype=torch.float32, capacity_tokens=64, pin_memory=False)
+    g = torch.Generator().manual_seed(5)
+    written = [[] for _ in range(L)]
+    for step in range(40):
+        for l in range(L):
+            k = torch.randn(1, H, D, generator=g)
+            written[l].append(k)
+            sim.tag = (step, l)
+            mirror.append(l, k.as_subclass(_OnGpu), (-k).as_subclass(_OnGpu))
+        mirror.commit(1)
+        if step < 38:
+            sim.side_streams[0].synchronize()  # the GPU catches up; the last two steps stay queued
+    assert sim.events_created <= 2 * 8 * L
+    for l in range(L):
+        k, v, _ = mirror.chunk_rows(l, range(10))
+        assert torch.equal(k, torch.cat(written[l])) and torch.equal(v, -torch.cat(written[l]))
