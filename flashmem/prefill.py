@@ -12,7 +12,7 @@ LM head run on the last token only.
 The working set: without a budget, every layer's buffer is copied into the block pool; under a budget,
 the top ``budget_tokens`` per KV head (sinks and the recent window protected) are kept: per layer from
 the buffer (``per_layer_per_head``), or, in ``per_head`` mode, whose keep-set combines every layer's
-scores, from the host mirror once every layer has been scored (budget x L x H_kv x D x 2 rows:
+scores, from the host mirror once every layer has been scored (budget x L x H_kv x D x 2 elements:
 independent of the prompt length).
 
 Device memory beyond the pool: one layer's prompt KV (``2 x T x H_kv x D`` elements), the hidden states
@@ -64,7 +64,6 @@ class LayerMajorPrefill:
         self.num_kv_heads = pool.num_kv_heads
         self.device = pool.device
         self.dtype = pool.dtype
-        self.h2d_bytes = 0
         self.buffer_bytes = 0
         self.evicted = False  # the prompt did not fit the budget: a keep-set was chosen
         self._keys: torch.Tensor | None = None  # [H_kv, T, D]
@@ -253,19 +252,14 @@ class LayerMajorPrefill:
 
     def _fill_from_mirror(self, total: int, keep: int) -> None:
         """``per_head`` under a budget: the keep-set of every KV head, from all layers' scores; the
-        survivors' rows come back from the host mirror."""
+        survivors' rows come back from the host mirror (counted in its ``h2d_bytes``)."""
         cache = self.cache
         rows = self._select(self._combined, keep)  # [keep, H_kv]
         self._combined = None
-        mirror = cache.mirror
-        mirror.flush()
         rows_host = rows.cpu()
-        heads = torch.arange(self.num_kv_heads)
         paged = cache.paged
         paged.begin_append(cache.seq_id, keep)
         for layer in range(self.num_layers):
-            k = mirror.keys[layer][rows_host, heads].to(self.device, non_blocking=True)  # [keep, H_kv, D]
-            v = mirror.values[layer][rows_host, heads].to(self.device, non_blocking=True)
-            self.h2d_bytes += 2 * k.numel() * k.element_size()
+            k, v = cache.mirror.rows_to_device(layer, rows_host, self.device)  # [keep, H_kv, D]
             self._write(layer, k, v, rows)
         paged.end_append(cache.seq_id, logical_tokens=total)

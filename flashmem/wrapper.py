@@ -216,7 +216,6 @@ class FlashMemModel:
         self._decode_steps = 0
         self._compactions = 0
         self._timings = {"prefill_s": 0.0, "decode_s": 0.0, "compaction_s": 0.0, "recall_s": 0.0}
-        self._prefill_h2d_bytes = 0
 
     def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Run ``ids`` ``[1, T]`` at positions ``start ..``; returns logits of the last token ``[vocab]``."""
@@ -394,7 +393,6 @@ class FlashMemModel:
                 progress=show,
             )
             logits = runner.run(input_ids)
-            self._prefill_h2d_bytes = runner.h2d_bytes
             self._compactions += int(runner.evicted)
         else:
             logits = self._sparse_prefill(input_ids, show)

@@ -27,6 +27,12 @@ working tokens change (compaction). A compaction between :meth:`~OffloadManager.
 Visibility: :meth:`OffloadManager.resident_blocks` lists RESIDENT chunks only, and a chunk becomes
 RESIDENT only in :meth:`~OffloadManager.ensure_ready`, after the current stream was ordered behind
 its copy event, so no kernel reads a block before its copy has landed.
+
+Traffic: :meth:`OffloadManager.traffic` sums, cumulatively, every host<->device copy of the
+sequence's recall path, each counted where it is issued: the mirror's (appends, exact-prefill
+rows), the transfer engine's (recall loads, position writes) and the manager's own (block tables,
+slot positions for the duplicate masks, resident positions pulled to the host). Take differences of
+two snapshots for a phase (prefill, decode).
 """
 
 from __future__ import annotations
@@ -74,6 +80,8 @@ class OffloadManager:
         self.prefetches_cancelled = 0
         self._pending: _Prefetch | None = None
         self._blocks_cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self.table_h2d_bytes = 0  # block tables and mask slot positions sent to the pool's device
+        self.table_d2h_bytes = 0  # device-side resident positions brought to the host for dedupe
 
     @property
     def chunk_size(self) -> int:
@@ -87,6 +95,9 @@ class OffloadManager:
                 f"resident_per_head needs one entry per KV head ({self.pool.num_kv_heads}), "
                 f"got {len(resident_per_head)}"
             )
+        for resident in resident_per_head:  # dedupe runs on the host: device tensors come back
+            if isinstance(resident, torch.Tensor) and resident.device.type != "cpu":
+                self.table_d2h_bytes += resident.numel() * 8  # moved as int64
         return dedupe_positions(self.mirror.chunk_positions(chunk_ids), resident_per_head)
 
     def request(
@@ -304,6 +315,8 @@ class OffloadManager:
         slot_positions = self.loaded_positions(chunk_ids)
         first = resident_per_head[0] if len(resident_per_head) else None
         if isinstance(first, torch.Tensor):
+            if first.device.type != "cpu":
+                self.table_h2d_bytes += slot_positions.numel() * slot_positions.element_size()
             slot_positions = slot_positions.to(first.device)
         positions = dedupe_positions(slot_positions, resident_per_head)
         self.engine.write_positions([self.resident.blocks(c) for c in chunk_ids], positions)
@@ -341,6 +354,7 @@ class OffloadManager:
             torch.tensor(blocks, dtype=torch.int32, device=dev),
             torch.tensor(valid, dtype=torch.int32, device=dev),
         )
+        self.table_h2d_bytes += 2 * 4 * len(blocks)  # counted on the CPU backend too
         self._blocks_cache = (version, *out)
         return out
 
@@ -350,6 +364,25 @@ class OffloadManager:
         self.ensure_ready()
         self.engine.synchronize()
         self.resident.clear()
+
+    def traffic(self) -> dict:
+        """Cumulative bytes of every host<->device copy of this sequence's mirror and recall path.
+
+        ``h2d_bytes`` / ``d2h_bytes``: totals; parts: ``mirror_d2h_bytes`` (appends),
+        ``mirror_h2d_bytes`` (rows served to the exact prefill), ``recall_h2d_bytes`` (recall loads),
+        ``meta_h2d_bytes`` / ``meta_d2h_bytes`` (positions, slot indices and block tables)."""
+        mirror, engine = self.mirror.traffic(), self.engine.traffic()
+        meta_h2d = engine["meta_h2d_bytes"] + self.table_h2d_bytes
+        meta_d2h = engine["meta_d2h_bytes"] + self.table_d2h_bytes
+        return {
+            "h2d_bytes": mirror["h2d_bytes"] + engine["recall_h2d_bytes"] + meta_h2d,
+            "d2h_bytes": mirror["d2h_bytes"] + meta_d2h,
+            "mirror_d2h_bytes": mirror["d2h_bytes"],
+            "mirror_h2d_bytes": mirror["h2d_bytes"],
+            "recall_h2d_bytes": engine["recall_h2d_bytes"],
+            "meta_h2d_bytes": meta_h2d,
+            "meta_d2h_bytes": meta_d2h,
+        }
 
     def stats(self, *, sync: bool = False) -> dict:
         """Engine transfer stats + resident-set counters + mirror bytes, one flat dict."""
@@ -362,4 +395,6 @@ class OffloadManager:
         out["prefetches_cancelled"] = self.prefetches_cancelled
         out["chunks_prefetched"] = self.chunks_prefetched
         out["chunks_loaded_on_demand"] = self.chunks_on_demand
+        out["table_h2d_bytes"] = self.table_h2d_bytes
+        out["table_d2h_bytes"] = self.table_d2h_bytes
         return out

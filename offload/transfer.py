@@ -3,7 +3,9 @@
 One :meth:`TransferEngine.load` call is one *batch*:
 
 1. gather, on the host, the rows of the requested chunks of every layer from the mirror into ONE
-   contiguous (pinned, when CUDA is present) staging buffer of bytes laid out as::
+   contiguous (pinned, when CUDA is present) staging buffer of bytes (the host reads the mirror
+   with the CPU, so it first blocks on the mirror's pending device-to-host writes of the rows it
+   reads, every layer's own events: :meth:`HostMirror.wait_rows` with no stream), laid out as::
 
        slots      [n * C]                         int64  flat pool slot of each chunk row
        kv         [L, 2, n * C, H_kv, D]          mirror dtype (index 0 = K, 1 = V)
@@ -24,6 +26,13 @@ fired yet is a *stall*; its duration is measured with timing events and resolved
 
 The CPU backend (pool on the CPU) runs the same steps synchronously; its events are no-ops and its
 "H2D" figures measure a host memcpy, not a bus.
+
+Traffic is counted where each copy is issued, in bytes: ``h2d_bytes`` the staging buffers of
+:meth:`TransferEngine.load` (one copy per batch), ``meta_h2d_bytes`` the slot indices and positions
+:meth:`TransferEngine.write_positions` sends, ``meta_d2h_bytes`` positions given on the device that
+``load`` brings to the host staging buffer. The CPU backend counts the same copies (there they are
+memcpys or no-ops), so both backends report the figures a device run moves. :meth:`traffic` sums
+them; the mirror's own copies are counted by the mirror.
 """
 
 from __future__ import annotations
@@ -107,9 +116,11 @@ class TransferEngine:
         self._next_batch = 0
         self._copy_timings = _Timings()
         self._stall_timings = _Timings()
-        self.h2d_bytes = 0
+        self.h2d_bytes = 0  # staging buffers of the recall loads
         self.h2d_copies = 0
         self.h2d_batches = 0
+        self.meta_h2d_bytes = 0  # slot indices / positions sent by write_positions
+        self.meta_d2h_bytes = 0  # device-side positions brought to the host staging buffer
         self.chunks_loaded = 0
         self.position_writes = 0
         self.waits = 0
@@ -199,8 +210,9 @@ class TransferEngine:
         if busy:
             raise ValueError(f"chunks {busy[:8]} already have a copy in flight")
 
-        # 1. gather into one staging buffer (host)
-        m.wait_rows(int(rows.max()) + 1)  # chunks may come in any order
+        # 1. gather into one staging buffer: the host reads the pinned rows of every layer with the
+        # CPU, so it blocks on those layers' pending device-to-host writes (event.synchronize)
+        m.wait_rows(range(m.num_layers), int(rows.max()) + 1)  # chunks may come in any order
         nbytes = self._layout(n_rows)[3]
         staging_index, buf = self._take_staging(nbytes)
         s_slots, s_kv, s_pos = self._views(buf, n_rows)
@@ -212,6 +224,8 @@ class TransferEngine:
             true_pos = torch.where(rows < m.num_tokens, rows, -1).to(torch.int32)
             s_pos.copy_(true_pos[:, None].expand(n_rows, m.num_kv_heads))
         else:
+            if positions.device.type != "cpu":
+                self.meta_d2h_bytes += positions.numel() * positions.element_size()
             s_pos.copy_(positions.to(device="cpu", dtype=torch.int32))
 
         batch = _Batch(self._next_batch, chunk_ids, nbytes, staging_index=staging_index)
@@ -270,6 +284,9 @@ class TransferEngine:
             raise ValueError(
                 f"positions must be [{slots.numel()}, {pool.num_kv_heads}], got {tuple(positions.shape)}"
             )
+        self.meta_h2d_bytes += slots.numel() * slots.element_size()
+        if positions.device.type == "cpu":
+            self.meta_h2d_bytes += positions.numel() * positions.element_size()
         slots = slots.to(self.device, non_blocking=True)
         pos = positions.to(device=self.device, dtype=torch.int32, non_blocking=True)
         flat = pool.num_blocks * pool.block_size
@@ -328,6 +345,18 @@ class TransferEngine:
             self._stream.synchronize()
 
     # ---- stats -------------------------------------------------------------------------------
+    def traffic(self) -> dict:
+        """Cumulative bytes of the copies the engine issued: ``h2d_bytes`` (recall loads + metadata),
+        ``d2h_bytes`` (metadata), and the parts ``recall_h2d_bytes``, ``meta_h2d_bytes``,
+        ``meta_d2h_bytes``. The mirror's appends are in :meth:`HostMirror.traffic`."""
+        return {
+            "h2d_bytes": self.h2d_bytes + self.meta_h2d_bytes,
+            "d2h_bytes": self.meta_d2h_bytes,
+            "recall_h2d_bytes": self.h2d_bytes,
+            "meta_h2d_bytes": self.meta_h2d_bytes,
+            "meta_d2h_bytes": self.meta_d2h_bytes,
+        }
+
     @staticmethod
     def _resolve(timings: _Timings, sync: bool) -> None:
         keep = []
@@ -343,8 +372,9 @@ class TransferEngine:
 
     def stats(self, *, sync: bool = False) -> dict:
         """Transfer counters. Timed figures include only events that have fired (``sync=True``
-        waits for them). Keys: ``backend``, ``h2d_bytes``, ``h2d_copies``, ``h2d_batches``,
-        ``h2d_time_s``, ``h2d_gbps``, ``d2h_bytes``, ``d2h_copies``, ``chunks_loaded``, ``waits``,
+        waits for them). Keys: ``backend``, ``h2d_bytes`` (recall loads), ``h2d_copies``,
+        ``h2d_batches``, ``h2d_time_s``, ``h2d_gbps``, ``meta_h2d_bytes``, ``meta_d2h_bytes``,
+        ``d2h_bytes`` and ``d2h_copies`` (the mirror's appends), ``chunks_loaded``, ``waits``,
         ``stalls``, ``stall_time_s``, ``pending_timings``."""
         self._resolve(self._copy_timings, sync)
         self._resolve(self._stall_timings, sync)
@@ -356,6 +386,8 @@ class TransferEngine:
             "h2d_batches": self.h2d_batches,
             "h2d_time_s": ct.total_s,
             "h2d_gbps": (ct.total_bytes / ct.total_s / 1e9) if ct.total_s > 0 else 0.0,
+            "meta_h2d_bytes": self.meta_h2d_bytes,
+            "meta_d2h_bytes": self.meta_d2h_bytes,
             "d2h_bytes": self.mirror.d2h_bytes,
             "d2h_copies": self.mirror.d2h_copies,
             "chunks_loaded": self.chunks_loaded,

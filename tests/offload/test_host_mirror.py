@@ -1,5 +1,7 @@
 """HostMirror: lossless chunked storage, exact byte accounting, capacity refused up front."""
 
+import gc
+
 import pytest
 import torch
 
@@ -111,7 +113,10 @@ def test_user_cap_refused_at_construction_and_on_append():
         HostMirror(
             L, H, D, chunk_size=4, dtype=torch.float32, capacity_tokens=100, max_host_bytes=per_token * 50
         )
-    mirror = HostMirror(L, H, D, chunk_size=4, dtype=torch.float32, max_host_bytes=per_token * 8)
+    # pageable, so the cap is the K/V bytes exactly (page-locked storage rounds up to a page)
+    mirror = HostMirror(
+        L, H, D, chunk_size=4, dtype=torch.float32, max_host_bytes=per_token * 8, pin_memory=False
+    )
     _fill(mirror, 8, 0)
     storage = mirror.storage
     with pytest.raises(ValueError, match="max_host_bytes"):
@@ -141,3 +146,140 @@ def test_cuda_append_is_pinned_and_exact():
     for l in range(L):
         kr, vr, _ = mirror.chunk_rows(l, [0, 1, 2])
         assert torch.equal(kr[:20], k[l].cpu()) and torch.equal(vr[:20], v[l].cpu())
+
+
+def test_reserved_bytes_rule():
+    """Page-locked storage reserves whole pages, nothing more (no power-of-two rounding)."""
+    page = 4096
+    rule = hm.host_reserved_bytes
+    assert rule(0, pinned=True, page=page) == 0
+    assert rule(1, pinned=True, page=page) == page
+    assert rule(page, pinned=True, page=page) == page
+    assert rule(page + 1, pinned=True, page=page) == 2 * page
+    gib = 1 << 30
+    assert rule(61 * gib + 1, pinned=True, page=page) == 61 * gib + page  # not 64 GiB
+    assert rule(61 * gib + 1, pinned=False, page=page) == 61 * gib + 1
+    assert rule(1000, pinned=True) == hm.page_size()
+    with pytest.raises(ValueError, match="nbytes"):
+        rule(-1, pinned=True)
+
+
+class _FakeRegister:
+    """Stands in for cudaHostRegister / cudaHostUnregister: records the page-locked ranges."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.live: dict[int, int] = {}
+        self.registered: list[tuple[int, int]] = []
+        self.unregistered: list[int] = []
+        self.fail = False
+        monkeypatch.setattr(hm, "_cuda_host_register", self.register)
+        monkeypatch.setattr(hm, "_cuda_host_unregister", self.unregister)
+
+    def register(self, ptr: int, nbytes: int) -> None:
+        if self.fail:
+            raise RuntimeError("cudaHostRegister failed (simulated)")
+        assert ptr not in self.live
+        self.live[ptr] = nbytes
+        self.registered.append((ptr, nbytes))
+
+    def unregister(self, ptr: int) -> None:
+        assert ptr in self.live, "unregistering a range that is not registered"
+        del self.live[ptr]
+        self.unregistered.append(ptr)
+
+
+def test_pinned_storage_locks_exactly_the_checked_bytes(monkeypatch):
+    reg = _FakeRegister(monkeypatch)
+    page = hm.page_size()
+    mirror = HostMirror(L, H, D, chunk_size=4, dtype=torch.float32, capacity_tokens=8, pin_memory=True)
+    # 8 tokens x 240 bytes = 1920 bytes of K/V; one page is locked and counted
+    assert mirror.capacity_bytes == 8 * 2 * L * H * D * 4
+    assert mirror.reserved_bytes == hm.host_reserved_bytes(mirror.capacity_bytes, pinned=True) == page
+    assert mirror.stats()["host_reserved_bytes"] == page
+    ((ptr, nbytes),) = reg.registered
+    assert nbytes == mirror.reserved_bytes and ptr % page == 0
+    assert mirror.storage.data_ptr() == ptr and mirror.keys[0].data_ptr() == ptr
+    assert mirror.storage.shape == (L, 2, 8, H, D) and mirror.storage.dtype == torch.float32
+    k1, v1 = _fill(mirror, 6, 1)
+    k2, v2 = _fill(mirror, 40, 2)  # grows: a new range is locked, the old one released after the copy
+    assert mirror.capacity_tokens >= 46 and len(reg.registered) == 2
+    assert reg.unregistered == [ptr] and list(reg.live.values()) == [mirror.reserved_bytes]
+    assert mirror.reserved_bytes == hm.host_reserved_bytes(mirror.capacity_tokens * 240, pinned=True)
+    for l in range(L):
+        assert torch.equal(mirror.keys[l][:46], torch.cat([k1[l], k2[l]]))
+        assert torch.equal(mirror.values[l][:46], torch.cat([v1[l], v2[l]]))
+    last = mirror.storage.data_ptr()
+    del mirror, k1, v1, k2, v2
+    gc.collect()
+    assert reg.unregistered == [ptr, last] and reg.live == {}
+
+
+def test_capacity_check_counts_the_page_rounding(monkeypatch):
+    reg = _FakeRegister(monkeypatch)
+    page = hm.page_size()
+    kv = 8 * 2 * L * H * D * 4  # 1920 bytes for 8 tokens, page-locked as one page
+    mirror = HostMirror(L, H, D, chunk_size=4, dtype=torch.float32, pin_memory=True, max_host_bytes=page - 1)
+    assert kv < page - 1
+    with pytest.raises(ValueError, match="max_host_bytes"):
+        mirror.reserve(8)
+    assert reg.registered == [] and mirror.capacity_tokens == 0
+    monkeypatch.setattr(hm, "host_memory_bytes", lambda: (1 << 40, page - 1))
+    mirror = HostMirror(L, H, D, chunk_size=4, dtype=torch.float32, pin_memory=True)
+    with pytest.raises(ValueError, match="available"):
+        mirror.check_capacity(8)
+    monkeypatch.setattr(hm, "host_memory_bytes", lambda: (1 << 40, page))
+    assert mirror.check_capacity(8) == 8
+    mirror.reserve(8)
+    assert reg.registered[-1][1] == page == mirror.reserved_bytes
+
+
+def test_failed_page_lock_leaves_the_mirror_unchanged(monkeypatch):
+    reg = _FakeRegister(monkeypatch)
+    mirror = HostMirror(L, H, D, chunk_size=4, dtype=torch.float32, capacity_tokens=4, pin_memory=True)
+    k, v = _fill(mirror, 3, 0)
+    storage, cap, live = mirror.storage, mirror.capacity_tokens, dict(reg.live)
+    reg.fail = True
+    with pytest.raises(RuntimeError, match="cudaHostRegister"):
+        mirror.reserve(64)
+    assert mirror.storage is storage and mirror.capacity_tokens == cap
+    assert reg.live == live and reg.unregistered == []
+    assert torch.equal(mirror.keys[2][:3], k[2]) and mirror.reserved_bytes == hm.page_size()
+
+
+def test_pinned_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ValueError, match="pin_memory=False"):
+        HostMirror(L, H, D, chunk_size=4, dtype=torch.float32, capacity_tokens=4, pin_memory=True)
+
+
+def test_traffic_counts_the_bytes_copied():
+    mirror = HostMirror(L, H, D, chunk_size=4, dtype=torch.float32, pin_memory=False)
+    appended = 0
+    ks, vs = [], []
+    for i, n in enumerate([7, 1, 4]):
+        k, v = _fill(mirror, n, seed=i)
+        ks.append(k)
+        vs.append(v)
+        appended += sum(t.numel() * t.element_size() for t in k + v)
+    dense_k = [torch.cat([k[l] for k in ks]) for l in range(L)]
+    dense_v = [torch.cat([v[l] for v in vs]) for l in range(L)]
+    assert mirror.traffic() == {"d2h_bytes": appended, "h2d_bytes": 0}
+    served = 0
+    for layer, start, end in [(0, 0, 8), (2, 4, 12), (1, 3, 3), (1, 0, 12)]:
+        k, v = mirror.rows_to_device(layer, torch.arange(start, end), "cpu")
+        assert torch.equal(k, dense_k[layer][start:end]) and torch.equal(v, dense_v[layer][start:end])
+        served += k.numel() * k.element_size() + v.numel() * v.element_size()
+    per_head = torch.tensor([[0, 5], [11, 2], [7, 7]])  # [n, H_kv]: each head its own rows
+    k, v = mirror.rows_to_device(1, per_head, "cpu")
+    for h in range(H):
+        assert torch.equal(k[:, h], dense_k[1][per_head[:, h], h])
+        assert torch.equal(v[:, h], dense_v[1][per_head[:, h], h])
+    served += k.numel() * k.element_size() + v.numel() * v.element_size()
+    assert mirror.traffic() == {"d2h_bytes": appended, "h2d_bytes": served}
+    stats = mirror.stats()
+    assert stats["d2h_bytes"] == appended and stats["mirror_h2d_bytes"] == served
+    assert stats["mirror_h2d_copies"] == 2 * 5
+    with pytest.raises(ValueError, match="must lie in"):
+        mirror.rows_to_device(0, torch.tensor([12]), "cpu")
+    assert mirror.traffic()["h2d_bytes"] == served

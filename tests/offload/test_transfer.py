@@ -228,3 +228,48 @@ def test_cuda_async_load_wait_and_stats():
     stats = om.stats(sync=True)
     assert stats["backend"] == "cuda" and stats["h2d_copies"] == 1 and stats["h2d_gbps"] > 0
     assert stats["pending_timings"] == 0
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    ],
+)
+def test_manager_traffic_counts_every_copy(device):
+    """Each copy counted once where it is issued; the same figures on both backends."""
+    n = 29
+    mirror = _mirror(n)
+    pool = BlockPool(L, 12, H, D, block_size=BS, dtype=torch.bfloat16, device=device)
+    om = OffloadManager(mirror, pool)
+    om.request([3, 0], resident_per_head=[{0, 1}, set(), {27}])
+    om.ensure_ready()
+    om.resident_blocks()
+    om.resident_blocks()  # unchanged resident set: the cached tables, no copy
+    om.refresh_positions([set(), {2}, set()])  # rewrites both chunks' duplicate masks
+    om.release_window()
+    om.request([1])
+    om.ensure_ready()
+    om.resident_blocks()
+
+    def staging(rows):  # slots int64 + K/V of every layer (bf16) + positions int32 per head
+        return rows * 8 + L * 2 * rows * H * D * 2 + rows * H * 4
+
+    recall = staging(2 * C) + staging(C)
+    masks = 2 * C * 8 + 2 * C * H * 4  # slot indices + per-head positions of the two chunks
+    tables = 2 * 4 * (4 + 6)  # block ids + valid counts (int32): 4 blocks, then 6
+    traffic = om.traffic()
+    assert traffic == {
+        "h2d_bytes": recall + masks + tables,
+        "d2h_bytes": n * mirror.kv_bytes_per_token,
+        "mirror_d2h_bytes": n * mirror.kv_bytes_per_token,
+        "mirror_h2d_bytes": 0,
+        "recall_h2d_bytes": recall,
+        "meta_h2d_bytes": masks + tables,
+        "meta_d2h_bytes": 0,
+    }
+    stats = om.stats()
+    assert stats["h2d_bytes"] == recall and stats["meta_h2d_bytes"] == masks
+    assert stats["table_h2d_bytes"] == tables and stats["d2h_bytes"] == mirror.d2h_bytes
+    assert om.engine.traffic()["h2d_bytes"] == recall + masks
