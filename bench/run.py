@@ -54,6 +54,12 @@ ENTRIES: dict[str, tuple[str, str, list[str], list[str]]] = {
         ["--quick"],
         [],
     ),
+    "prefill-cost": (
+        "bench.prefill_cost",
+        "exact layer-major prefill vs a dense prefill: seconds and host traffic",
+        ["--quick"],
+        [],
+    ),
     "paged-decode": ("bench.paged_decode_timing", "paged decode kernel vs torch SDPA (CUDA only)", [], []),
     "prefetch-overlap": (
         "bench.prefetch_overlap",
