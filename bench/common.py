@@ -219,6 +219,28 @@ def load_bench_model(name: str, max_positions: int = 65_536):
     raise ValueError(f"--model must be 'default' or 'tiny', got {name!r}")
 
 
+# random-init Llamas of the entries that need no trained weights (flashmem.testing.tiny_model keywords)
+RANDOM_LLAMAS = {
+    # long-context and prefetch-overlap on a CPU: cheap arithmetic, 1M positions
+    "tiny": dict(layers=2, q_heads=4, kv_heads=2, head_dim=16, vocab=512, rope_theta=1_000_000.0,
+                 max_positions=1_048_576),
+    # long-context --llama8b (CUDA): Llama-3.1-8B's shape
+    "llama8b": dict(layers=32, q_heads=32, kv_heads=8, head_dim=128, vocab=128256, intermediate_size=14336,
+                    rope_theta=500000.0, max_positions=1_048_576),
+    # prefetch-overlap on CUDA
+    "8layer": dict(layers=8, q_heads=16, kv_heads=8, head_dim=128, vocab=32000, intermediate_size=5632,
+                   rope_theta=500000.0, max_positions=131072),
+}  # fmt: skip
+
+
+def random_llama(shape: str, device: str | torch.device, dtype: torch.dtype):
+    """``flashmem.testing.tiny_model("llama", seed=0)`` of one of :data:`RANDOM_LLAMAS`' shapes, its
+    weights drawn on ``device`` and cast to ``dtype``."""
+    from flashmem.testing import tiny_model
+
+    return tiny_model("llama", **RANDOM_LLAMAS[shape], device=device, dtype=dtype)
+
+
 _TINY_STATS: dict[tuple, str] = {}
 
 
