@@ -180,7 +180,7 @@ def load_default():
     """The embedded default model, loaded once per process (``all`` shares it between entries; no
     entry modifies it: ``wrap`` installs its attention only for the duration of each call)."""
     import flashmem
-    from flashmem.models import DEFAULT_MODEL_NAME
+    from flashmem import DEFAULT_MODEL_NAME
 
     if not _DEFAULT_MODEL:
         t0 = time.perf_counter()
@@ -277,19 +277,6 @@ def _greedy(logits: torch.Tensor) -> int:
     return int(logits.argmax())
 
 
-def cache_kv_bytes(cache, device: torch.device | None = None) -> tuple[int, int]:
-    """(bytes of a Hugging Face cache's key/value tensors on ``device``, bytes of all of them)."""
-    on_device = total = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor) and t.numel():
-                n = t.numel() * t.element_size()
-                total += n
-                on_device += n if device is None or t.device == device else 0
-    return on_device, total
-
-
 def snapshot_after_prefill(fm, store: list[dict]) -> None:
     """For generate's ``stream`` callback: the first token arrives right after prefill, before any
     decode step; keep that moment's report timings and offload counters in ``store`` (once)."""
@@ -333,23 +320,20 @@ def decode_breakdown(before: dict, after: dict) -> dict:
 def hf_decode(
     model, ids: torch.Tensor, max_new_tokens: int, *, forced: list[int] | None = None, collect_logits=True
 ) -> dict:
-    """Full attention: plain Hugging Face forward with its default ``DynamicCache``, greedy.
+    """Full attention: plain Hugging Face forward with its default ``DynamicCache``
+    (:class:`flashmem.testing.DenseDecoder`), greedy.
 
     ids: ``[1, T]``. Returns tokens (``list[int]``, ``max_new_tokens`` of them, no EOS stop),
     logits ``[N, vocab]`` fp32 (``logits[i]`` predicts token ``i``), prefill_s, step_s (per decode
     step) and kv_bytes (the DynamicCache's key/value bytes at the end)."""
-    from transformers import DynamicCache
-
-    from flashmem.hf_compat import forward_kwargs
+    from flashmem.testing import DenseDecoder
 
     if forced is not None and len(forced) < max_new_tokens:
         raise ValueError(f"forced holds {len(forced)} tokens, {max_new_tokens} needed")
-    cache = DynamicCache(config=model.config)
+    dense = DenseDecoder(model)
     t0 = time.perf_counter()
-    kw = forward_kwargs(model, cache)  # past_key_values or cache, as this transformers release names it
-    out = model(input_ids=ids, logits_to_keep=1, **kw)
+    logits = dense.step(ids).float()
     prefill_s = time.perf_counter() - t0
-    logits = out.logits[0, -1].float()
     tokens, all_logits, step_s = [], [], []
     for i in range(max_new_tokens):
         if collect_logits:
@@ -359,10 +343,9 @@ def hf_decode(
         if i == max_new_tokens - 1:
             break
         t0 = time.perf_counter()
-        out = model(input_ids=torch.tensor([[token]], device=ids.device), logits_to_keep=1, **kw)
-        logits = out.logits[0, -1].float()
+        logits = dense.step(torch.tensor([[token]], device=ids.device)).float()
         step_s.append(time.perf_counter() - t0)
-    _, kv_bytes = cache_kv_bytes(cache)
+    _, kv_bytes = dense.kv_bytes()
     return {
         "tokens": tokens,
         "logits": torch.stack(all_logits) if all_logits else None,

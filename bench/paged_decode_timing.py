@@ -124,7 +124,7 @@ def _sdpa(q, k, v, scale):
 
 def run_length(seq_len: int, args, device: torch.device, dtype: torch.dtype) -> dict:
     """Build one case of ``seq_len`` tokens, check correctness, time kernel and SDPA."""
-    from flashmem.kernels.paged_decode import block_valid_from_num_slots, paged_decode_attention
+    from flashmem.kernels import block_valid_from_num_slots, paged_decode_attention
 
     gen = torch.Generator(device="cpu").manual_seed(args.seed + seq_len)
     b, hq, hkv, d, bs = args.batch, args.q_heads, args.kv_heads, args.head_dim, args.block_size

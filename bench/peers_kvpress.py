@@ -238,20 +238,9 @@ def run_passkey(
 def default_tokenizer():
     """The default model's tokenizer set up as :func:`flashmem.load_default_model` does (no BOS/EOS
     added to plain text), without loading the weights."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from flashmem import load_default_tokenizer
 
-    from flashmem.models import _pin_special_tokens, default_model_path
-
-    directory, gguf_file = default_model_path()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    _pin_special_tokens(tok)
-    return tok
+    return load_default_tokenizer()
 
 
 def split_question(tok, ids: list[int], text: str, question: str = QUESTION) -> tuple[list[int], list[int]]:
@@ -910,7 +899,7 @@ def _main_trials(args, p) -> int:
     import torch
 
     from bench import common
-    from flashmem.models import DEFAULT_MODEL_NAME
+    from flashmem import DEFAULT_MODEL_NAME
 
     length = args.length or (1000 if args.quick else 4000)
     trials = args.trials or (1 if args.quick else 8)

@@ -306,3 +306,21 @@ def test_long_context_entry_small(tmp_path, monkeypatch):
     assert 0 <= b["h2d_copy_time_in_recall"] <= b["recall_refresh"] + 1e-9
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / ".long_context_stats.safetensors").exists()  # temporary stats removed
+
+
+def test_pre_rope_keys_are_the_projected_keys():
+    """Layer 0's keys before RoPE depend on the token alone: k_proj(input_layernorm(embedding))."""
+    from flashmem.testing import pre_rope_keys, tiny_model
+
+    model = tiny_model("llama", layers=2, seed=3)
+    ids = torch.randint(0, 128, (37,), generator=torch.Generator().manual_seed(8))
+    got = pre_rope_keys(model, ids, 0, window=16)  # three windows, positions restart in each
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        want = layer.self_attn.k_proj(layer.input_layernorm(model.model.embed_tokens(ids)))
+    assert got.shape == (37, 2, 16)
+    torch.testing.assert_close(got, want.view(37, 2, 16), rtol=1e-5, atol=1e-5)
+    # a later layer sees the context: its keys differ with the window
+    assert not torch.allclose(
+        pre_rope_keys(model, ids, 1, window=16), pre_rope_keys(model, ids, 1, window=64)
+    )
