@@ -33,7 +33,7 @@ Modes (``--mode``):
   writes ``kvpress_passkey.json``.
 * ``trials``: exactly the prompts of ``bench/passkey_trials.py`` (trial i: depth (i + 0.5) / trials,
   seed 100 + i, ids = ``tok(prompt.text).input_ids``), split into context and question at a token
-  boundary (:func:`split_question`). Correct = the key string is in the decoded 8 tokens, the rule of
+  boundary (:func:`bench.inputs.split_question`). Correct = the key string is in the decoded 8 tokens, the rule of
   ``passkey_trials``. The keep share is ``--keep-share`` or flashmem's ``mean_avg_device_share`` in
   ``passkey_trials_<L>k_flashmem.json``; the full-attention answers are read from
   ``passkey_trials_<L>k_full.json`` when it holds these trials, else computed here. The worker also
@@ -74,7 +74,6 @@ PRESSES = ["StreamingLLMPress", "SnapKVPress", "ExpectedAttentionPress", "KnormP
 PLACEMENTS = ["question outside", "question inside"]
 DECODING_PRESS = "DecodingPress(KnormPress)"
 DECODING_INTERVAL = 64  # DecodingPress: steps between two cuts of the cache
-QUESTION = "\n\nWhat is the pass key? The pass key is"  # the end of every pass-key prompt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +210,7 @@ def run_passkey(
     decoding_interval: int = DECODING_INTERVAL,
     timeout: int = 7200,
 ) -> dict:
-    """Pass-key prompts (see ``bench.passkey.build_prompts``) with ``keep_shares[str(length)]``."""
+    """Pass-key prompts (see ``bench.inputs.heatmap_prompts``) with ``keep_shares[str(length)]``."""
     task = {
         "kind": "passkey",
         "new_tokens": new_tokens,
@@ -241,68 +240,6 @@ def default_tokenizer():
     from flashmem import load_default_tokenizer
 
     return load_default_tokenizer()
-
-
-def split_question(tok, ids: list[int], text: str, question: str = QUESTION) -> tuple[list[int], list[int]]:
-    """Split a prompt's ids into ``(context_ids, question_ids)`` at a token boundary, so that
-    ``context_ids + question_ids == ids``.
-
-    ``question_ids`` is the longest run of final tokens that decodes to a tail of ``question``. The
-    default tokenizer joins the space ending the filler with the question's first newline into one
-    token (``" \\n"``); that token stays in the context, so the question part starts at the second
-    newline. Raises ``ValueError`` when ``text`` does not end with ``question``, when ``ids`` do not
-    decode back to ``text``, when a token joins context text with the question's words (only leading
-    whitespace may fall to the context), or when either part does not encode on its own to its ids.
-    """
-    if not text.endswith(question):
-        raise ValueError(f"the prompt does not end with the question {question!r}")
-    if tok.decode(ids) != text:
-        raise ValueError("the ids do not decode back to the prompt text")
-    k = len(ids)
-    while k > 0 and question.endswith(tok.decode(ids[k - 1 :])):
-        k -= 1
-    context_ids, question_ids = list(ids[:k]), list(ids[k:])
-    q_text = tok.decode(question_ids)
-    if q_text.lstrip() != question.lstrip():
-        raise ValueError(
-            f"the tokenizer merges the question into the context: the last tokens that belong to the "
-            f"question alone decode to {q_text!r}"
-        )
-    if context_ids + question_ids != list(ids):
-        raise ValueError("context_ids + question_ids differ from the prompt ids")
-    c_text = text[: len(text) - len(q_text)]
-    if (
-        tok(c_text, add_special_tokens=False).input_ids != context_ids
-        or tok(q_text, add_special_tokens=False).input_ids != question_ids
-    ):
-        raise ValueError("the context or the question does not encode on its own to its part of the ids")
-    return context_ids, question_ids
-
-
-def trial_prompts(tok, length: int, trials: int) -> list[dict]:
-    """The prompts of ``bench.passkey_trials.run(length, trials, ...)``, each with its split."""
-    from flashmem.prompts import fillers_for_tokens, passkey_prompt
-
-    fillers = fillers_for_tokens(tok, length)
-    prompts = []
-    for i in range(trials):
-        depth = (i + 0.5) / trials
-        prompt = passkey_prompt(fillers, depth, seed=100 + i)
-        ids = tok(prompt.text).input_ids
-        context_ids, question_ids = split_question(tok, ids, prompt.text)
-        prompts.append(
-            {
-                "id": f"t{i}-d{depth:.4f}-s{100 + i}",
-                "trial": i,
-                "depth": depth,
-                "seed": 100 + i,
-                "key": prompt.key,
-                "tokens": len(ids),
-                "context_ids": context_ids,
-                "question_ids": question_ids,
-            }
-        )
-    return prompts
 
 
 def length_tag(length: int) -> str:
@@ -392,7 +329,7 @@ def run_trials(
     decoding_interval: int = DECODING_INTERVAL,
     timeout: int = 6 * 3600,
 ) -> dict:
-    """Pass-key trials (see :func:`trial_prompts`) at one keep share; the worker also decodes every
+    """Pass-key trials (see :func:`bench.inputs.trial_prompts`) at one keep share; the worker also decodes every
     trial under full attention."""
     task = {
         "kind": "trials",
@@ -785,7 +722,6 @@ def worker_main(inp: str, out: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # CLI (main process)
 # ---------------------------------------------------------------------------------------------
-TRIALS_NEW_TOKENS = 8  # bench/passkey_trials.py decodes 8 tokens
 QUICK_FIDELITY = {"tokens": 640, "docs": 1, "new_tokens": 16}
 
 
@@ -807,8 +743,8 @@ def _shown(path: Path) -> str:
 
 
 def _main_passkey(args, p) -> int:
-    from bench import common
-    from bench.passkey import NEW_TOKENS, build_prompts
+    from bench import common, inputs
+    from bench.inputs import ANSWER_TOKENS
 
     keep = _floats(args.keep_share)
     if len(keep) > 1:
@@ -832,7 +768,7 @@ def _main_passkey(args, p) -> int:
                         )
     model_tok = common.load_default()
     tok = model_tok[1]
-    prompts = build_prompts(tok, lengths, depths, 1)
+    prompts = inputs.heatmap_prompts(tok, lengths, depths, 1)
     if args.only:
         wanted = set(args.only.split(","))
         prompts = [pr for pr in prompts if pr["id"] in wanted]
@@ -840,12 +776,12 @@ def _main_passkey(args, p) -> int:
             p.error(f"--only matched no prompt id of lengths {lengths} and depths {depths}")
     full = {}
     for pr in prompts:
-        ids = __import__("torch").tensor([pr["context_ids"] + pr["question_ids"]])
-        full[pr["id"]] = common.hf_decode(model_tok[0], ids, NEW_TOKENS, collect_logits=False)["tokens"]
+        ids = inputs.prompt_ids(pr)
+        full[pr["id"]] = common.hf_decode(model_tok[0], ids, ANSWER_TOKENS, collect_logits=False)["tokens"]
     result = run_passkey(
         prompts,
         shares,
-        new_tokens=NEW_TOKENS,
+        new_tokens=ANSWER_TOKENS,
         quick=args.quick,
         full_tokens=full,
         decoding_interval=args.decoding_interval,
@@ -896,9 +832,8 @@ def _presses(args, p) -> list[str] | None:
 
 
 def _main_trials(args, p) -> int:
-    import torch
-
-    from bench import common
+    from bench import common, inputs
+    from bench.inputs import ANSWER_TOKENS
     from flashmem import DEFAULT_MODEL_NAME
 
     length = args.length or (1000 if args.quick else 4000)
@@ -911,7 +846,7 @@ def _main_trials(args, p) -> int:
     presses = _presses(args, p)
     tag = length_tag(length)
     tok = default_tokenizer()
-    prompts = trial_prompts(tok, length, trials)
+    prompts = inputs.trial_prompts(tok, length, trials)
     by_id = {pr["id"]: pr for pr in prompts}
 
     fm_path = (
@@ -939,8 +874,9 @@ def _main_trials(args, p) -> int:
     if missing:
         model = common.load_default()[0]
         for pr in missing:
-            ids = torch.tensor([pr["context_ids"] + pr["question_ids"]])
-            toks = common.hf_decode(model, ids, TRIALS_NEW_TOKENS, collect_logits=False)["tokens"]
+            toks = common.hf_decode(model, inputs.prompt_ids(pr), ANSWER_TOKENS, collect_logits=False)[
+                "tokens"
+            ]
             answer = tok.decode(toks)
             full[pr["id"]] = {
                 "answer": answer,
@@ -951,7 +887,7 @@ def _main_trials(args, p) -> int:
     result = run_trials(
         prompts,
         share,
-        new_tokens=TRIALS_NEW_TOKENS,
+        new_tokens=ANSWER_TOKENS,
         quick=args.quick,
         full_tokens={k: v["tokens"] for k, v in full.items() if v["tokens"]},
         presses=presses,
@@ -1010,7 +946,7 @@ def _main_trials(args, p) -> int:
         model=DEFAULT_MODEL_NAME,
         length=length,
         trials=trials,
-        new_tokens=TRIALS_NEW_TOKENS,
+        new_tokens=ANSWER_TOKENS,
         keep_share=share,
         keep_share_source=source,
         presses=presses or PRESSES + [DECODING_PRESS],
@@ -1079,7 +1015,7 @@ def fidelity_keep_shares(path: Path) -> list[dict]:
 def _main_fidelity(args, p) -> int:
     import torch
 
-    from bench import common, fidelity
+    from bench import common, inputs
 
     keep = _floats(args.keep_share)
     presses = _presses(args, p)
@@ -1109,7 +1045,7 @@ def _main_fidelity(args, p) -> int:
         p.error("--tokens, --docs and --new-tokens must be positive")
 
     model, tok, name = common.load_default()
-    docs = fidelity.documents(tok, num_docs, num_tokens)
+    docs = inputs.documents(tok, num_docs, num_tokens)
     same_as_flashmem = bool(fm) and (
         settings.get("context_tokens") == num_tokens
         and settings.get("docs") == [d["file"] for d in docs]

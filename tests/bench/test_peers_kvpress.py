@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from bench import common, peers_kvpress
-from bench.peers_kvpress import QUESTION, split_question
+from bench import common, inputs, peers_kvpress
+from bench.inputs import split_question
+from flashmem.prompts import PASSKEY_QUESTION as QUESTION
 from flashmem.prompts import fillers_for_tokens, passkey_prompt
 
 
@@ -38,7 +39,7 @@ def test_split_reproduces_the_trials_ids(tok, length):
 
 
 def test_trial_prompts_follow_passkey_trials(tok):
-    prompts = peers_kvpress.trial_prompts(tok, 1000, 4)
+    prompts = inputs.trial_prompts(tok, 1000, 4)
     assert [p["depth"] for p in prompts] == [0.125, 0.375, 0.625, 0.875]
     assert [p["seed"] for p in prompts] == [100, 101, 102, 103]
     fillers = fillers_for_tokens(tok, 1000)
@@ -256,7 +257,7 @@ def test_fidelity_keep_shares(tmp_path):
 def test_trials_mode_end_to_end_with_a_stub_worker(monkeypatch, tmp_path, tok):
     """The main process of --mode trials: prompts, keep share and full answers from the flashmem
     JSONs, the worker's tokens judged with the key-in-answer rule, summary and environment check."""
-    prompts = peers_kvpress.trial_prompts(tok, 300, 2)
+    prompts = inputs.trial_prompts(tok, 300, 2)
     fm, full = tmp_path / "fm.json", tmp_path / "full.json"
     fm.write_text(json.dumps({"length": 300, "config": {"budget_tokens": 64}, "mean_avg_device_share": 0.3}))
     full.write_text(

@@ -1,7 +1,7 @@
 """The benchmarks use flashmem the way a user does: only the public names of ``flashmem``,
 ``flashmem.offload``, ``flashmem.indexer`` and ``flashmem.kernels`` (their ``__all__``) and the
 modules ``flashmem.testing`` and ``flashmem.prompts``; their random-init models come from
-``flashmem.testing`` (no model class or config of their own).
+``flashmem.testing`` (no model class or config of their own). Inside bench/, imports form no cycle.
 
 Every import counts: absolute, relative, inside functions, ``importlib.import_module("...")`` /
 ``__import__("...")`` with a constant name, and attribute chains on an imported flashmem module
@@ -141,9 +141,41 @@ def check_bench_imports(root: Path, public: dict[str, set[str]]) -> list[str]:
     return sorted(set(problems))
 
 
+def bench_graph(root: Path) -> dict[str, set[str]]:
+    """bench module -> the bench modules it imports (anywhere in its file)."""
+    modules = bench_modules(root)
+    graph = {}
+    for module, path in modules.items():
+        targets = set()
+        for _, target, name in _imports(module, path):
+            for candidate in (f"{target}.{name}" if name else None, target):
+                if candidate in modules:
+                    targets.add(candidate)
+                    break
+        graph[module] = targets - {module}
+    return graph
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, stack = set(), list(graph.get(start, ()))
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(graph.get(node, ()))
+    return seen
+
+
+def check_bench_layout(root: Path) -> list[str]:
+    """Import cycles among the bench modules."""
+    graph = bench_graph(root)
+    return [f"import cycle through {m}" for m in sorted(graph) if m in reachable(graph, m)]
+
+
 # ---------------------------------------------------------------------------------------------
 def test_bench_imports_only_public_flashmem_names():
     assert check_bench_imports(ROOT, public_names()) == []
+    assert check_bench_layout(ROOT) == []
 
 
 def test_the_public_names_exist():
@@ -214,3 +246,23 @@ def test_checker_fails_on_a_synthetic_module(tmp_path):
         assert expected in text, f"{expected!r} not reported in:\n{text}"
     assert "DynamicCache" not in text and "good.py" not in text
     assert len(problems) == 11
+
+
+def test_layout_check_fails_on_a_synthetic_cycle(tmp_path):
+    root = _tree(
+        tmp_path,
+        {
+            "bench/__init__.py": "",
+            "bench/entry.py": "def main():\n    from bench.peers import peer\n",  # function-level
+            "bench/peers/__init__.py": "",
+            "bench/peers/peer.py": "from ..entry import main\n",  # relative
+            "bench/shared.py": "",
+            "bench/other.py": "from bench import shared\n",
+        },
+    )
+    assert check_bench_layout(root) == [
+        "import cycle through bench.entry",
+        "import cycle through bench.peers.peer",
+    ]
+    (root / "bench/peers/peer.py").write_text("from .. import shared\n")
+    assert check_bench_layout(root) == []
