@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -427,29 +426,3 @@ def flashmem_decode(
             if k != "prefill_s"
         },
     }
-
-
-def compare_logits(ref: torch.Tensor, test: torch.Tensor) -> dict:
-    """Top-1 agreement and KL(ref || test) per position; ref, test: ``[N, vocab]`` logits."""
-    n = min(ref.shape[0], test.shape[0])
-    ref, test = ref[:n].double(), test[:n].double()
-    log_p = torch.log_softmax(ref, dim=-1)
-    log_q = torch.log_softmax(test, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [N]
-    agree = ref.argmax(-1) == test.argmax(-1)
-    return {
-        "positions": n,
-        "top1_agreement": float(agree.double().mean()) if n else float("nan"),
-        "mean_kl": float(kl.mean()) if n else float("nan"),
-        "max_kl": float(kl.max()) if n else float("nan"),
-    }
-
-
-def token_agreement(ref: list[int], test: list[int]) -> float:
-    n = min(len(ref), len(test))
-    return sum(a == b for a, b in zip(ref[:n], test[:n])) / n if n else float("nan")
-
-
-def extract_digits(text: str) -> str:
-    m = re.search(r"\d{5}", text)
-    return m.group(0) if m else ""

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from bench import common, inputs
+from bench import common, inputs, metrics
 
 DEFAULT_CONFIGS = [{"budget_tokens": 256}, {"budget_tokens": 512}, {"budget_tokens": 1024}]
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             run = common.flashmem_decode(
                 model, {}, ids, new_tokens, forced=ref["tokens"], stats_path=stats_path
             )
-            m = common.compare_logits(ref["logits"], run["logits"])
+            m = metrics.compare_logits(ref["logits"], run["logits"])
             check = {"doc": doc["file"], **m}
             if m["top1_agreement"] != 1.0 or m["max_kl"] > 1e-6:
                 raise AssertionError(f"flashmem without a budget differs from full attention: {m}")
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             run = common.flashmem_decode(
                 model, cfg, ids, new_tokens, forced=ref["tokens"], stats_path=stats_path
             )
-            m = common.compare_logits(ref["logits"], run["logits"])
+            m = metrics.compare_logits(ref["logits"], run["logits"])
             rep = run["report"]
             rows.append(
                 {

@@ -43,7 +43,7 @@ step "offload CUDA tests" 30 $PY -m pytest -q tests/offload/test_transfer.py tes
 # decode with recall, the next window prefetched 8 steps ahead vs copied at the boundary: stall
 # time / decode time for both (fails when the prefetched run stalls 5% or more)
 step "prefetch overlap stall/step" 40 $PY -m bench.prefetch_overlap --quick --json "$OUTDIR/prefetch_overlap.json"
-step "HF offloaded cache peer" 30 $PY -m bench.peers_hf_offload --quick --json "$OUTDIR/hf_offload.json"
+step "HF offloaded cache peer" 30 $PY -m bench.run hf-offload --quick --json "$OUTDIR/hf_offload.json"
 # Llama-3.1-8B-shaped random-init model, bf16, 128K-token prompt; 500K runs outside the 8-minute
 # budget with: python -m bench.long_context --llama8b --tokens 500000
 step "8B-shaped @128K end to end" 130 $PY -m bench.long_context --llama8b --tokens 131072 --new-tokens 64 --json "$OUTDIR/long_context_llama8b_128k.json"

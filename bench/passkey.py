@@ -15,8 +15,9 @@ Methods (greedy, 8 new tokens, no EOS stop; correct = the first 5-digit number e
 * flashmem: ``wrap(model, FlashMemConfig(**cfg)).generate`` for each ``--flashmem-config`` entry,
   with peak and average device share of the full KV (prefill included, from ``memory_report()``) and
   top-1 agreement of its generated tokens with full attention's, position by position;
-* ``--peers``: NVIDIA kvpress presses in their own environment (see ``bench/peers_kvpress.py``) on
-  the same ids, keeping the share of the KV flashmem kept on average at that length (first config).
+* ``--peers``: NVIDIA kvpress presses in their own environment (see ``bench/peers/kvpress_peer.py``)
+  on the same ids, keeping the share of the KV flashmem kept on average at that length (first
+  config).
 
 Correctness first: on the first prompt, flashmem without a budget must generate exactly full
 attention's tokens. Writes JSON + a heat map PNG (accuracy per length x depth, one panel a method).
@@ -28,7 +29,7 @@ import argparse
 import textwrap
 import time
 
-from bench import common, inputs
+from bench import common, inputs, metrics
 from bench.inputs import ANSWER_TOKENS
 
 # two device budgets, with recall of 16-token chunks (the settings of the pass-key trials in the README)
@@ -40,7 +41,7 @@ DEFAULT_CONFIGS = [
 
 def _answer(tok, tokens: list[int], key: str) -> dict:
     text = tok.decode(tokens, skip_special_tokens=True)
-    return {"answer": text, "correct": common.extract_digits(text) == key}
+    return {"answer": text, "correct": metrics.extract_digits(text) == key}
 
 
 def _check(model, tok, prompt: dict, stats_path) -> dict:
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                     "avg_device_share": rep.get("avg_device_share"),
                     "device_share_end": rep.get("device_share"),
                     "kept_share": rep.get("avg_device_share"),
-                    "top1_agreement_with_full": common.token_agreement(ref["tokens"], run["tokens"]),
+                    "top1_agreement_with_full": metrics.token_agreement(ref["tokens"], run["tokens"]),
                     "blocks_freed": rep.get("blocks_freed"),
                     "timings": rep.get("timings"),
                     "wall_s": run["wall_s"],
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = ["full attention"] + [common.config_label(c) for c in configs]
     peers = None
     if args.peers:
-        from bench import peers_kvpress
+        from bench.peers import kvpress_peer
 
         shares = {}
         for length in lengths:
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             shares[str(length)] = sum(vals) / len(vals) if vals else 0.15
         full_tokens = {t["id"]: t["generated"] for t in trials if t["method"] == "full attention"}
-        peers = peers_kvpress.run_passkey(
+        peers = kvpress_peer.run_passkey(
             prompts, shares, new_tokens=ANSWER_TOKENS, quick=args.quick, full_tokens=full_tokens
         )
         for r in peers.get("trials", []):
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 | {
                     "method": r["method"],
                     "answer": r["answer"],
-                    "correct": common.extract_digits(r["answer"]) == pr["key"],
+                    "correct": metrics.extract_digits(r["answer"]) == pr["key"],
                     "kept_share": r.get("kept_share"),
                 }
             )

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flashmem
-from bench import common, run
+from bench import common, metrics, run
 
 
 def test_list_and_unknown_entry(capsys):
@@ -101,15 +101,15 @@ def test_machine_stamp_and_header():
 
 def test_compare_logits_and_helpers():
     a = torch.randn(5, 11, generator=torch.Generator().manual_seed(0))
-    same = common.compare_logits(a, a.clone())
+    same = metrics.compare_logits(a, a.clone())
     assert same["top1_agreement"] == 1.0 and abs(same["mean_kl"]) < 1e-12
     b = a.clone()
     b[2] = -b[2]
-    diff = common.compare_logits(a, b)
+    diff = metrics.compare_logits(a, b)
     assert diff["top1_agreement"] == pytest.approx(0.8) and diff["mean_kl"] > 0
-    assert common.token_agreement([1, 2, 3, 4], [1, 9, 3, 4]) == 0.75
-    assert common.extract_digits(" 27611.<|im_end|>") == "27611"
-    assert common.extract_digits("no key") == ""
+    assert metrics.token_agreement([1, 2, 3, 4], [1, 9, 3, 4]) == 0.75
+    assert metrics.extract_digits(" 27611.<|im_end|>") == "27611"
+    assert metrics.extract_digits("no key") == ""
 
 
 def test_teacher_forcing_matches_hf_and_forced_tokens():
@@ -119,7 +119,7 @@ def test_teacher_forcing_matches_hf_and_forced_tokens():
     ref = common.hf_decode(model, ids, 12, forced=forced)
     run_ = common.flashmem_decode(model, {}, ids, 12, forced=forced, stats_path=stats)
     assert run_["tokens"] == forced == ref["tokens"]
-    m = common.compare_logits(ref["logits"], run_["logits"])
+    m = metrics.compare_logits(ref["logits"], run_["logits"])
     assert m["top1_agreement"] == 1.0 and m["max_kl"] < 1e-6
     # greedy without forcing equals Hugging Face too, and the trace has one entry per fed token
     g = common.flashmem_decode(model, {}, ids, 12, stats_path=stats)
@@ -243,15 +243,15 @@ def test_fidelity_entry_tiny(tmp_path):
 
 
 def test_kvpress_peer_records_why_it_did_not_run(monkeypatch, tmp_path):
-    from bench import peers_kvpress
+    from bench.peers import kvpress_env, kvpress_peer
 
-    monkeypatch.setattr(peers_kvpress, "VENV", tmp_path / "no-venv")
-    assert peers_kvpress._probe() is None  # a missing venv is detected, not assumed
+    monkeypatch.setattr(kvpress_env, "VENV", tmp_path / "no-venv")
+    assert kvpress_env._probe() is None  # a missing venv is detected, not assumed
     monkeypatch.setattr(
-        peers_kvpress, "ensure_env", lambda: {"ok": False, "error": "pip failed: no kvpress", "log": []}
+        kvpress_env, "ensure_env", lambda: {"ok": False, "error": "pip failed: no kvpress", "log": []}
     )
     prompts = [{"id": "p", "context_ids": [1, 2], "question_ids": [3], "target_tokens": 100}]
-    out = peers_kvpress.run_passkey(prompts, {"100": 0.2})
+    out = kvpress_peer.run_passkey(prompts, {"100": 0.2})
     assert out["status"] == "not run" and out["reason"] == "pip failed: no kvpress" and out["trials"] == []
 
 

