@@ -2,8 +2,9 @@
 ``flashmem.offload``, ``flashmem.indexer`` and ``flashmem.kernels`` (their ``__all__``) and the
 modules ``flashmem.testing`` and ``flashmem.prompts``; their random-init models come from
 ``flashmem.testing`` (no model class or config of their own). Inside bench/, imports form no cycle,
-and the kvpress worker, which runs in kvpress's own environment, reaches nothing but the standard
-library, torch, transformers, kvpress and bench modules that do the same.
+the README renderer (``bench/readme.py``) is reached from ``bench/run.py`` only, and the kvpress
+worker, which runs in kvpress's own environment, reaches nothing but the standard library, torch,
+transformers, kvpress and bench modules that do the same.
 
 Every import counts: absolute, relative, inside functions, ``importlib.import_module("...")`` /
 ``__import__("...")`` with a constant name, and attribute chains on an imported flashmem module
@@ -27,6 +28,8 @@ MODEL_SUFFIXES = ("ForCausalLM", "Config", "Model")
 # modules that run in another environment (no flashmem there): they load their model themselves
 OWN_ENVIRONMENT = ("bench.peers.kvpress_worker",)
 OWN_ENVIRONMENT_PACKAGES = {"torch", "transformers", "kvpress", "bench"}
+# the README renderer and the one module that may import it (the CLI's ``report`` command)
+README_RENDERER, CLI = "bench.readme", "bench.run"
 
 
 def public_names() -> dict[str, set[str]]:
@@ -171,10 +174,14 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 
 def check_bench_layout(root: Path) -> list[str]:
-    """Import cycles among the bench modules; what the own-environment modules reach."""
+    """Import cycles among the bench modules; who reaches the README renderer; what the
+    own-environment modules reach."""
     modules = bench_modules(root)
     graph = bench_graph(root)
     problems = [f"import cycle through {m}" for m in sorted(graph) if m in reachable(graph, m)]
+    for module in sorted(graph):
+        if module not in (README_RENDERER, CLI) and README_RENDERER in reachable(graph, module):
+            problems.append(f"{module} reaches the README renderer {README_RENDERER}")
     for worker in OWN_ENVIRONMENT:
         if worker not in modules:
             continue
@@ -300,4 +307,23 @@ def test_layout_check_fails_when_the_worker_reaches_flashmem(tmp_path):
     (root / "bench/metrics.py").write_text("import torch\nfrom bench import common\n")
     assert check_bench_layout(root) == [
         "bench.peers.kvpress_worker runs in its own environment, but bench.common:4 imports flashmem"
+    ]
+
+
+def test_layout_check_fails_when_an_entry_reaches_the_readme_renderer(tmp_path):
+    root = _tree(
+        tmp_path,
+        {
+            "bench/__init__.py": "",
+            "bench/readme.py": "import json\n",
+            "bench/run.py": "def main():\n    from bench import readme\n",  # the CLI may
+            "bench/shared.py": "",
+            "bench/entry.py": "from bench import shared\n",
+        },
+    )
+    assert check_bench_layout(root) == []
+    (root / "bench/shared.py").write_text("def f():\n    from .readme import render\n")
+    assert check_bench_layout(root) == [
+        "bench.entry reaches the README renderer bench.readme",  # through bench.shared
+        "bench.shared reaches the README renderer bench.readme",
     ]
