@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -134,6 +135,30 @@ def save_figure(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
     return path
+
+
+def median_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Median milliseconds per call of ``fn`` over ``iters`` calls after ``warmup`` calls: on CUDA
+    from events recorded around each call (back to back, one synchronize at the end), elsewhere from
+    the wall clock."""
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    torch.cuda.synchronize(device)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
 # ---------------------------------------------------------------------------------------------

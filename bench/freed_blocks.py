@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from bench import common
+
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_TOKENS = 16_000
 BLOCK_SIZE = 16
@@ -377,29 +379,13 @@ def time_kernels_cuda(
     ref = reference_triattention_score(sub, None, qr, qi, qa, omega, t, rotated=True)
     score_err = float((got - ref).abs().max() / ref.abs().max())
 
-    def timed(fn) -> float:
-        fn()
-        if dev.type != "cuda":
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(repeats):
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-
     out = torch.empty(num_tokens, num_q_heads, device=dev)
-    score_ms = timed(lambda: triattention_score(keys, None, qr, qi, qa, omega, t, rotated=True, out=out))
-    select_ms = timed(lambda: select_keep(aggregate_scores(out, num_kv_heads), budget))
+    score_ms = common.median_ms(
+        lambda: triattention_score(keys, None, qr, qi, qa, omega, t, rotated=True, out=out), dev, 1, repeats
+    )
+    select_ms = common.median_ms(
+        lambda: select_keep(aggregate_scores(out, num_kv_heads), budget), dev, 1, repeats
+    )
 
     # compaction: a pool of num_tokens slots per layer, keep `budget` per head in every layer
     num_blocks = math.ceil(num_tokens / BLOCK_SIZE)
@@ -426,7 +412,7 @@ def time_kernels_cuda(
     reference_compaction(*expected, small_keep, dst[:100])
     compaction(*check, small_keep, dst[:100])
     compaction_ok = all(torch.equal(a, b) for pa, pb in zip(check, expected) for a, b in zip(pa, pb))
-    compaction_ms = timed(lambda: compaction(pool_k, pool_v, pool_p, keep, dst))
+    compaction_ms = common.median_ms(lambda: compaction(pool_k, pool_v, pool_p, keep, dst), dev, 1, repeats)
     result = {
         "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu (Triton interpreter)",
         "num_tokens": num_tokens,

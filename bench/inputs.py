@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from flashmem.prompts import PASSKEY_QUESTION, fillers_for_tokens, passkey_prompt
+from flashmem.prompts import PASSKEY_QUESTION, PassKeyPrompt, fillers_for_tokens, passkey_prompt
 
 ANSWER_TOKENS = 8  # greedy tokens decoded after a pass-key prompt (no EOS stop)
 SKIP_FILES = 40  # documents start past the files the shipped calibration read (held-out text)
@@ -51,26 +51,25 @@ def prompt_ids(prompt: dict) -> torch.Tensor:
     return torch.tensor([prompt["context_ids"] + prompt["question_ids"]], dtype=torch.long)
 
 
-def trial_depth_seed(i: int, trials: int) -> tuple[float, int]:
-    """Trial ``i`` of a pass-key trials run: the key at depth ``(i + 0.5) / trials``, seed ``100 + i``."""
-    return (i + 0.5) / trials, 100 + i
+def trial_passkeys(tok, length: int, trials: int) -> list[tuple[int, PassKeyPrompt]]:
+    """``(seed, prompt)`` of every trial of a pass-key trials run at about ``length`` tokens: trial
+    ``i`` hides the key at depth ``(i + 0.5) / trials`` with seed ``100 + i``."""
+    fillers = fillers_for_tokens(tok, length)
+    return [(100 + i, passkey_prompt(fillers, (i + 0.5) / trials, seed=100 + i)) for i in range(trials)]
 
 
 def trial_prompts(tok, length: int, trials: int) -> list[dict]:
     """The prompts of ``bench.passkey_trials.run(length, trials, ...)`` (ids = ``tok(text).input_ids``),
     each split into context and question at a token boundary (:func:`split_question`)."""
-    fillers = fillers_for_tokens(tok, length)
     prompts = []
-    for i in range(trials):
-        depth, seed = trial_depth_seed(i, trials)
-        prompt = passkey_prompt(fillers, depth, seed=seed)
+    for i, (seed, prompt) in enumerate(trial_passkeys(tok, length, trials)):
         ids = tok(prompt.text).input_ids
         context_ids, question_ids = split_question(tok, ids, prompt.text)
         prompts.append(
             {
-                "id": f"t{i}-d{depth:.4f}-s{seed}",
+                "id": f"t{i}-d{prompt.depth:.4f}-s{seed}",
                 "trial": i,
-                "depth": depth,
+                "depth": prompt.depth,
                 "seed": seed,
                 "key": prompt.key,
                 "tokens": len(ids),

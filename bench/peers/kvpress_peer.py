@@ -75,21 +75,22 @@ from flashmem import DEFAULT_MODEL_NAME, load_default_tokenizer
 # ---------------------------------------------------------------------------------------------
 # tasks for the worker
 # ---------------------------------------------------------------------------------------------
-def run_passkey(
+def _prompt_task(
+    kind: str,
     prompts: list[dict],
-    keep_shares: dict,
+    keep_share,
     *,
-    new_tokens: int = 8,
-    quick: bool = False,
-    full_tokens: dict | None = None,
-    decoding_interval: int = DECODING_INTERVAL,
-    timeout: int = 7200,
+    new_tokens: int,
+    full_tokens: dict | None,
+    presses: list[str] | None,
+    decoding_interval: int,
 ) -> dict:
-    """Pass-key prompts (see ``bench.inputs.heatmap_prompts``) with ``keep_shares[str(length)]``."""
-    task = {
-        "kind": "passkey",
+    """The worker's task for pass-key prompts (:mod:`bench.inputs`): ``keep_share(prompt)`` is each
+    prompt's share of the KV to keep; ``full_tokens[id]`` the main process's full-attention answer."""
+    return {
+        "kind": kind,
         "new_tokens": new_tokens,
-        "presses": PRESSES + [DECODING_PRESS],
+        "presses": presses or PRESSES + [DECODING_PRESS],
         "placements": PLACEMENTS,
         "decoding_interval": decoding_interval,
         "prompts": [
@@ -97,12 +98,34 @@ def run_passkey(
                 "id": p["id"],
                 "context_ids": p["context_ids"],
                 "question_ids": p["question_ids"],
-                "keep_share": keep_shares[str(p["target_tokens"])],
+                "keep_share": keep_share(p),
                 "full_tokens": (full_tokens or {}).get(p["id"]),
             }
             for p in prompts
         ],
     }
+
+
+def run_passkey(
+    prompts: list[dict],
+    keep_shares: dict,
+    *,
+    new_tokens: int = ANSWER_TOKENS,
+    quick: bool = False,
+    full_tokens: dict | None = None,
+    decoding_interval: int = DECODING_INTERVAL,
+    timeout: int = 7200,
+) -> dict:
+    """Pass-key prompts (see ``bench.inputs.heatmap_prompts``) with ``keep_shares[str(length)]``."""
+    task = _prompt_task(
+        "passkey",
+        prompts,
+        lambda p: keep_shares[str(p["target_tokens"])],
+        new_tokens=new_tokens,
+        full_tokens=full_tokens,
+        presses=None,
+        decoding_interval=decoding_interval,
+    )
     return kvpress_env.run_worker(task, name="passkey_quick" if quick else "passkey", timeout=timeout)
 
 
@@ -189,33 +212,25 @@ def run_trials(
     prompts: list[dict],
     keep_share: float,
     *,
-    new_tokens: int = 8,
+    new_tokens: int = ANSWER_TOKENS,
     quick: bool = False,
     full_tokens: dict | None = None,
     presses: list[str] | None = None,
     decoding_interval: int = DECODING_INTERVAL,
     timeout: int = 6 * 3600,
 ) -> dict:
-    """Pass-key trials (see :func:`bench.inputs.trial_prompts`) at one keep share; the worker also decodes every
-    trial under full attention."""
-    task = {
-        "kind": "trials",
-        "new_tokens": new_tokens,
-        "presses": presses or PRESSES + [DECODING_PRESS],
-        "placements": PLACEMENTS,
-        "decoding_interval": decoding_interval,
-        "full_every_prompt": True,
-        "prompts": [
-            {
-                "id": p["id"],
-                "context_ids": p["context_ids"],
-                "question_ids": p["question_ids"],
-                "keep_share": keep_share,
-                "full_tokens": (full_tokens or {}).get(p["id"]),
-            }
-            for p in prompts
-        ],
-    }
+    """Pass-key trials (see :func:`bench.inputs.trial_prompts`) at one keep share; the worker also
+    decodes every trial under full attention."""
+    task = _prompt_task(
+        "trials",
+        prompts,
+        lambda p: keep_share,
+        new_tokens=new_tokens,
+        full_tokens=full_tokens,
+        presses=presses,
+        decoding_interval=decoding_interval,
+    )
+    task["full_every_prompt"] = True
     return kvpress_env.run_worker(task, name="trials_quick" if quick else "trials", timeout=timeout)
 
 

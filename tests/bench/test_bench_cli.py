@@ -324,3 +324,23 @@ def test_pre_rope_keys_are_the_projected_keys():
     assert not torch.allclose(
         pre_rope_keys(model, ids, 1, window=16), pre_rope_keys(model, ids, 1, window=64)
     )
+
+
+def test_median_ms_and_the_kernel_timings_on_cpu():
+    """One timer (bench.common.median_ms) for the kernel timings of freed-blocks --gpu-timing and
+    paged-decode; on a CPU both run their correctness checks and time under the Triton interpreter."""
+    from bench import freed_blocks, paged_decode_timing
+
+    calls = []
+    assert common.median_ms(lambda: calls.append(1), torch.device("cpu"), 2, 5) >= 0
+    assert len(calls) == 7  # warm-up calls, then the timed ones
+    r = freed_blocks.time_kernels_cuda(
+        1024, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16, budget=128,
+        dtype=torch.float32, repeats=2, device="cpu",
+    )  # fmt: skip
+    assert r["compaction_matches_reference"] and r["score_max_rel_error_vs_fp64_reference"] < 1e-5
+    assert r["score_one_layer_ms"] > 0 and r["compaction_all_layers_ms"] > 0
+    argv = ["--lengths", "40", "--q-heads", "4", "--kv-heads", "2", "--head-dim", "16", "--dtype", "fp32"]
+    args = paged_decode_timing._parse(argv + ["--warmup", "1", "--iters", "2"])
+    r = paged_decode_timing.run_length(40, args, torch.device("cpu"), torch.float32)
+    assert r["correct"] and r["kernel_ms"] > 0 and r["sdpa_best_ms"] > 0
