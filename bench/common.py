@@ -1,6 +1,7 @@
-"""Shared helpers of the benchmark entries: machine stamp, result paths, JSON/PNG writing, model
-loading (default or tiny), flashmem settings from JSON, and the two decode loops every entry compares:
-plain Hugging Face (``DynamicCache``) and flashmem (:func:`flashmem.wrap`).
+"""Shared helpers of the benchmark entries: machine stamp, result paths, JSON/PNG writing, the kernel
+timer, flashmem settings from JSON, model loading (the default model, or random-init models from
+:func:`flashmem.testing.tiny_model`), and the two decode loops every entry compares: plain Hugging
+Face (``DynamicCache``, :class:`flashmem.testing.DenseDecoder`) and flashmem (:func:`flashmem.wrap`).
 
 Teacher forcing: :func:`flashmem_decode` with ``forced=`` passes the tokens to the public
 ``generate(..., forced_tokens=...)`` and checks that the returned tokens are exactly the forced ones.
