@@ -1,6 +1,7 @@
-"""Shared helpers of the benchmark entries: machine stamp, result paths, JSON/PNG writing, model
-loading (default or tiny), flashmem settings from JSON, and the two decode loops every entry compares:
-plain Hugging Face (``DynamicCache``) and flashmem (:func:`flashmem.wrap`).
+"""Shared helpers of the benchmark entries: machine stamp, result paths, JSON/PNG writing, the kernel
+timer, flashmem settings from JSON, model loading (the default model, or random-init models from
+:func:`flashmem.testing.tiny_model`), and the two decode loops every entry compares: plain Hugging
+Face (``DynamicCache``, :class:`flashmem.testing.DenseDecoder`) and flashmem (:func:`flashmem.wrap`).
 
 Teacher forcing: :func:`flashmem_decode` with ``forced=`` passes the tokens to the public
 ``generate(..., forced_tokens=...)`` and checks that the returned tokens are exactly the forced ones.
@@ -12,7 +13,7 @@ import json
 import math
 import os
 import platform
-import re
+import statistics
 import sys
 import tempfile
 import time
@@ -137,6 +138,30 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def median_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Median milliseconds per call of ``fn`` over ``iters`` calls after ``warmup`` calls: on CUDA
+    from events recorded around each call (back to back, one synchronize at the end), elsewhere from
+    the wall clock."""
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    torch.cuda.synchronize(device)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
 # ---------------------------------------------------------------------------------------------
 # flashmem settings
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +205,7 @@ def load_default():
     """The embedded default model, loaded once per process (``all`` shares it between entries; no
     entry modifies it: ``wrap`` installs its attention only for the duration of each call)."""
     import flashmem
-    from flashmem.models import DEFAULT_MODEL_NAME
+    from flashmem import DEFAULT_MODEL_NAME
 
     if not _DEFAULT_MODEL:
         t0 = time.perf_counter()
@@ -219,6 +244,28 @@ def load_bench_model(name: str, max_positions: int = 65_536):
     raise ValueError(f"--model must be 'default' or 'tiny', got {name!r}")
 
 
+# random-init Llamas of the entries that need no trained weights (flashmem.testing.tiny_model keywords)
+RANDOM_LLAMAS = {
+    # long-context and prefetch-overlap on a CPU: cheap arithmetic, 1M positions
+    "tiny": dict(layers=2, q_heads=4, kv_heads=2, head_dim=16, vocab=512, rope_theta=1_000_000.0,
+                 max_positions=1_048_576),
+    # long-context --llama8b (CUDA): Llama-3.1-8B's shape
+    "llama8b": dict(layers=32, q_heads=32, kv_heads=8, head_dim=128, vocab=128256, intermediate_size=14336,
+                    rope_theta=500000.0, max_positions=1_048_576),
+    # prefetch-overlap on CUDA
+    "8layer": dict(layers=8, q_heads=16, kv_heads=8, head_dim=128, vocab=32000, intermediate_size=5632,
+                   rope_theta=500000.0, max_positions=131072),
+}  # fmt: skip
+
+
+def random_llama(shape: str, device: str | torch.device, dtype: torch.dtype):
+    """``flashmem.testing.tiny_model("llama", seed=0)`` of one of :data:`RANDOM_LLAMAS`' shapes, its
+    weights drawn on ``device`` and cast to ``dtype``."""
+    from flashmem.testing import tiny_model
+
+    return tiny_model("llama", **RANDOM_LLAMAS[shape], device=device, dtype=dtype)
+
+
 _TINY_STATS: dict[tuple, str] = {}
 
 
@@ -253,19 +300,6 @@ def tiny_bench_model(max_positions: int = 262_144, *, layers: int = 2, seed: int
 # ---------------------------------------------------------------------------------------------
 def _greedy(logits: torch.Tensor) -> int:
     return int(logits.argmax())
-
-
-def cache_kv_bytes(cache, device: torch.device | None = None) -> tuple[int, int]:
-    """(bytes of a Hugging Face cache's key/value tensors on ``device``, bytes of all of them)."""
-    on_device = total = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor) and t.numel():
-                n = t.numel() * t.element_size()
-                total += n
-                on_device += n if device is None or t.device == device else 0
-    return on_device, total
 
 
 def snapshot_after_prefill(fm, store: list[dict]) -> None:
@@ -311,23 +345,20 @@ def decode_breakdown(before: dict, after: dict) -> dict:
 def hf_decode(
     model, ids: torch.Tensor, max_new_tokens: int, *, forced: list[int] | None = None, collect_logits=True
 ) -> dict:
-    """Full attention: plain Hugging Face forward with its default ``DynamicCache``, greedy.
+    """Full attention: plain Hugging Face forward with its default ``DynamicCache``
+    (:class:`flashmem.testing.DenseDecoder`), greedy.
 
     ids: ``[1, T]``. Returns tokens (``list[int]``, ``max_new_tokens`` of them, no EOS stop),
     logits ``[N, vocab]`` fp32 (``logits[i]`` predicts token ``i``), prefill_s, step_s (per decode
     step) and kv_bytes (the DynamicCache's key/value bytes at the end)."""
-    from transformers import DynamicCache
-
-    from flashmem.hf_compat import forward_kwargs
+    from flashmem.testing import DenseDecoder
 
     if forced is not None and len(forced) < max_new_tokens:
         raise ValueError(f"forced holds {len(forced)} tokens, {max_new_tokens} needed")
-    cache = DynamicCache(config=model.config)
+    dense = DenseDecoder(model)
     t0 = time.perf_counter()
-    kw = forward_kwargs(model, cache)  # past_key_values or cache, as this transformers release names it
-    out = model(input_ids=ids, logits_to_keep=1, **kw)
+    logits = dense.step(ids).float()
     prefill_s = time.perf_counter() - t0
-    logits = out.logits[0, -1].float()
     tokens, all_logits, step_s = [], [], []
     for i in range(max_new_tokens):
         if collect_logits:
@@ -337,10 +368,9 @@ def hf_decode(
         if i == max_new_tokens - 1:
             break
         t0 = time.perf_counter()
-        out = model(input_ids=torch.tensor([[token]], device=ids.device), logits_to_keep=1, **kw)
-        logits = out.logits[0, -1].float()
+        logits = dense.step(torch.tensor([[token]], device=ids.device)).float()
         step_s.append(time.perf_counter() - t0)
-    _, kv_bytes = cache_kv_bytes(cache)
+    _, kv_bytes = dense.kv_bytes()
     return {
         "tokens": tokens,
         "logits": torch.stack(all_logits) if all_logits else None,
@@ -422,29 +452,3 @@ def flashmem_decode(
             if k != "prefill_s"
         },
     }
-
-
-def compare_logits(ref: torch.Tensor, test: torch.Tensor) -> dict:
-    """Top-1 agreement and KL(ref || test) per position; ref, test: ``[N, vocab]`` logits."""
-    n = min(ref.shape[0], test.shape[0])
-    ref, test = ref[:n].double(), test[:n].double()
-    log_p = torch.log_softmax(ref, dim=-1)
-    log_q = torch.log_softmax(test, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [N]
-    agree = ref.argmax(-1) == test.argmax(-1)
-    return {
-        "positions": n,
-        "top1_agreement": float(agree.double().mean()) if n else float("nan"),
-        "mean_kl": float(kl.mean()) if n else float("nan"),
-        "max_kl": float(kl.max()) if n else float("nan"),
-    }
-
-
-def token_agreement(ref: list[int], test: list[int]) -> float:
-    n = min(len(ref), len(test))
-    return sum(a == b for a, b in zip(ref[:n], test[:n])) / n if n else float("nan")
-
-
-def extract_digits(text: str) -> str:
-    m = re.search(r"\d{5}", text)
-    return m.group(0) if m else ""

@@ -25,26 +25,9 @@ import time
 
 import torch
 
-from bench import common
+from bench import common, inputs, metrics
 
 DEFAULT_CONFIGS = [{"budget_tokens": 256}, {"budget_tokens": 512}, {"budget_tokens": 1024}]
-SKIP_FILES = 40  # start past the files the shipped calibration read (held-out text)
-
-
-def documents(tok, num_docs: int, num_tokens: int) -> list[dict]:
-    from flashmem import calibration_text_files as local_text_files
-
-    docs = []
-    for path in local_text_files()[SKIP_FILES:]:
-        if len(docs) >= num_docs:
-            break
-        text = path.read_text(encoding="utf-8", errors="replace")
-        ids = tok(text, add_special_tokens=False).input_ids
-        if len(ids) >= num_tokens:
-            docs.append({"file": f"{path.parent.name}/{path.name}", "ids": ids[:num_tokens]})
-    if len(docs) < num_docs:
-        raise ValueError(f"only {len(docs)} local documents of {num_tokens} tokens found")
-    return docs
 
 
 def _plot(summary: list[dict], png, title: str) -> None:
@@ -94,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path, png = common.result_paths("fidelity", q, args.json)
 
     model, tok, name, stats_path = common.load_bench_model(args.model)
-    docs = documents(tok, num_docs, num_tokens)
+    docs = inputs.documents(tok, num_docs, num_tokens)
     rows, check = [], None
     for di, doc in enumerate(docs):
         ids = torch.tensor([doc["ids"]])
@@ -105,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             run = common.flashmem_decode(
                 model, {}, ids, new_tokens, forced=ref["tokens"], stats_path=stats_path
             )
-            m = common.compare_logits(ref["logits"], run["logits"])
+            m = metrics.compare_logits(ref["logits"], run["logits"])
             check = {"doc": doc["file"], **m}
             if m["top1_agreement"] != 1.0 or m["max_kl"] > 1e-6:
                 raise AssertionError(f"flashmem without a budget differs from full attention: {m}")
@@ -114,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             run = common.flashmem_decode(
                 model, cfg, ids, new_tokens, forced=ref["tokens"], stats_path=stats_path
             )
-            m = common.compare_logits(ref["logits"], run["logits"])
+            m = metrics.compare_logits(ref["logits"], run["logits"])
             rep = run["report"]
             rows.append(
                 {

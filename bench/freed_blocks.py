@@ -12,8 +12,8 @@ A sequence of 16,000 tokens fills 1,000 blocks of 16 slots. For evictions of 50%
   on local text with :func:`flashmem.calibrate`, then the keys of one layer
   of other local text are scored per KV head). With per-head keep-sets a slot is empty only when
   every KV head evicted it; the "shared" variant evicts whole tokens by their best head score.
-* compaction: the same keep-sets go through a real :class:`~flashmem.offload.paged_cache.PagedKVCache`
-  and :func:`~flashmem.offload.compaction.compact_sequence`; freed blocks are read from the
+* compaction: the same keep-sets go through a real :class:`flashmem.offload.PagedKVCache`
+  and :func:`flashmem.offload.compact_sequence`; freed blocks are read from the
   allocator (``pool.blocks_freed_total``). Survivors are checked to equal the gathered keep-set.
 
 "ideal" = floor(evicted / 16), the blocks the evicted tokens would fill. Writes JSON + a grouped bar
@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench import common
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_TOKENS = 16_000
@@ -71,9 +73,7 @@ def expected_freed_hypergeometric(
 def compaction_freed(keep_idx: torch.Tensor, num_tokens: int, *, head_dim: int = 8, seed: int = 0) -> dict:
     """Run the real paged cache + compaction with ``keep_idx [H, n_keep]`` on a ``num_tokens``
     sequence; return blocks freed (from the allocator) and a survivor check."""
-    from flashmem.offload.block_pool import BlockPool
-    from flashmem.offload.compaction import compact_sequence
-    from flashmem.offload.paged_cache import PagedKVCache
+    from flashmem.offload import BlockPool, PagedKVCache, compact_sequence
 
     num_heads = keep_idx.shape[0]
     num_blocks = math.ceil(num_tokens / BLOCK_SIZE)
@@ -130,19 +130,18 @@ def real_scores(num_tokens: int, calib_tokens: int, window: int, layer: int | No
 
     Returns {"available": False, "reason": ...} when the model cannot be loaded."""
     try:
-        try:
-            from flashmem import load_default_model
-        except ImportError:
-            from flashmem.models import load_default_model
+        from flashmem import load_default_model
+
         model, tokenizer = load_default_model()
     except Exception as exc:  # noqa: BLE001 - any failure means "not available", reported as such
         return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
 
-    from flashmem import calibrate, local_text_token_ids
-    from flashmem.hf_compat import capture_attention_inputs, kv_geometry, rotary_cos_sin, unrotate
-    from flashmem.kernels.triattention_score import aggregate_scores, reference_triattention_score
+    from flashmem import calibrate, local_text_token_ids, model_fingerprint
+    from flashmem.kernels import aggregate_scores, reference_triattention_score
+    from flashmem.testing import pre_rope_keys
 
-    num_layers, num_q, num_kv, head_dim = kv_geometry(model)
+    fingerprint = model_fingerprint(model)
+    num_layers, num_kv = fingerprint["num_layers"], fingerprint["num_key_value_heads"]
     layer = num_layers // 2 if layer is None else layer
     ids, source = local_text_token_ids(tokenizer, calib_tokens + num_tokens)
     calib_ids, score_ids = ids[:calib_tokens], ids[calib_tokens:]
@@ -150,22 +149,9 @@ def real_scores(num_tokens: int, calib_tokens: int, window: int, layer: int | No
     stats = calibrate(model, calib_ids, max_tokens=calib_tokens, window=window, progress=False)
     calib_s = time.perf_counter() - t0
 
-    keys: list[torch.Tensor] = []
-    state: dict = {}
-
-    def grab(layer_idx, query, key, value):
-        if layer_idx == layer:
-            keys.append(unrotate(key[0].float(), state["cos"], state["sin"]).transpose(0, 1))  # [T, H_kv, D]
-
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for start in range(0, num_tokens, window):
-            chunk = score_ids[start : start + window]
-            state["cos"], state["sin"] = rotary_cos_sin(model, torch.arange(chunk.numel()))
-            with capture_attention_inputs(model, grab):
-                model(input_ids=chunk[None], use_cache=False)
+    pre_keys = pre_rope_keys(model, score_ids, layer, window=window)  # [N, H_kv, D]
     capture_s = time.perf_counter() - t0
-    pre_keys = torch.cat(keys)  # [N, H_kv, D] pre-RoPE
     positions = torch.arange(num_tokens, dtype=torch.int32)[:, None].expand(num_tokens, num_kv).contiguous()
     raw = reference_triattention_score(pre_keys, positions, *stats.layer(layer), stats.omega, num_tokens)
     scores = aggregate_scores(raw, num_kv)  # [N, H_kv]
@@ -369,9 +355,10 @@ def time_kernels_cuda(
     if device == "cuda" and not torch.cuda.is_available():
         print("time_kernels_cuda: skipped (no CUDA device)")
         return None
-    from flashmem.kernels.compaction import compaction, reference_compaction
-    from flashmem.kernels.triattention_score import (
+    from flashmem.kernels import (
         aggregate_scores,
+        compaction,
+        reference_compaction,
         reference_triattention_score,
         triattention_score,
     )
@@ -392,29 +379,13 @@ def time_kernels_cuda(
     ref = reference_triattention_score(sub, None, qr, qi, qa, omega, t, rotated=True)
     score_err = float((got - ref).abs().max() / ref.abs().max())
 
-    def timed(fn) -> float:
-        fn()
-        if dev.type != "cuda":
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(repeats):
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-
     out = torch.empty(num_tokens, num_q_heads, device=dev)
-    score_ms = timed(lambda: triattention_score(keys, None, qr, qi, qa, omega, t, rotated=True, out=out))
-    select_ms = timed(lambda: select_keep(aggregate_scores(out, num_kv_heads), budget))
+    score_ms = common.median_ms(
+        lambda: triattention_score(keys, None, qr, qi, qa, omega, t, rotated=True, out=out), dev, 1, repeats
+    )
+    select_ms = common.median_ms(
+        lambda: select_keep(aggregate_scores(out, num_kv_heads), budget), dev, 1, repeats
+    )
 
     # compaction: a pool of num_tokens slots per layer, keep `budget` per head in every layer
     num_blocks = math.ceil(num_tokens / BLOCK_SIZE)
@@ -441,7 +412,7 @@ def time_kernels_cuda(
     reference_compaction(*expected, small_keep, dst[:100])
     compaction(*check, small_keep, dst[:100])
     compaction_ok = all(torch.equal(a, b) for pa, pb in zip(check, expected) for a, b in zip(pa, pb))
-    compaction_ms = timed(lambda: compaction(pool_k, pool_v, pool_p, keep, dst))
+    compaction_ms = common.median_ms(lambda: compaction(pool_k, pool_v, pool_p, keep, dst), dev, 1, repeats)
     result = {
         "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu (Triton interpreter)",
         "num_tokens": num_tokens,

@@ -43,7 +43,7 @@ step "offload CUDA tests" 30 $PY -m pytest -q tests/offload/test_transfer.py tes
 # decode with recall, the next window prefetched 8 steps ahead vs copied at the boundary: stall
 # time / decode time for both (fails when the prefetched run stalls 5% or more)
 step "prefetch overlap stall/step" 40 $PY -m bench.prefetch_overlap --quick --json "$OUTDIR/prefetch_overlap.json"
-step "HF offloaded cache peer" 30 $PY -m bench.peers_hf_offload --quick --json "$OUTDIR/hf_offload.json"
+step "HF offloaded cache peer" 30 $PY -m bench.run hf-offload --quick --json "$OUTDIR/hf_offload.json"
 # Llama-3.1-8B-shaped random-init model, bf16, 128K-token prompt: the layer-major prefill's seconds
 # against its compute floor (FLOPs / bf16 matmul rate measured in the same run) and its peak device
 # memory beyond the weights against the bound (pool + one layer's prompt KV + hidden states + a tile)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from flashmem import build_records, load_indexer, model_fingerprint
+from flashmem import build_records, load_indexer, load_model, model_fingerprint
 from flashmem.indexer import (
     TargetConfig,
     default_checkpoint_path,
@@ -45,8 +45,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--records-cache", default=None)
     p.add_argument("--indexer", default=None)
     args = p.parse_args(argv)
-    from flashmem.models import load_model
-
     model, tok = load_model("default")
     ckpt = args.indexer or default_checkpoint_path()
     look = load_indexer(ckpt, model_fingerprint(model))

@@ -47,27 +47,6 @@ def machine() -> dict:
     return info
 
 
-def tiny_llama(device: str, dtype: torch.dtype, llama8b: bool = False):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    if llama8b:
-        config = LlamaConfig(
-            vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-            num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
-            max_position_embeddings=1_048_576,
-        )  # fmt: skip
-    else:
-        config = LlamaConfig(
-            vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1_000_000.0,
-            max_position_embeddings=1_048_576,
-        )  # fmt: skip
-    with torch.device(device):
-        model = LlamaForCausalLM(config)
-    return model.to(dtype).eval()
-
-
 def stats_for(model, path: Path) -> str:
     ids = torch.randint(0, model.config.vocab_size, (2048,), generator=torch.Generator().manual_seed(1))
     calibrate(
@@ -196,7 +175,7 @@ def _main(args) -> int:
         return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.llama8b else torch.float32
-    model = tiny_llama(device, dtype, args.llama8b)
+    model = common.random_llama("llama8b" if args.llama8b else "tiny", device, dtype)
     name = (
         "llama-3.1-8b-shaped random-init (bf16)"
         if args.llama8b

@@ -17,13 +17,13 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from bench import common
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "paged_decode_timing.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -59,28 +59,6 @@ def _parse(argv):
     return args
 
 
-def _time_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Median milliseconds per call (CUDA events on CUDA, wall clock elsewhere)."""
-    for _ in range(warmup):
-        fn()
-    if device.type != "cuda":
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize(device)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for s, e in zip(starts, ends):
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize(device)
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
-
-
 def _backend_context(backend):
     from torch.nn.attention import sdpa_kernel
 
@@ -112,7 +90,7 @@ def _graph_time_ms(fn, device: torch.device, warmup: int, iters: int) -> float |
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-        return _time_ms(graph.replay, device, warmup, iters)
+        return common.median_ms(graph.replay, device, warmup, iters)
     except RuntimeError:
         return None
 
@@ -124,7 +102,7 @@ def _sdpa(q, k, v, scale):
 
 def run_length(seq_len: int, args, device: torch.device, dtype: torch.dtype) -> dict:
     """Build one case of ``seq_len`` tokens, check correctness, time kernel and SDPA."""
-    from flashmem.kernels.paged_decode import block_valid_from_num_slots, paged_decode_attention
+    from flashmem.kernels import block_valid_from_num_slots, paged_decode_attention
 
     gen = torch.Generator(device="cpu").manual_seed(args.seed + seq_len)
     b, hq, hkv, d, bs = args.batch, args.q_heads, args.kv_heads, args.head_dim, args.block_size
@@ -182,15 +160,15 @@ def run_length(seq_len: int, args, device: torch.device, dtype: torch.dtype) -> 
             q, key_cache, value_cache, tables, valid, scale=scale, num_splits=splits, out=out, lse_out=lse
         )
 
-    result["kernel_ms"] = _time_ms(kernel(), device, args.warmup, args.iters)
-    result["kernel_1split_ms"] = _time_ms(kernel(1), device, args.warmup, args.iters)
+    result["kernel_ms"] = common.median_ms(kernel(), device, args.warmup, args.iters)
+    result["kernel_1split_ms"] = common.median_ms(kernel(1), device, args.warmup, args.iters)
     result["kernel_graph_ms"] = _graph_time_ms(kernel(), device, args.warmup, args.iters)
     sdpa_ms: dict[str, float] = {}
     sdpa_graph_ms: dict[str, float] = {}
     for name, ctx in _sdpa_backends() or [("default", None)]:
         try:
             if ctx is None:
-                sdpa_ms[name] = _time_ms(
+                sdpa_ms[name] = common.median_ms(
                     lambda: _sdpa(q4, k_dense, v_dense, scale), device, args.warmup, args.iters
                 )
                 continue
@@ -198,7 +176,7 @@ def run_length(seq_len: int, args, device: torch.device, dtype: torch.dtype) -> 
                 check = _sdpa(q4, k_dense, v_dense, scale)[:, :, 0]
                 if (check.float() - exact).abs().max().item() > tol:
                     continue
-                sdpa_ms[name] = _time_ms(
+                sdpa_ms[name] = common.median_ms(
                     lambda: _sdpa(q4, k_dense, v_dense, scale), device, args.warmup, args.iters
                 )
         except RuntimeError:  # backend does not take these inputs (dtype, GQA, device)

@@ -3,19 +3,21 @@
     python -m bench.run passkey [--quick] [--lengths 2000,4000,7000] [--depths 0.1,0.3,0.5,0.7,0.9]
                                 [--seeds-per-cell 1] [--flashmem-config JSON] [--peers] [--json PATH]
 
-Prompts: :func:`flashmem.prompts.passkey_prompt` (plain, no chat template), ~length tokens with the
-default model's tokenizer, one 5-digit key per (length, depth, seed); seeds are fixed (derived from
-length, depth index and seed index). Every method reads the SAME token ids: the context (instructions
-and filler with the key) and the question ("What is the pass key? The pass key is") are tokenized
-separately and concatenated, so a peer can compress the context alone.
+Prompts (:func:`bench.inputs.heatmap_prompts`): :func:`flashmem.prompts.passkey_prompt` (plain, no
+chat template), ~length tokens with the default model's tokenizer, one 5-digit key per (length,
+depth, seed); seeds are fixed (derived from length, depth index and seed index). Every method reads
+the SAME token ids: the context (instructions and filler with the key) and the question ("What is
+the pass key? The pass key is") are tokenized separately and concatenated, so a peer can compress
+the context alone.
 
 Methods (greedy, 8 new tokens, no EOS stop; correct = the first 5-digit number equals the key):
 * full attention: plain Hugging Face forward with ``DynamicCache`` (the reference);
 * flashmem: ``wrap(model, FlashMemConfig(**cfg)).generate`` for each ``--flashmem-config`` entry,
   with peak and average device share of the full KV (prefill included, from ``memory_report()``) and
   top-1 agreement of its generated tokens with full attention's, position by position;
-* ``--peers``: NVIDIA kvpress presses in their own environment (see ``bench/peers_kvpress.py``) on
-  the same ids, keeping the share of the KV flashmem kept on average at that length (first config).
+* ``--peers``: NVIDIA kvpress presses in their own environment (see ``bench/peers/kvpress_peer.py``)
+  on the same ids, keeping the share of the KV flashmem kept on average at that length (first
+  config).
 
 Correctness first: on the first prompt, flashmem without a budget must generate exactly full
 attention's tokens. Writes JSON + a heat map PNG (accuracy per length x depth, one panel a method).
@@ -27,63 +29,25 @@ import argparse
 import textwrap
 import time
 
-import torch
-
-from bench import common
+from bench import common, inputs, metrics
+from bench.inputs import ANSWER_TOKENS
 
 # two device budgets, with recall of 16-token chunks (the settings of the pass-key trials in the README)
 DEFAULT_CONFIGS = [
     {"budget_tokens": 256, "chunk_size": 16, "chunk_budget": 12},
     {"budget_tokens": 512, "chunk_size": 16, "chunk_budget": 16},
 ]
-QUESTION = "\n\nWhat is the pass key? The pass key is"
-NEW_TOKENS = 8
-
-
-def build_prompts(tok, lengths: list[int], depths: list[float], seeds_per_cell: int) -> list[dict]:
-    """One prompt per (length, depth, seed): ids (context + question), the split, key, depth."""
-    from flashmem.prompts import fillers_for_tokens, passkey_prompt
-
-    prompts = []
-    for length in lengths:
-        fillers = fillers_for_tokens(tok, length)
-        for di, depth in enumerate(depths):
-            for s in range(seeds_per_cell):
-                seed = length * 1000 + di * 10 + s
-                pk = passkey_prompt(fillers, depth, seed=seed)
-                if not pk.text.endswith(QUESTION):
-                    raise ValueError("passkey_prompt no longer ends with the expected question")
-                context = pk.text[: -len(QUESTION)]
-                ctx_ids = tok(context, add_special_tokens=False).input_ids
-                q_ids = tok(QUESTION, add_special_tokens=False).input_ids
-                prompts.append(
-                    {
-                        "id": f"L{length}-d{depth:.2f}-s{s}",
-                        "target_tokens": length,
-                        "depth": depth,
-                        "seed": seed,
-                        "key": pk.key,
-                        "context_ids": ctx_ids,
-                        "question_ids": q_ids,
-                        "tokens": len(ctx_ids) + len(q_ids),
-                    }
-                )
-    return prompts
-
-
-def _ids(prompt: dict) -> torch.Tensor:
-    return torch.tensor([prompt["context_ids"] + prompt["question_ids"]], dtype=torch.long)
 
 
 def _answer(tok, tokens: list[int], key: str) -> dict:
     text = tok.decode(tokens, skip_special_tokens=True)
-    return {"answer": text, "correct": common.extract_digits(text) == key}
+    return {"answer": text, "correct": metrics.extract_digits(text) == key}
 
 
 def _check(model, tok, prompt: dict, stats_path) -> dict:
-    ids = _ids(prompt)
-    ref = common.hf_decode(model, ids, NEW_TOKENS, collect_logits=False)
-    run = common.flashmem_decode(model, {}, ids, NEW_TOKENS, collect_logits=False, stats_path=stats_path)
+    ids = inputs.prompt_ids(prompt)
+    ref = common.hf_decode(model, ids, ANSWER_TOKENS, collect_logits=False)
+    run = common.flashmem_decode(model, {}, ids, ANSWER_TOKENS, collect_logits=False, stats_path=stats_path)
     if run["tokens"] != ref["tokens"]:
         raise AssertionError(
             f"flashmem without a budget must equal full attention: {run['tokens']} vs {ref['tokens']}"
@@ -171,16 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     json_path, png = common.result_paths("passkey", args.quick, args.json)
 
     model, tok, name, stats_path = common.load_bench_model(args.model)
-    prompts = build_prompts(tok, lengths, depths, args.seeds_per_cell)
+    prompts = inputs.heatmap_prompts(tok, lengths, depths, args.seeds_per_cell)
     check = _check(model, tok, prompts[0], stats_path)
     print(f"check: flashmem without a budget equals full attention on {check['prompt']}")
 
     trials: list[dict] = []
     t_start = time.perf_counter()
     for i, pr in enumerate(prompts):
-        ids = _ids(pr)
+        ids = inputs.prompt_ids(pr)
         base = {k: pr[k] for k in ("id", "target_tokens", "depth", "seed", "key", "tokens")}
-        ref = common.hf_decode(model, ids, NEW_TOKENS, collect_logits=False)
+        ref = common.hf_decode(model, ids, ANSWER_TOKENS, collect_logits=False)
         trials.append(
             {
                 **base,
@@ -194,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         line = [f"full={'ok' if trials[-1]['correct'] else 'x'}"]
         for cfg in configs:
             run = common.flashmem_decode(
-                model, cfg, ids, NEW_TOKENS, collect_logits=False, stats_path=stats_path
+                model, cfg, ids, ANSWER_TOKENS, collect_logits=False, stats_path=stats_path
             )
             rep = run["report"]
             trials.append(
@@ -207,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                     "avg_device_share": rep.get("avg_device_share"),
                     "device_share_end": rep.get("device_share"),
                     "kept_share": rep.get("avg_device_share"),
-                    "top1_agreement_with_full": common.token_agreement(ref["tokens"], run["tokens"]),
+                    "top1_agreement_with_full": metrics.token_agreement(ref["tokens"], run["tokens"]),
                     "blocks_freed": rep.get("blocks_freed"),
                     "timings": rep.get("timings"),
                     "wall_s": run["wall_s"],
@@ -225,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = ["full attention"] + [common.config_label(c) for c in configs]
     peers = None
     if args.peers:
-        from bench import peers_kvpress
+        from bench.peers import kvpress_peer
 
         shares = {}
         for length in lengths:
@@ -236,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
             shares[str(length)] = sum(vals) / len(vals) if vals else 0.15
         full_tokens = {t["id"]: t["generated"] for t in trials if t["method"] == "full attention"}
-        peers = peers_kvpress.run_passkey(
-            prompts, shares, new_tokens=NEW_TOKENS, quick=args.quick, full_tokens=full_tokens
+        peers = kvpress_peer.run_passkey(
+            prompts, shares, new_tokens=ANSWER_TOKENS, quick=args.quick, full_tokens=full_tokens
         )
         for r in peers.get("trials", []):
             pr = next(x for x in prompts if x["id"] == r["id"])
@@ -246,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 | {
                     "method": r["method"],
                     "answer": r["answer"],
-                    "correct": common.extract_digits(r["answer"]) == pr["key"],
+                    "correct": metrics.extract_digits(r["answer"]) == pr["key"],
                     "kept_share": r.get("kept_share"),
                 }
             )
@@ -260,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         lengths=lengths,
         depths=depths,
         seeds_per_cell=args.seeds_per_cell,
-        new_tokens=NEW_TOKENS,
+        new_tokens=ANSWER_TOKENS,
         flashmem_configs=configs,
         prompt_tokens={
             str(L): sorted({p["tokens"] for p in prompts if p["target_tokens"] == L}) for L in lengths

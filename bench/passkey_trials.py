@@ -22,16 +22,13 @@ from pathlib import Path
 import torch
 
 import flashmem
-from flashmem.prompts import fillers_for_tokens, passkey_prompt
+from bench.inputs import ANSWER_TOKENS, trial_passkeys
 
 
-def run(length: int, trials: int, config: dict, new_tokens: int = 8) -> dict:
+def run(length: int, trials: int, config: dict, new_tokens: int = ANSWER_TOKENS) -> dict:
     model, tok = flashmem.load_default_model()
-    fillers = fillers_for_tokens(tok, length)
     records = []
-    for i in range(trials):
-        depth = (i + 0.5) / trials
-        prompt = passkey_prompt(fillers, depth, seed=100 + i)
+    for seed, prompt in trial_passkeys(tok, length, trials):
         ids = tok(prompt.text, return_tensors="pt").input_ids
         t0 = time.perf_counter()
         fm = flashmem.wrap(model, flashmem.FlashMemConfig(**config))
@@ -40,8 +37,8 @@ def run(length: int, trials: int, config: dict, new_tokens: int = 8) -> dict:
         report = fm.memory_report()
         records.append(
             {
-                "depth": depth,
-                "seed": 100 + i,
+                "depth": prompt.depth,
+                "seed": seed,
                 "tokens": int(ids.shape[1]),
                 "key": prompt.key,
                 "answer": answer,

@@ -66,21 +66,12 @@ def _parse(argv):
 
 
 def _model(device: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from bench.long_context import tiny_llama
-
     if device != "cuda":
-        return tiny_llama("cpu", torch.float32), "tiny random-init llama (2 layers, 4/2 heads, d16, fp32)"
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
-        max_position_embeddings=131072,
-    )  # fmt: skip
-    with torch.device(device):
-        model = LlamaForCausalLM(config)
-    return model.to(torch.bfloat16).eval(), "random-init llama (8 layers, 16/8 heads, d128, bf16)"
+        model = common.random_llama("tiny", "cpu", torch.float32)
+        return model, "tiny random-init llama (2 layers, 4/2 heads, d16, fp32)"
+    return common.random_llama(
+        "8layer", device, torch.bfloat16
+    ), "random-init llama (8 layers, 16/8 heads, d128, bf16)"
 
 
 def _ids(model, n: int, seed: int) -> torch.Tensor:

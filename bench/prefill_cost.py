@@ -74,11 +74,7 @@ def _sync(device: torch.device) -> None:
 
 def part_a(quick: bool, lengths: list[int], repeats: int) -> dict:
     if quick:
-        from flashmem.testing import tiny_model
-
-        model = tiny_model("llama", layers=2, max_positions=max(lengths) + 16)
-        stats = _quick_stats(model)
-        name = "tiny random-init Llama (2 layers, 4/2 heads, head_dim 16)"
+        model, stats, name = common.tiny_bench_model(max(lengths) + 16)
         vocab = model.config.vocab_size
         token_ids = [
             torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(n)) for n in lengths
@@ -101,21 +97,6 @@ def part_a(quick: bool, lengths: list[int], repeats: int) -> dict:
     return {"model": name, "budget_tokens": BUDGET, "rows": rows}
 
 
-_STATS: dict[int, str] = {}
-
-
-def _quick_stats(model) -> str:
-    import tempfile
-    from pathlib import Path
-
-    if id(model) not in _STATS:
-        ids = torch.randint(0, model.config.vocab_size, (600,), generator=torch.Generator().manual_seed(0))
-        path = Path(tempfile.mkdtemp()) / "tiny_stats.safetensors"
-        flashmem.calibrate(model, ids, max_tokens=600, window=300, progress=False).save(path)
-        _STATS[id(model)] = str(path)
-    return _STATS[id(model)]
-
-
 def _matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -130,17 +111,9 @@ def _matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> fl
 
 def part_b(tokens: int, budget: int) -> dict:
     """8B-shaped bf16 prefill on CUDA: time vs compute floor, peak memory vs bound."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     device = torch.device("cuda")
-    cfg = LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
-        max_position_embeddings=1_048_576,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model = common.random_llama("llama8b", device, torch.bfloat16)
+    cfg = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     rate = _matmul_tflops(device)
     calib = torch.randint(0, cfg.vocab_size, (2048,), generator=torch.Generator().manual_seed(1)).to(device)

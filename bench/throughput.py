@@ -27,7 +27,7 @@ import statistics
 
 import torch
 
-from bench import common
+from bench import common, metrics
 
 DEFAULT_CONFIGS = [{}, {"budget_tokens": 512}]
 
@@ -81,7 +81,7 @@ def part_a(model, ids, configs, steps, stats_path) -> dict:
         )
         r = {"method": common.config_label(cfg), "flashmem_config": cfg, **_fm_rate(run, steps)}
         r["ratio_vs_full"] = r["tokens_per_s"] / full["tokens_per_s"] if r["tokens_per_s"] else None
-        r["tokens_agree_with_full"] = common.token_agreement(ref["tokens"], run["tokens"])
+        r["tokens_agree_with_full"] = metrics.token_agreement(ref["tokens"], run["tokens"])
         rows.append(r)
         print(
             f"  T={ids.shape[1]} {r['method']}: {r['tokens_per_s']:.2f} tok/s "

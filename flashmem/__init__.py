@@ -8,7 +8,13 @@ is reached through the names below too, but loaded only on first use.
 from .config import FlashMemConfig
 from .files import load_indexer, load_stats, load_stats_for_model
 from .hf_compat import model_fingerprint
-from .models import DEFAULT_MODEL_NAME, default_model_path, load_default_model, load_model
+from .models import (
+    DEFAULT_MODEL_NAME,
+    default_model_path,
+    load_default_model,
+    load_default_tokenizer,
+    load_model,
+)
 from .wrapper import FlashMemModel, format_bytes, wrap
 
 _LAZY = {
@@ -27,6 +33,7 @@ __all__ = [
     "default_model_path",
     "format_bytes",
     "load_default_model",
+    "load_default_tokenizer",
     "load_indexer",
     "load_model",
     "load_stats",

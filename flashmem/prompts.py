@@ -6,6 +6,7 @@ import random
 from dataclasses import dataclass
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"  # every pass-key prompt ends with it
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,7 @@ def passkey_prompt(num_fillers: int, depth: float, seed: int = 0) -> PassKeyProm
     body = FILLER * at + needle + FILLER * (num_fillers - at)
     text = (
         "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-        "I will quiz you about the important information there.\n\n"
-        + body
-        + "\n\nWhat is the pass key? The pass key is"
+        "I will quiz you about the important information there.\n\n" + body + PASSKEY_QUESTION
     )
     return PassKeyPrompt(text=text, key=key, depth=depth)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flashmem
-from bench import common, run
+from bench import common, metrics, run
 
 
 def test_list_and_unknown_entry(capsys):
@@ -101,15 +101,15 @@ def test_machine_stamp_and_header():
 
 def test_compare_logits_and_helpers():
     a = torch.randn(5, 11, generator=torch.Generator().manual_seed(0))
-    same = common.compare_logits(a, a.clone())
+    same = metrics.compare_logits(a, a.clone())
     assert same["top1_agreement"] == 1.0 and abs(same["mean_kl"]) < 1e-12
     b = a.clone()
     b[2] = -b[2]
-    diff = common.compare_logits(a, b)
+    diff = metrics.compare_logits(a, b)
     assert diff["top1_agreement"] == pytest.approx(0.8) and diff["mean_kl"] > 0
-    assert common.token_agreement([1, 2, 3, 4], [1, 9, 3, 4]) == 0.75
-    assert common.extract_digits(" 27611.<|im_end|>") == "27611"
-    assert common.extract_digits("no key") == ""
+    assert metrics.token_agreement([1, 2, 3, 4], [1, 9, 3, 4]) == 0.75
+    assert metrics.extract_digits(" 27611.<|im_end|>") == "27611"
+    assert metrics.extract_digits("no key") == ""
 
 
 def test_teacher_forcing_matches_hf_and_forced_tokens():
@@ -119,7 +119,7 @@ def test_teacher_forcing_matches_hf_and_forced_tokens():
     ref = common.hf_decode(model, ids, 12, forced=forced)
     run_ = common.flashmem_decode(model, {}, ids, 12, forced=forced, stats_path=stats)
     assert run_["tokens"] == forced == ref["tokens"]
-    m = common.compare_logits(ref["logits"], run_["logits"])
+    m = metrics.compare_logits(ref["logits"], run_["logits"])
     assert m["top1_agreement"] == 1.0 and m["max_kl"] < 1e-6
     # greedy without forcing equals Hugging Face too, and the trace has one entry per fed token
     g = common.flashmem_decode(model, {}, ids, 12, stats_path=stats)
@@ -164,6 +164,9 @@ def test_throughput_entry_quick(tmp_path):
         "200",
         "--long",
         "600",
+        # the sparse prefill compacts as it goes: those compactions must stay out of the per-step figures
+        "--budget-config",
+        '{"budget_tokens": 256, "prefill": "sparse"}',
         "--json",
         str(out),
     ]
@@ -174,7 +177,7 @@ def test_throughput_entry_quick(tmp_path):
     assert {r["method"] for r in a["flashmem"]} == {"flashmem (no budget)", "flashmem budget_tokens=256"}
     assert data["part_b"]["flashmem_long_over_short"] > 0
     # the per-step breakdown counts decode steps only: its parts fit inside the decode time, and the
-    # long prompt's prefill compactions (hundreds of tokens over a 256 budget) are not in it
+    # long prompt's sparse-prefill compactions (hundreds of tokens over a 256 budget) are not in it
     long_fm = data["part_b"]["runs"]["long"]["flashmem"]
     per_step = long_fm["timings_per_step_ms"]
     assert per_step["compaction_s"] + per_step["recall_s"] <= per_step["decode_s"]
@@ -243,15 +246,15 @@ def test_fidelity_entry_tiny(tmp_path):
 
 
 def test_kvpress_peer_records_why_it_did_not_run(monkeypatch, tmp_path):
-    from bench import peers_kvpress
+    from bench.peers import kvpress_env, kvpress_peer
 
-    monkeypatch.setattr(peers_kvpress, "VENV", tmp_path / "no-venv")
-    assert peers_kvpress._probe() is None  # a missing venv is detected, not assumed
+    monkeypatch.setattr(kvpress_env, "VENV", tmp_path / "no-venv")
+    assert kvpress_env._probe() is None  # a missing venv is detected, not assumed
     monkeypatch.setattr(
-        peers_kvpress, "ensure_env", lambda: {"ok": False, "error": "pip failed: no kvpress", "log": []}
+        kvpress_env, "ensure_env", lambda: {"ok": False, "error": "pip failed: no kvpress", "log": []}
     )
     prompts = [{"id": "p", "context_ids": [1, 2], "question_ids": [3], "target_tokens": 100}]
-    out = peers_kvpress.run_passkey(prompts, {"100": 0.2})
+    out = kvpress_peer.run_passkey(prompts, {"100": 0.2})
     assert out["status"] == "not run" and out["reason"] == "pip failed: no kvpress" and out["trials"] == []
 
 
@@ -306,3 +309,41 @@ def test_long_context_entry_small(tmp_path, monkeypatch):
     assert 0 <= b["h2d_copy_time_in_recall"] <= b["recall_refresh"] + 1e-9
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / ".long_context_stats.safetensors").exists()  # temporary stats removed
+
+
+def test_pre_rope_keys_are_the_projected_keys():
+    """Layer 0's keys before RoPE depend on the token alone: k_proj(input_layernorm(embedding))."""
+    from flashmem.testing import pre_rope_keys, tiny_model
+
+    model = tiny_model("llama", layers=2, seed=3)
+    ids = torch.randint(0, 128, (37,), generator=torch.Generator().manual_seed(8))
+    got = pre_rope_keys(model, ids, 0, window=16)  # three windows, positions restart in each
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        want = layer.self_attn.k_proj(layer.input_layernorm(model.model.embed_tokens(ids)))
+    assert got.shape == (37, 2, 16)
+    torch.testing.assert_close(got, want.view(37, 2, 16), rtol=1e-5, atol=1e-5)
+    # a later layer sees the context: its keys differ with the window
+    assert not torch.allclose(
+        pre_rope_keys(model, ids, 1, window=16), pre_rope_keys(model, ids, 1, window=64)
+    )
+
+
+def test_median_ms_and_the_kernel_timings_on_cpu():
+    """One timer (bench.common.median_ms) for the kernel timings of freed-blocks --gpu-timing and
+    paged-decode; on a CPU both run their correctness checks and time under the Triton interpreter."""
+    from bench import freed_blocks, paged_decode_timing
+
+    calls = []
+    assert common.median_ms(lambda: calls.append(1), torch.device("cpu"), 2, 5) >= 0
+    assert len(calls) == 7  # warm-up calls, then the timed ones
+    r = freed_blocks.time_kernels_cuda(
+        1024, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16, budget=128,
+        dtype=torch.float32, repeats=2, device="cpu",
+    )  # fmt: skip
+    assert r["compaction_matches_reference"] and r["score_max_rel_error_vs_fp64_reference"] < 1e-5
+    assert r["score_one_layer_ms"] > 0 and r["compaction_all_layers_ms"] > 0
+    argv = ["--lengths", "40", "--q-heads", "4", "--kv-heads", "2", "--head-dim", "16", "--dtype", "fp32"]
+    args = paged_decode_timing._parse(argv + ["--warmup", "1", "--iters", "2"])
+    r = paged_decode_timing.run_length(40, args, torch.device("cpu"), torch.float32)
+    assert r["correct"] and r["kernel_ms"] > 0 and r["sdpa_best_ms"] > 0

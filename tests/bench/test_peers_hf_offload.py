@@ -4,7 +4,8 @@
 import pytest
 import torch
 
-from bench import common, peers_hf_offload
+from bench import common
+from bench.peers import hf_offload
 from flashmem.testing import tiny_model
 
 
@@ -16,7 +17,7 @@ def model():
 def test_full_attention_loop_matches_shared_loop(model):
     ids = torch.randint(0, model.config.vocab_size, (1, 37), generator=torch.Generator().manual_seed(2))
     ref = common.hf_decode(model, ids, 9, collect_logits=False)
-    got = peers_hf_offload.hf_cache_decode(model, ids, 9, offloading=False)
+    got = hf_offload.hf_cache_decode(model, ids, 9, offloading=False)
     assert got["tokens"] == ref["tokens"]
     assert len(got["step_s"]) == 8 and len(got["device_kv_trace"]) == 8
     c = model.config
@@ -33,12 +34,12 @@ def test_offloading_refused_without_cuda_before_work(model):
         pytest.skip("CUDA present: the offloaded cache can run here")
     ids = torch.zeros(1, 5, dtype=torch.long)
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
-        peers_hf_offload.hf_cache_decode(model, ids, 3, offloading=True)
-    assert "no CUDA" in peers_hf_offload.skip_reason()
+        hf_offload.hf_cache_decode(model, ids, 3, offloading=True)
+    assert "no CUDA" in hf_offload.skip_reason()
 
 
 def test_bad_arguments(model):
     with pytest.raises(ValueError, match=r"\[1, T\]"):
-        peers_hf_offload.hf_cache_decode(model, torch.zeros(2, 5, dtype=torch.long), 3, offloading=False)
+        hf_offload.hf_cache_decode(model, torch.zeros(2, 5, dtype=torch.long), 3, offloading=False)
     with pytest.raises(ValueError, match="steps"):
-        peers_hf_offload.hf_cache_decode(model, torch.zeros(1, 5, dtype=torch.long), 0, offloading=False)
+        hf_offload.hf_cache_decode(model, torch.zeros(1, 5, dtype=torch.long), 0, offloading=False)

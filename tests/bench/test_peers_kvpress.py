@@ -1,4 +1,4 @@
-"""The kvpress peer's main-process logic without its environment: the context/question split of the
+"""The kvpress peer (bench/peers/) without its environment: the context/question split of the
 pass-key trials prompts (default tokenizer only, no weights), the logit comparison on handmade
 logits, the teacher-forced decode loop on a tiny model, and the summaries and file readers."""
 
@@ -8,14 +8,16 @@ import math
 import pytest
 import torch
 
-from bench import common, peers_kvpress
-from bench.peers_kvpress import QUESTION, split_question
+from bench import common, inputs, metrics
+from bench.inputs import split_question
+from bench.peers import kvpress_env, kvpress_peer, kvpress_worker
+from flashmem.prompts import PASSKEY_QUESTION as QUESTION
 from flashmem.prompts import fillers_for_tokens, passkey_prompt
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return peers_kvpress.default_tokenizer()
+    return kvpress_peer.load_default_tokenizer()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,7 +40,7 @@ def test_split_reproduces_the_trials_ids(tok, length):
 
 
 def test_trial_prompts_follow_passkey_trials(tok):
-    prompts = peers_kvpress.trial_prompts(tok, 1000, 4)
+    prompts = inputs.trial_prompts(tok, 1000, 4)
     assert [p["depth"] for p in prompts] == [0.125, 0.375, 0.625, 0.875]
     assert [p["seed"] for p in prompts] == [100, 101, 102, 103]
     fillers = fillers_for_tokens(tok, 1000)
@@ -48,7 +50,7 @@ def test_trial_prompts_follow_passkey_trials(tok):
         assert p["context_ids"] + p["question_ids"] == tok(prompt.text).input_ids
         assert p["tokens"] == len(p["context_ids"]) + len(p["question_ids"])
     assert len({p["id"] for p in prompts}) == 4
-    assert peers_kvpress.length_tag(4000) == "4k" and peers_kvpress.length_tag(7000) == "7k"
+    assert kvpress_peer.length_tag(4000) == "4k" and kvpress_peer.length_tag(7000) == "7k"
 
 
 class ChunkTokenizer:
@@ -86,7 +88,7 @@ def test_split_raises_when_the_question_merges_into_the_context():
 
 
 # ---------------------------------------------------------------------------------------------
-# fidelity math
+# fidelity math (bench.metrics: the worker's and the entries' measure)
 # ---------------------------------------------------------------------------------------------
 def test_compare_logits_on_handmade_logits():
     ln = math.log
@@ -95,23 +97,21 @@ def test_compare_logits_on_handmade_logits():
     # step 2: identical: KL 0, argmax 1 == 1
     ref = torch.tensor([[ln(1.0) + 1e-9, 0.0], [0.0, ln(4.0)], [0.0, 2.0]])
     test = torch.tensor([[ln(3.0), 0.0], [ln(4.0), 0.0], [0.0, 2.0]])
-    m = peers_kvpress.compare_logits(ref, test)
+    m = metrics.compare_logits(ref, test)
     kl = [0.5 * ln(4 / 3), 0.6 * ln(4.0), 0.0]
     assert m["positions"] == 3
     assert m["top1_agreement"] == pytest.approx(2 / 3)
     assert m["mean_kl"] == pytest.approx(sum(kl) / 3, abs=1e-8)
     assert m["max_kl"] == pytest.approx(max(kl), abs=1e-8)
     # a shift of all logits of a step changes nothing
-    same = peers_kvpress.compare_logits(ref, ref + torch.tensor([[5.0], [-3.0], [0.5]]))
+    same = metrics.compare_logits(ref, ref + torch.tensor([[5.0], [-3.0], [0.5]]))
     assert same["top1_agreement"] == 1.0 and abs(same["mean_kl"]) < 1e-12
-    # the same measure as bench/fidelity.py's
+    # logits of different step counts are an error, not a silent cut; no steps give NaNs
     a = torch.randn(7, 50, generator=torch.Generator().manual_seed(1))
-    b = a + 0.3 * torch.randn(7, 50, generator=torch.Generator().manual_seed(2))
-    mine, theirs = peers_kvpress.compare_logits(a, b), common.compare_logits(a, b)
-    for key in ("positions", "top1_agreement", "mean_kl", "max_kl"):
-        assert mine[key] == pytest.approx(theirs[key], rel=1e-12)
     with pytest.raises(ValueError, match="shape"):
-        peers_kvpress.compare_logits(a, b[:3])
+        metrics.compare_logits(a, a[:3])
+    empty = metrics.compare_logits(a[:0], a[:0])
+    assert empty["positions"] == 0 and math.isnan(empty["mean_kl"])
 
 
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
@@ -127,18 +127,18 @@ def test_teacher_forced_decode_matches_full_attention_at_true_positions():
     with torch.no_grad():
         cache = DynamicCache()
         model.model(input_ids=ids[:, :-1], past_key_values=cache)
-        run = peers_kvpress._decode_after(
+        run = kvpress_worker._decode_after(
             model, cache, ids[:, -1:], 49, 10, torch.no_grad(), forced=forced, keep_logits=True
         )
     assert run["tokens"] == forced and run["logits"].shape == (10, 128)
-    m = peers_kvpress.compare_logits(ref["logits"], run["logits"])
+    m = metrics.compare_logits(ref["logits"], run["logits"])
     assert m["top1_agreement"] == 1.0 and m["max_kl"] < 1e-9
     assert run["lengths"] == list(range(50, 60))  # one more cached token per step, none dropped
     # greedy (no forcing) follows its own argmax
     with torch.no_grad():
         cache = DynamicCache()
         model.model(input_ids=ids[:, :-1], past_key_values=cache)
-        greedy = peers_kvpress._decode_after(model, cache, ids[:, -1:], 49, 6, torch.no_grad())
+        greedy = kvpress_worker._decode_after(model, cache, ids[:, -1:], 49, 6, torch.no_grad())
     assert greedy["tokens"] == common.hf_decode(model, ids, 6)["tokens"] and greedy["logits"] is None
 
 
@@ -165,7 +165,7 @@ def test_summarize_trials():
         _record(1, "KnormPress", "question inside", True, 0.11, 0.13),
         _record(2, "KnormPress", "question outside", True, 0.10, 0.13),
     ]
-    s = peers_kvpress.summarize_trials(records)
+    s = kvpress_peer.summarize_trials(records)
     assert list(s) == ["kvpress KnormPress (question outside)", "kvpress KnormPress (question inside)"]
     out, ins = s.values()
     assert (out["correct"], out["trials"], ins["correct"], ins["trials"]) == (2, 3, 1, 2)
@@ -195,7 +195,7 @@ def test_summarize_fidelity():
         row("a", "TOVAPress", "budget_tokens=512", 1.0, 0.1, 0.2),
         row("a", "KnormPress", "budget_tokens=256", 0.5, 1.0, 0.1),
     ]
-    s = peers_kvpress.summarize_fidelity(rows)
+    s = kvpress_peer.summarize_fidelity(rows)
     assert [(x["method"], x["share_label"], x["docs"]) for x in s] == [
         ("kvpress TOVAPress", "budget_tokens=256", 2),
         ("kvpress TOVAPress", "budget_tokens=512", 1),
@@ -214,9 +214,9 @@ def test_keep_shares_and_full_answers_from_json(tmp_path, tok):
     flashmem.write_text(
         json.dumps({"length": 4000, "config": {"budget_tokens": 256}, "mean_avg_device_share": 0.11})
     )
-    assert peers_kvpress.flashmem_trials_share(flashmem, 4000) == 0.11
-    assert peers_kvpress.flashmem_trials_share(flashmem, 2000) is None  # another length
-    assert peers_kvpress.flashmem_trials_share(tmp_path / "missing.json", 4000) is None
+    assert kvpress_peer.flashmem_trials_share(flashmem, 4000) == 0.11
+    assert kvpress_peer.flashmem_trials_share(flashmem, 2000) is None  # another length
+    assert kvpress_peer.flashmem_trials_share(tmp_path / "missing.json", 4000) is None
 
     generated = tok(" 67890. The").input_ids
     full = tmp_path / "full.json"
@@ -225,16 +225,16 @@ def test_keep_shares_and_full_answers_from_json(tmp_path, tok):
         {"seed": 101, "depth": 0.75, "key": "67890", "tokens": 50, "answer": "stale", "generated": generated},
     ]
     full.write_text(json.dumps({"length": 4000, "config": {}, "records": records}))
-    got = peers_kvpress.full_answers_from_json(full, prompts, tok)
+    got = kvpress_peer.full_answers_from_json(full, prompts, tok)
     assert got["t0"]["answer"] == " 12345. The" and got["t0"]["correct"] and got["t0"]["tokens"] is None
     assert got["t1"]["answer"] == " 67890. The" and got["t1"]["tokens"] == generated  # tokens win
     # a record of another prompt (different length) is not used
     records[0]["tokens"] = 51
     full.write_text(json.dumps({"length": 4000, "config": {}, "records": records}))
-    assert set(peers_kvpress.full_answers_from_json(full, prompts, tok)) == {"t1"}
+    assert set(kvpress_peer.full_answers_from_json(full, prompts, tok)) == {"t1"}
     # a budgeted run is not full attention
     full.write_text(json.dumps({"length": 4000, "config": {"budget_tokens": 256}, "records": records}))
-    assert peers_kvpress.full_answers_from_json(full, prompts, tok) == {}
+    assert kvpress_peer.full_answers_from_json(full, prompts, tok) == {}
 
 
 def test_fidelity_keep_shares(tmp_path):
@@ -244,19 +244,19 @@ def test_fidelity_keep_shares(tmp_path):
         {"method": "flashmem budget_tokens=512", "mean_avg_device_share": 0.15},
     ]
     path.write_text(json.dumps({"summary": summary}))
-    shares = peers_kvpress.fidelity_keep_shares(path)
+    shares = kvpress_peer.fidelity_keep_shares(path)
     assert [(s["label"], s["share"]) for s in shares] == [
         ("budget_tokens=256", 0.09),
         ("budget_tokens=512", 0.15),
     ]
     assert "fidelity.json" in shares[0]["source"]
-    assert peers_kvpress.fidelity_keep_shares(tmp_path / "none.json") == []
+    assert kvpress_peer.fidelity_keep_shares(tmp_path / "none.json") == []
 
 
 def test_trials_mode_end_to_end_with_a_stub_worker(monkeypatch, tmp_path, tok):
     """The main process of --mode trials: prompts, keep share and full answers from the flashmem
     JSONs, the worker's tokens judged with the key-in-answer rule, summary and environment check."""
-    prompts = peers_kvpress.trial_prompts(tok, 300, 2)
+    prompts = inputs.trial_prompts(tok, 300, 2)
     fm, full = tmp_path / "fm.json", tmp_path / "full.json"
     fm.write_text(json.dumps({"length": 300, "config": {"budget_tokens": 64}, "mean_avg_device_share": 0.3}))
     full.write_text(
@@ -295,12 +295,12 @@ def test_trials_mode_end_to_end_with_a_stub_worker(monkeypatch, tmp_path, tok):
                 )
         return {"status": "ok", "trials": trials, "full_attention": full_runs}
 
-    monkeypatch.setattr(peers_kvpress, "run_worker", fake_worker)
-    monkeypatch.setattr(peers_kvpress, "default_tokenizer", lambda: tok)
+    monkeypatch.setattr(kvpress_env, "run_worker", fake_worker)
+    monkeypatch.setattr(kvpress_peer, "load_default_tokenizer", lambda: tok)
     out = tmp_path / "out.json"
     argv = ["--mode", "trials", "--length", "300", "--trials", "2", "--json", str(out)]
     argv += ["--flashmem-json", str(fm), "--full-json", str(full), "--presses", "KnormPress"]
-    assert peers_kvpress.main(argv) == 0
+    assert kvpress_peer.main(argv) == 0
     task = seen["task"]
     assert task["kind"] == "trials" and task["presses"] == ["KnormPress"] and task["full_every_prompt"]
     assert [p["keep_share"] for p in task["prompts"]] == [0.3, 0.3]
@@ -320,3 +320,52 @@ def test_trials_mode_end_to_end_with_a_stub_worker(monkeypatch, tmp_path, tok):
     assert (
         t0["full_attention"]["correct"] and t0["kvpress"]["kvpress KnormPress (question outside)"]["correct"]
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# the worker, run as the peer runs it (a subprocess: python -m bench.peers.kvpress_worker)
+# ---------------------------------------------------------------------------------------------
+STUB_KVPRESS = '''"""A stand-in for kvpress: one press that keeps everything."""
+import contextlib
+
+
+class KnormPress:
+    def __init__(self, compression_ratio=0.0):
+        self.compression_ratio = compression_ratio
+
+    @contextlib.contextmanager
+    def __call__(self, model):
+        yield
+'''
+
+
+@pytest.mark.slow  # the worker loads the default model (about a minute on 2 CPU cores)
+def test_worker_runs_in_a_subprocess_with_a_stub_kvpress(monkeypatch, tmp_path, tok):
+    """run_worker starts the worker module with the environment's python from the repository root;
+    here the environment is this one with a stub kvpress (one press that keeps the whole cache, so
+    its answers must equal full attention's); the presses the stub lacks are skipped."""
+    import sys
+    from pathlib import Path
+
+    stub = tmp_path / "site"
+    (stub / "kvpress").mkdir(parents=True)
+    (stub / "kvpress" / "__init__.py").write_text(STUB_KVPRESS)
+    (stub / "kvpress-0.0.0.dist-info").mkdir()
+    (stub / "kvpress-0.0.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: kvpress\nVersion: 0.0.0\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(stub))
+    monkeypatch.setattr(kvpress_env, "_venv_python", lambda: Path(sys.executable))
+    monkeypatch.setattr(kvpress_env, "ensure_env", lambda: {"ok": True, "versions": {}, "log": []})
+    (prompt,) = inputs.heatmap_prompts(tok, [100], [0.5], 1)
+    out = kvpress_peer.run_passkey([prompt], {"100": 0.5}, new_tokens=3, timeout=600)
+    assert out["status"] == "ok", out.get("reason")
+    assert out["worker_versions"]["kvpress"] == "0.0.0"
+    assert set(out["skipped_presses"]) == set(kvpress_worker.PRESSES + [kvpress_worker.DECODING_PRESS]) - {
+        "KnormPress"
+    }
+    full = out["full_attention"][0]["tokens"]
+    assert len(full) == 3
+    assert [t["placement"] for t in out["trials"]] == kvpress_worker.PLACEMENTS
+    for t in out["trials"]:
+        assert t["tokens"] == full and t["kept_share_end"] == 1.0

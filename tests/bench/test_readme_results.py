@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from bench import report
+from bench import readme
 
-README = report.README
+README = readme.README
 
 
 def test_readme_tables_agree_with_results_json():
     text = README.read_text()
-    assert len(report.marked_sections(text)) >= 5
-    rendered = report.render(text)
+    assert len(readme.marked_sections(text)) >= 5
+    rendered = readme.render(text)
     assert rendered == text, "README.md disagrees with bench/results: run `python -m bench.run report`"
-    assert report.main(["--check"]) == 0
+    assert readme.main(["--check"]) == 0
 
 
 def test_every_named_result_file_exists_and_plots_are_png():
@@ -40,7 +40,7 @@ def test_every_named_result_file_exists_and_plots_are_png():
 
 def test_missing_results_render_as_not_measured(tmp_path: Path):
     text = "a\n<!-- results:long-context -->\nold figures\n<!-- /results:long-context -->\nb\n"
-    out = report.render(text, tmp_path)
+    out = readme.render(text, tmp_path)
     assert "old figures" not in out and "not measured yet" in out
     assert out.startswith("a\n<!-- results:long-context -->\n") and out.endswith(
         "<!-- /results:long-context -->\nb\n"
@@ -49,13 +49,13 @@ def test_missing_results_render_as_not_measured(tmp_path: Path):
 
 def test_unknown_section_is_an_error():
     with pytest.raises(ValueError, match="unknown result sections"):
-        report.render("<!-- results:nope -->\n<!-- /results:nope -->\n")
+        readme.render("<!-- results:nope -->\n<!-- /results:nope -->\n")
 
 
 def test_check_reports_a_disagreement(tmp_path: Path, capsys):
-    readme = tmp_path / "README.md"
-    readme.write_text("<!-- results:freed-blocks -->\n| stale | table |\n<!-- /results:freed-blocks -->\n")
-    assert report.main(["--check", "--readme", str(readme)]) == 1
+    path = tmp_path / "README.md"
+    path.write_text("<!-- results:freed-blocks -->\n| stale | table |\n<!-- /results:freed-blocks -->\n")
+    assert readme.main(["--check", "--readme", str(path)]) == 1
     assert "disagrees" in capsys.readouterr().out
-    assert report.main(["--readme", str(readme)]) == 0
-    assert report.main(["--check", "--readme", str(readme)]) == 0
+    assert readme.main(["--readme", str(path)]) == 0
+    assert readme.main(["--check", "--readme", str(path)]) == 0

@@ -3,8 +3,8 @@
 transformers keeps every layer's K/V in host memory and copies one layer back to the GPU ahead of
 its use (a prefetch stream), so at most about two layers' KV sit on the device at once. Its device
 share is therefore ~2 / num_layers of the full KV at every context length, bought with a full
-host-to-device copy of the whole KV every decode step. The ``memory`` and ``throughput`` entries
-call :func:`hf_cache_decode` on CUDA machines beside full attention and flashmem on the same ids.
+host-to-device copy of the whole KV every decode step. ``python -m bench.run hf-offload`` runs
+:func:`hf_cache_decode` on a CUDA machine beside full attention and flashmem on the same ids.
 
 Measured per decode step (after the forward returns, the GPU synchronised):
 
@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from bench import common
+from bench import common, metrics
 
 
 def _sync(device: torch.device) -> None:
@@ -39,9 +39,7 @@ def hf_cache_decode(model, ids: torch.Tensor, steps: int, *, offloading: bool) -
     """Greedy decode of ``steps`` tokens after ``ids`` ``[1, T]`` with a Hugging Face ``DynamicCache``
     (``offloading=True``: transformers' offloaded cache). Returns tokens, per-step seconds (GPU
     synchronised), per-step device KV bytes and allocator figures, and the end-of-run totals."""
-    from transformers import DynamicCache
-
-    from flashmem.hf_compat import forward_kwargs
+    from flashmem.testing import DenseDecoder
 
     device = next(model.parameters()).device
     if offloading and device.type != "cuda":
@@ -59,30 +57,29 @@ def hf_cache_decode(model, ids: torch.Tensor, steps: int, *, offloading: bool) -
         _sync(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    cache = DynamicCache(config=model.config, offloading=offloading)
-    kw = forward_kwargs(model, cache)
+    dense = DenseDecoder(model, offloading=offloading)
     t0 = time.perf_counter()
-    out = model(input_ids=ids, logits_to_keep=1, **kw)
+    logits = dense.step(ids)
     _sync(device)
     prefill_s = time.perf_counter() - t0
     prefill_peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
-    token = int(out.logits[0, -1].argmax())
+    token = int(logits.argmax())
     tokens = [token]
     step_s, device_kv, allocated, step_peak = [], [], [], []
     for _ in range(steps - 1):
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        out = model(input_ids=torch.tensor([[token]], device=device), logits_to_keep=1, **kw)
-        token = int(out.logits[0, -1].argmax())  # a host read: the step is complete on the GPU
+        logits = dense.step(torch.tensor([[token]], device=device))
+        token = int(logits.argmax())  # a host read: the step is complete on the GPU
         _sync(device)
         step_s.append(time.perf_counter() - t0)
         tokens.append(token)
-        device_kv.append(common.cache_kv_bytes(cache, device)[0])
+        device_kv.append(dense.kv_bytes(device)[0])
         if cuda:
             allocated.append(torch.cuda.memory_allocated(device) - base)
             step_peak.append(torch.cuda.max_memory_allocated(device) - base)
-    on_device, total = common.cache_kv_bytes(cache, device)
+    on_device, total = dense.kv_bytes(device)
     med = statistics.median(step_s) if step_s else None
     return {
         "method": "HF offloaded cache" if offloading else "full attention (DynamicCache)",
@@ -174,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens_per_s": run["tokens_per_s"],
                 "ratio_vs_full": ratio,
                 "max_device_share": run["max_device_share"],
-                "tokens_agree_with_full": common.token_agreement(full["tokens"], run["tokens"]),
+                "tokens_agree_with_full": metrics.token_agreement(full["tokens"], run["tokens"]),
             }
         )
         print(

@@ -1,4 +1,5 @@
-"""The README's result tables, rendered from the JSON files in ``bench/results/``.
+"""The README's result tables, rendered from the JSON files in ``bench/results/`` (not a benchmark:
+it reads what the entries wrote; only ``bench/run.py`` imports it).
 
     python -m bench.run report            # rewrite the tables in README.md from the JSON files
     python -m bench.run report --check    # exit 1 (and show the difference) when README.md disagrees
