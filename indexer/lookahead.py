@@ -176,6 +176,23 @@ class LookaheadIndexer(torch.nn.Module):
             z = z.masked_fill(~mask, -math.inf)
         return z
 
+    def record_logits(self, record, layer: int) -> torch.Tensor:
+        """Pre-sigmoid scores ``[R, N]`` at every refresh of one layer of a stored record
+        (:class:`~flashmem.indexer.records.DocRecord`); chunks that are not candidates get -inf.
+        Training and evaluation both score records through here."""
+        summ = record.summaries(layer)
+        return self.logits(
+            layer,
+            record.q_pre[layer],
+            record.q_rope[layer],
+            record.refresh,
+            summ.mean_key_rope,
+            self.compress(layer, summ.mean_key),
+            summ.start,
+            record.candidates,
+            bounds=(summ.min_key, summ.max_key),
+        )
+
     def score_layer(self, layer: int, query: QueryState, summaries: ChunkSummaries) -> torch.Tensor:
         """Scores in (0, 1) of every chunk in ``summaries`` ([..., N])."""
         comp = summaries.compressed
