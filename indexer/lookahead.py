@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..kernels.checks import check_int
 from .heuristics import QueryState
 from .summaries import ChunkSummaries
 
@@ -62,8 +63,9 @@ class LookaheadConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim", "rank", "chunk_size", "tau"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"LookaheadConfig.{name} must be positive, got {getattr(self, name)}")
+            check_int("LookaheadConfig", name, getattr(self, name), 1)
+        for name in ("num_sink_chunks", "recent_tokens"):
+            check_int("LookaheadConfig", name, getattr(self, name), 0)
         if self.num_q_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_q_heads ({self.num_q_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
