@@ -13,22 +13,7 @@ from flashmem.offload.transfer import TransferEngine
 from flashmem.recall import RecallController
 from flashmem.wrapper import FlashMemModel
 
-
-def _config(stats, **kw):
-    base = dict(
-        budget_tokens=48,
-        compaction_interval=16,
-        window_tokens=16,
-        sink_tokens=4,
-        stats_path=stats,
-        chunk_size=16,
-        indexer="quest",
-        chunk_budget=3,
-        lookahead=16,
-        prefetch_steps=6,
-    )
-    base.update(kw)
-    return flashmem.FlashMemConfig(**base)
+PREFETCH = dict(indexer="quest", chunk_budget=3, lookahead=16, prefetch_steps=6)
 
 
 def test_bad_prefetch_steps_are_refused_at_construction():
@@ -163,10 +148,12 @@ def _windows_and_copies(events):
 
 @pytest.mark.parametrize("prefill", ["exact", "sparse"])
 @pytest.mark.parametrize("prefetch_steps", [0, 6])
-def test_prefetched_windows_never_attend_a_token_twice(model_and_stats, monkeypatch, prefill, prefetch_steps):
-    model, stats = model_and_stats
+def test_prefetched_windows_never_attend_a_token_twice(
+    model_and_stats, monkeypatch, prefill, prefetch_steps, budget_config
+):
+    model, _ = model_and_stats
     rec = _Recorder(monkeypatch)
-    config = _config(stats, prefetch_steps=prefetch_steps, prefill=prefill, prefill_chunk_tokens=32)
+    config = budget_config(PREFETCH, prefetch_steps=prefetch_steps, prefill=prefill, prefill_chunk_tokens=32)
     fm = flashmem.wrap(model, config)
     ids = torch.randint(0, 128, (1, 120), generator=torch.Generator().manual_seed(2))
     steps = 84
@@ -214,9 +201,9 @@ def test_prefetched_windows_never_attend_a_token_twice(model_and_stats, monkeypa
     assert r["host_kv_bytes"] == r["full_kv_bytes"]
 
 
-def test_generation_ending_inside_a_prefetch_drops_it(model_and_stats):
-    model, stats = model_and_stats
-    fm = flashmem.wrap(model, _config(stats))
+def test_generation_ending_inside_a_prefetch_drops_it(model_and_stats, budget_config):
+    model, _ = model_and_stats
+    fm = flashmem.wrap(model, budget_config(PREFETCH))
     ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(3))
     fm.generate(ids, 13, eos_token_id=None)  # steps 0..11 fed: prefetch at 10, boundary 16 never reached
     assert fm.offload.pending_prefetch is None
@@ -227,15 +214,16 @@ def test_generation_ending_inside_a_prefetch_drops_it(model_and_stats):
     assert r["blocks_in_use"] == len(fm.cache.paged.block_table(fm.cache.seq_id)) + len(rs) * 1
 
 
-def test_full_budget_with_prefetch_is_exact(model_and_stats):
+def test_full_budget_with_prefetch_is_exact(model_and_stats, budget_config):
     """A budget covering the whole context: recalled duplicates are all masked, so prefetching
     windows changes nothing and greedy tokens equal dense attention."""
-    model, stats = model_and_stats
+    model, _ = model_and_stats
     ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(4))
     dense = flashmem.wrap(model, flashmem.FlashMemConfig())
     ref = dense.generate(ids, 40, eos_token_id=None, collect_logits=True)
     fm = flashmem.wrap(
-        model, _config(stats, budget_tokens=512, prefill_chunk_tokens=16, lookahead=8, prefetch_steps=3)
+        model,
+        budget_config(PREFETCH, budget_tokens=512, prefill_chunk_tokens=16, lookahead=8, prefetch_steps=3),
     )
     out = fm.generate(ids, 40, eos_token_id=None, collect_logits=True)
     r = fm.memory_report()
@@ -263,12 +251,12 @@ class _TimingEvent:
         return end.ms - self.ms
 
 
-def test_stall_time_is_resolved_from_pending_events_at_the_report(model_and_stats):
+def test_stall_time_is_resolved_from_pending_events_at_the_report(model_and_stats, budget_config):
     """A stall measured on CUDA is a pair of timing events on the compute stream that may not have
     fired when generate returns: the report waits for them, converts ms to s, and divides by the
     decode time only (a CPU run has no stall of its own; the events here stand in for one)."""
-    model, stats = model_and_stats
-    fm = flashmem.wrap(model, _config(stats))
+    model, _ = model_and_stats
+    fm = flashmem.wrap(model, budget_config(PREFETCH))
     fm.generate(
         torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(5)), 20, eos_token_id=None
     )
