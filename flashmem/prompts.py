@@ -10,7 +10,8 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 
 @dataclass(frozen=True)
 class PassKeyPrompt:
-    """A prompt hiding ``key`` at relative ``depth`` (0 = start, 1 = end) of ``filler_repeats`` fillers."""
+    """A pass-key prompt: ``text`` hides ``key`` at relative ``depth`` of its filler (0 = start,
+    1 = end); :func:`passkey_prompt` builds it from ``num_fillers`` filler groups."""
 
     text: str
     key: str
