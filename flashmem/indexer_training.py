@@ -105,14 +105,20 @@ def train_indexer(
     return indexer, report
 
 
-def train_main(argv: list[str] | None = None) -> int:
-    """``flashmem train-indexer``."""
-    p = argparse.ArgumentParser(
-        prog="flashmem train-indexer", description="train the lookahead memory indexer"
-    )
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The options both commands take: the model, and the chunk size and lookahead of the records."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument(
         "--model", default="default", help="'default' (embedded SmolLM2-135M) or a local model directory"
     )
+    p.add_argument("--chunk-size", type=int, default=64, help="tokens per chunk")
+    p.add_argument("--tau", type=int, default=64, help="lookahead window (decode steps per refresh)")
+    return p
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``flashmem train-indexer``."""
+    p = _parser("flashmem train-indexer", "train the lookahead memory indexer")
     p.add_argument(
         "--data", nargs="*", default=None, help="text files or directories (default: site-packages)"
     )
@@ -120,8 +126,6 @@ def train_main(argv: list[str] | None = None) -> int:
         "--out", required=True, help="checkpoint path (.safetensors; a .json is written beside it)"
     )
     p.add_argument("--steps", type=int, default=300, help="optimiser steps")
-    p.add_argument("--chunk-size", type=int, default=64, help="tokens per chunk")
-    p.add_argument("--tau", type=int, default=64, help="lookahead window (decode steps per refresh)")
     p.add_argument("--rank", type=int, default=32, help="rank of the learned query/key projections")
     p.add_argument("--budget", type=float, default=0.1, help="validation chunk budget (fraction or count)")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per training document")
@@ -157,12 +161,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def eval_main(argv: list[str] | None = None) -> int:
     """``flashmem eval-indexer``: recall and covered mass of every indexer on local text files."""
-    p = argparse.ArgumentParser(
-        prog="flashmem eval-indexer", description="evaluate indexers against the oracle on local text"
-    )
-    p.add_argument(
-        "--model", default="default", help="'default' (embedded SmolLM2-135M) or a local model directory"
-    )
+    p = _parser("flashmem eval-indexer", "evaluate indexers against the oracle on local text")
     p.add_argument(
         "--indexer", default=None, help="lookahead checkpoint (.safetensors); default: the shipped one"
     )
@@ -171,8 +170,6 @@ def eval_main(argv: list[str] | None = None) -> int:
         "--chunk-budget", type=float, default=0.1, help="chunks per refresh: integer K, or a fraction < 1"
     )
     p.add_argument("--max-tokens", type=int, default=4096, help="tokens read from each text file")
-    p.add_argument("--chunk-size", type=int, default=64, help="tokens per chunk")
-    p.add_argument("--tau", type=int, default=64, help="lookahead window (decode steps per refresh)")
     p.add_argument("--window-stride", type=int, default=1, help="label every n-th query of each window")
     args = p.parse_args(argv)
     model, tok = load_model(args.model)

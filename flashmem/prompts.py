@@ -11,7 +11,8 @@ PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"  # every pass-key
 
 @dataclass(frozen=True)
 class PassKeyPrompt:
-    """A prompt hiding ``key`` at relative ``depth`` (0 = start, 1 = end) of ``filler_repeats`` fillers."""
+    """A pass-key prompt: ``text`` hides ``key`` at relative ``depth`` of its filler (0 = start,
+    1 = end); :func:`passkey_prompt` builds it from ``num_fillers`` filler groups."""
 
     text: str
     key: str

@@ -43,23 +43,12 @@ def record_scores(
     name: str, rec: DocRecord, layer: int, lookahead: LookaheadIndexer | None = None
 ) -> torch.Tensor:
     """Scores [R, N] of indexer ``name`` for every refresh of one layer of ``rec``."""
-    summ = rec.summaries(layer)
     if name == "lookahead":
         if lookahead is None:
             raise ValueError("the lookahead indexer needs a trained LookaheadIndexer")
         with torch.no_grad():
-            comp = lookahead.compress(layer, summ.mean_key)
-            return lookahead.logits(
-                layer,
-                rec.q_pre[layer],
-                rec.q_rope[layer],
-                rec.refresh,
-                summ.mean_key_rope,
-                comp,
-                summ.start,
-                rec.candidates,
-                bounds=(summ.min_key, summ.max_key),
-            )
+            return lookahead.record_logits(rec, layer)
+    summ = rec.summaries(layer)
     q = QueryState(
         rec.q_pre[layer], rec.q_rope[layer], position=int(rec.refresh[-1]), oracle_mass=rec.target[layer]
     )

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..kernels.checks import check_int
 from .heuristics import QueryState
 from .summaries import ChunkSummaries
 
@@ -62,8 +63,9 @@ class LookaheadConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim", "rank", "chunk_size", "tau"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"LookaheadConfig.{name} must be positive, got {getattr(self, name)}")
+            check_int("LookaheadConfig", name, getattr(self, name), 1)
+        for name in ("num_sink_chunks", "recent_tokens"):
+            check_int("LookaheadConfig", name, getattr(self, name), 0)
         if self.num_q_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_q_heads ({self.num_q_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -175,6 +177,23 @@ class LookaheadIndexer(torch.nn.Module):
         if mask is not None:
             z = z.masked_fill(~mask, -math.inf)
         return z
+
+    def record_logits(self, record, layer: int) -> torch.Tensor:
+        """Pre-sigmoid scores ``[R, N]`` at every refresh of one layer of a stored record
+        (:class:`~flashmem.indexer.records.DocRecord`); chunks that are not candidates get -inf.
+        Training and evaluation both score records through here."""
+        summ = record.summaries(layer)
+        return self.logits(
+            layer,
+            record.q_pre[layer],
+            record.q_rope[layer],
+            record.refresh,
+            summ.mean_key_rope,
+            self.compress(layer, summ.mean_key),
+            summ.start,
+            record.candidates,
+            bounds=(summ.min_key, summ.max_key),
+        )
 
     def score_layer(self, layer: int, query: QueryState, summaries: ChunkSummaries) -> torch.Tensor:
         """Scores in (0, 1) of every chunk in ``summaries`` ([..., N])."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.checks import check_int
 from .summaries import ChunkSummaries
 
 
@@ -26,13 +27,12 @@ class TargetConfig:
     window_stride: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("chunk_size", "tau", "refresh_stride"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("chunk_size", "tau", "refresh_stride", "window_stride"):
+            check_int("TargetConfig", name, getattr(self, name), 1)
+        for name in ("num_sink_chunks", "recent_tokens", "first_refresh"):
+            check_int("TargetConfig", name, getattr(self, name), 0)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.num_sink_chunks < 0 or self.recent_tokens < 0 or self.first_refresh < 0:
-            raise ValueError("num_sink_chunks, recent_tokens and first_refresh must be >= 0")
 
     def refresh_positions(self, num_tokens: int) -> list[int]:
         return list(range(self.first_refresh, num_tokens - self.tau + 1, self.refresh_stride))

@@ -29,19 +29,7 @@ def _loss(
     rows = cand.any(-1)
     losses = []
     for layer in range(indexer.config.num_layers):
-        summ = rec.summaries(layer)
-        comp = indexer.compress(layer, summ.mean_key)
-        z = indexer.logits(
-            layer,
-            rec.q_pre[layer],
-            rec.q_rope[layer],
-            rec.refresh,
-            summ.mean_key_rope,
-            comp,
-            summ.start,
-            cand,
-            bounds=(summ.min_key, summ.max_key),
-        )[rows]  # [R', N]
+        z = indexer.record_logits(rec, layer)[rows]  # [R', N]
         tgt = rec.target[layer][rows]
         logp = torch.log_softmax(z, dim=-1).masked_fill(~cand[rows], 0.0)
         ce = -(tgt * logp).sum(-1).mean()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numbers
+import os
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_int(owner: str, name: str, value, minimum: int = 0, *, allow_none: bool = False) -> None:
@@ -27,3 +29,21 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     if name == "auto":
         return "triton" if torch.device(device).type == "cuda" else "torch"
     return name
+
+
+def check_float_tensor(name: str, value) -> None:
+    """Raise ``TypeError`` unless ``value`` is a float32, float16 or bfloat16 tensor."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {value.dtype}")
+
+
+def check_triton_device(kernel: str, device: torch.device, reference: str) -> None:
+    """Raise ``ValueError`` unless a Triton kernel can run on ``device``: CUDA, or any device while
+    Triton runs under its interpreter (``TRITON_INTERPRET=1``, read at call time)."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(
+            f"{kernel} needs CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 before "
+            f"triton is imported, or use {reference}"
+        )

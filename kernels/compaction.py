@@ -20,15 +20,13 @@ Caller's contract (not checked: checking would need a device sync): every index 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["compaction", "reference_compaction"]
+from .checks import check_float_tensor, check_triton_device
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+__all__ = ["compaction", "reference_compaction"]
 
 
 @triton.jit
@@ -89,10 +87,6 @@ def _copy_slots_kernel(
         tl.store(dst_v_rows[:, None] + offs_d[None, :], v, mask=mask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _check(
     keys: list[torch.Tensor],
     values: list[torch.Tensor],
@@ -119,8 +113,7 @@ def _check(
     num_blocks, block_size, num_kv_heads, head_dim = kv_shape
     device = keys[0].device
     dtype = keys[0].dtype
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"keys must be float32, float16 or bfloat16, got {dtype}")
+    check_float_tensor("keys", keys[0])
     for name, seq, shape, want in (
         ("keys", keys, kv_shape, dtype),
         ("values", values, kv_shape, dtype),
@@ -176,11 +169,7 @@ def compaction(
     """
     num_layers, flat, num_kv_heads, head_dim = _check(keys, values, positions, src_slots, dst_slots)
     device = keys[0].device
-    if device.type != "cuda" and not _interpreting():
-        raise ValueError(
-            f"compaction needs CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 before "
-            "importing triton, or use reference_compaction"
-        )
+    check_triton_device("compaction", device, "reference_compaction")
     if block_n < 1 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two, got {block_n}")
     n = dst_slots.shape[0]

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .checks import check_float_tensor, check_triton_device
 
 __all__ = [
     "paged_decode_attention",
@@ -38,7 +39,6 @@ __all__ = [
     "block_valid_from_num_slots",
 ]
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 _MIN_SLOTS_PER_SPLIT = 256
@@ -236,10 +236,6 @@ def _merge_splits_kernel(
 # ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.lru_cache(maxsize=16)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -268,10 +264,7 @@ def _check_int32_table(name: str, t: object, batch: int) -> None:
 def _validate(query, key_cache, value_cache, block_tables, block_valid, slot_positions, scale):
     """Shared checks of the kernel wrapper and the reference; returns (scale, group)."""
     for name, t in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        check_float_tensor(name, t)
     if query.dim() != 3:
         raise ValueError(f"query must be [B, H_q, D], got shape {tuple(query.shape)}")
     if key_cache.dim() != 4:
@@ -370,11 +363,7 @@ def paged_decode_attention(
     num_blocks, block_size, num_kv_heads, _ = key_cache.shape
     max_blocks = block_tables.shape[1]
     device = query.device
-    if device.type != "cuda" and not _interpreting():
-        raise ValueError(
-            f"paged_decode_attention needs CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
-            "before triton is imported, or use reference_paged_decode_attention"
-        )
+    check_triton_device("paged_decode_attention", device, "reference_paged_decode_attention")
     for name, t in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")

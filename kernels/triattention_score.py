@@ -38,11 +38,12 @@ Shapes:
 from __future__ import annotations
 
 import numbers
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .checks import check_float_tensor, check_triton_device
 
 __all__ = [
     "OFFSETS",
@@ -55,7 +56,6 @@ __all__ = [
 
 #: The future offsets ``d`` averaged over: 1, 2, 4, ..., 65536.
 OFFSETS: tuple[int, ...] = tuple(2**i for i in range(17))
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,10 +128,6 @@ def _triattention_score_kernel(
 # ---------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _check_stats(
     q_mean_real: torch.Tensor, q_mean_imag: torch.Tensor, q_abs_mean: torch.Tensor, omega: torch.Tensor
 ) -> tuple[int, int]:
@@ -168,10 +164,7 @@ def _check_inputs(
     rotated: bool,
 ) -> tuple[int, int, int, int]:
     """Validate and return ``(N, H_kv, H_q, F)``."""
-    if not isinstance(keys, torch.Tensor):
-        raise TypeError(f"keys must be a torch.Tensor, got {type(keys).__name__}")
-    if keys.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"keys must be float32, float16 or bfloat16, got {keys.dtype}")
+    check_float_tensor("keys", keys)
     if keys.dim() != 3:
         raise ValueError(f"keys must be [N, H_kv, D], got shape {tuple(keys.shape)}")
     num_tokens, num_kv_heads, head_dim = keys.shape
@@ -279,11 +272,7 @@ def triattention_score(
         keys, positions, q_mean_real, q_mean_imag, q_abs_mean, omega, t, group_size, rotated
     )
     device = keys.device
-    if device.type != "cuda" and not _interpreting():
-        raise ValueError(
-            f"triattention_score needs CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
-            "before importing triton, or use reference_triattention_score"
-        )
+    check_triton_device("triattention_score", device, "reference_triattention_score")
     if keys.stride(-1) != 1:
         raise ValueError(f"keys must have a contiguous last dim (stride 1), got strides {keys.stride()}")
     if block_n < 1 or block_n & (block_n - 1):

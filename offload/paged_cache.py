@@ -4,7 +4,9 @@ A sequence's slots are numbered ``0 .. num_slots - 1``; slot ``s`` lives in bloc
 ``block_table[s // block_size]`` at offset ``s % block_size``. Slots are always a dense prefix
 (compaction slides survivors forward), so only the last block of a sequence can be partial.
 
-Two counters per sequence, never read back from tensors (design invariant 4):
+Two counters per sequence, kept on the host and never read back from tensors. Positions come from
+one and slot counts from the other, and they part once compaction drops tokens
+(docs/architecture.md, invariant 4):
     logical_length: tokens the sequence has seen (the next token's position),
     num_slots:      slots occupied on the device (after compaction, <= logical_length).
 

@@ -164,12 +164,17 @@ class ResidentSet:
         return hits, misses
 
     # ---- transitions -------------------------------------------------------------------------
-    def touch(self, chunk_ids: Iterable[int]) -> None:
-        """Mark chunks as just used (most-recent end of the LRU order, in the given order)."""
-        ids = _check_ids(chunk_ids, "touch")
+    def _resident_ids(self, chunk_ids: Iterable[int], what: str) -> list[int]:
+        """Checked ids (see :func:`_check_ids`) that must all be in the set; KeyError otherwise."""
+        ids = _check_ids(chunk_ids, what)
         missing = [c for c in ids if c not in self._chunks]
         if missing:
-            raise KeyError(f"touch: chunks {missing[:8]} are not resident")
+            raise KeyError(f"{what}: chunks {missing[:8]} are not resident")
+        return ids
+
+    def touch(self, chunk_ids: Iterable[int]) -> None:
+        """Mark chunks as just used (most-recent end of the LRU order, in the given order)."""
+        ids = self._resident_ids(chunk_ids, "touch")
         for c in ids:
             self._chunks.move_to_end(c)
 
@@ -252,10 +257,7 @@ class ResidentSet:
 
     def pin(self, chunk_ids: Iterable[int]) -> None:
         """Protect chunks from eviction (current lookahead window). Idempotent."""
-        ids = _check_ids(chunk_ids, "pin")
-        missing = [c for c in ids if c not in self._chunks]
-        if missing:
-            raise KeyError(f"pin: chunks {missing[:8]} are not resident")
+        ids = self._resident_ids(chunk_ids, "pin")
         for c in ids:
             self._chunks[c].pinned = True
 
@@ -264,20 +266,14 @@ class ResidentSet:
         if chunk_ids is None:
             ids = list(self._chunks)
         else:
-            ids = _check_ids(chunk_ids, "unpin")
-            missing = [c for c in ids if c not in self._chunks]
-            if missing:
-                raise KeyError(f"unpin: chunks {missing[:8]} are not resident")
+            ids = self._resident_ids(chunk_ids, "unpin")
         for c in ids:
             self._chunks[c].pinned = False
 
     def evict(self, chunk_ids: Iterable[int]) -> None:
         """Drop resident chunks and free their blocks. Pinned, in-flight or absent chunks are an
         error (checked for all ids before anything changes)."""
-        ids = _check_ids(chunk_ids, "evict")
-        missing = [c for c in ids if c not in self._chunks]
-        if missing:
-            raise KeyError(f"evict: chunks {missing[:8]} are not resident")
+        ids = self._resident_ids(chunk_ids, "evict")
         loading = [c for c in ids if self._chunks[c].state is ChunkState.LOADING]
         if loading:
             raise ValueError(f"evict: chunks {loading[:8]} are in flight; wait for their copy first")

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import flashmem
 from flashmem.calibration import calibrate
 from flashmem.testing import tiny_model
 
@@ -15,3 +16,27 @@ def model_and_stats(tmp_path_factory):
     path = tmp_path_factory.mktemp("stats") / "tiny.safetensors"
     stats.save(path)
     return model, str(path)
+
+
+@pytest.fixture(scope="module")
+def budget_config(model_and_stats):
+    """``make(*presets, **overrides) -> FlashMemConfig`` for the tiny model under a small budget:
+    48 tokens kept, compacted every 16, a 16-token window, 4 sinks, 16-token chunks, the fixture's
+    stats; preset dicts, then keywords, override those."""
+    stats = model_and_stats[1]
+
+    def make(*presets: dict, **overrides) -> flashmem.FlashMemConfig:
+        settings = dict(
+            budget_tokens=48,
+            compaction_interval=16,
+            window_tokens=16,
+            sink_tokens=4,
+            stats_path=stats,
+            chunk_size=16,
+        )
+        for preset in presets:
+            settings.update(preset)
+        settings.update(overrides)
+        return flashmem.FlashMemConfig(**settings)
+
+    return make

@@ -9,23 +9,10 @@ import torch
 import flashmem
 
 
-def _config(stats, **kw):
-    base = dict(
-        budget_tokens=48,
-        compaction_interval=16,
-        window_tokens=16,
-        sink_tokens=4,
-        stats_path=stats,
-        chunk_size=16,
-    )
-    base.update(kw)
-    return flashmem.FlashMemConfig(**base)
-
-
 @pytest.mark.parametrize("indexer", ["none", "quest", "mean_key"])
-def test_peak_bounded_blocks_freed_mirror_lossless(model_and_stats, indexer):
-    model, stats = model_and_stats
-    config = _config(stats, indexer=indexer, chunk_budget=2)
+def test_peak_bounded_blocks_freed_mirror_lossless(model_and_stats, indexer, budget_config):
+    model, _ = model_and_stats
+    config = budget_config(indexer=indexer, chunk_budget=2)
     fm = flashmem.wrap(model, config)
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(1))
     fm.generate(ids, 200, eos_token_id=None)
@@ -44,9 +31,9 @@ def test_peak_bounded_blocks_freed_mirror_lossless(model_and_stats, indexer):
         assert r["recall_refreshes"] > 0 and r["offload"]["h2d_bytes"] > 0
 
 
-def test_positions_stay_true_after_compaction(model_and_stats):
-    model, stats = model_and_stats
-    fm = flashmem.wrap(model, _config(stats, indexer="none"))
+def test_positions_stay_true_after_compaction(model_and_stats, budget_config):
+    model, _ = model_and_stats
+    fm = flashmem.wrap(model, budget_config(indexer="none"))
     fm.generate(torch.randint(0, 128, (1, 30)), 120, eos_token_id=None)
     cache = fm.cache
     k, _, pos = cache.paged.gather(cache.seq_id, 1)
@@ -58,9 +45,9 @@ def test_positions_stay_true_after_compaction(model_and_stats):
         torch.testing.assert_close(k[:, h], fm.mirror.keys[1][p.long(), h], rtol=0, atol=0)
 
 
-def test_recalled_tokens_are_never_attended_twice(model_and_stats):
-    model, stats = model_and_stats
-    fm = flashmem.wrap(model, _config(stats, indexer="recency", chunk_budget=3))
+def test_recalled_tokens_are_never_attended_twice(model_and_stats, budget_config):
+    model, _ = model_and_stats
+    fm = flashmem.wrap(model, budget_config(indexer="recency", chunk_budget=3))
     fm.generate(torch.randint(0, 128, (1, 100)), 150, eos_token_id=None)
     cache = fm.cache
     pool = fm.pool
@@ -74,45 +61,45 @@ def test_recalled_tokens_are_never_attended_twice(model_and_stats):
         assert len(seen) == len(set(seen))
 
 
-def test_full_budget_with_mirror_is_exact(model_and_stats):
+def test_full_budget_with_mirror_is_exact(model_and_stats, budget_config):
     """A budget covering the whole context, with exact prefill through the mirror: equals dense."""
-    model, stats = model_and_stats
+    model, _ = model_and_stats
     ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(3))
     dense = flashmem.wrap(model, flashmem.FlashMemConfig())
     ref = dense.generate(ids, 30, eos_token_id=None, collect_logits=True)
-    fm = flashmem.wrap(model, _config(stats, budget_tokens=512, prefill_chunk_tokens=16, indexer="quest"))
+    fm = flashmem.wrap(model, budget_config(budget_tokens=512, prefill_chunk_tokens=16, indexer="quest"))
     out = fm.generate(ids, 30, eos_token_id=None, collect_logits=True)
     assert fm.memory_report()["compactions"] == 0
     assert torch.equal(out, ref)
     torch.testing.assert_close(fm.step_logits, dense.step_logits, rtol=1e-4, atol=1e-4)
 
 
-def test_exact_prefill_first_token_matches_dense_under_a_small_budget(model_and_stats):
-    model, stats = model_and_stats
+def test_exact_prefill_first_token_matches_dense_under_a_small_budget(model_and_stats, budget_config):
+    model, _ = model_and_stats
     ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(4))
     dense = flashmem.wrap(model, flashmem.FlashMemConfig())
     dense.generate(ids, 1, eos_token_id=None, collect_logits=True)
-    fm = flashmem.wrap(model, _config(stats, indexer="none", prefill="exact"))
+    fm = flashmem.wrap(model, budget_config(indexer="none", prefill="exact"))
     fm.generate(ids, 1, eos_token_id=None, collect_logits=True)
     assert fm.memory_report()["compactions"] > 0  # the prompt did not fit the budget
     torch.testing.assert_close(fm.step_logits[0], dense.step_logits[0], rtol=1e-4, atol=1e-4)
 
 
-def test_bad_recall_settings_fail_before_prefill(model_and_stats, tmp_path):
-    model, stats = model_and_stats
+def test_bad_recall_settings_fail_before_prefill(model_and_stats, tmp_path, budget_config):
+    model, _ = model_and_stats
     with pytest.raises(ValueError, match="at least sink_tokens"):
         flashmem.FlashMemConfig(budget_tokens=10, window_tokens=16)
     with pytest.raises(ValueError, match="unknown indexer"):
-        flashmem.wrap(model, _config(stats, indexer="nonsense"))
-    fm = flashmem.wrap(model, _config(stats, indexer="none", max_host_bytes=1000))
+        flashmem.wrap(model, budget_config(indexer="nonsense"))
+    fm = flashmem.wrap(model, budget_config(indexer="none", max_host_bytes=1000))
     with pytest.raises(ValueError, match="host"):
         fm.generate(torch.randint(0, 128, (1, 100)), 10)
     assert fm.pool is None  # nothing was allocated
 
 
-def test_sparse_prefill_keeps_device_bounded_for_long_prompts(model_and_stats):
-    model, stats = model_and_stats
-    config = _config(stats, indexer="quest", chunk_budget=2, prefill="sparse", prefill_chunk_tokens=32)
+def test_sparse_prefill_keeps_device_bounded_for_long_prompts(model_and_stats, budget_config):
+    model, _ = model_and_stats
+    config = budget_config(indexer="quest", chunk_budget=2, prefill="sparse", prefill_chunk_tokens=32)
     fm = flashmem.wrap(model, config)
     ids = torch.randint(0, 128, (1, 900), generator=torch.Generator().manual_seed(5))
     fm.generate(ids, 10, eos_token_id=None)
@@ -124,27 +111,26 @@ def test_sparse_prefill_keeps_device_bounded_for_long_prompts(model_and_stats):
     assert r["host_kv_bytes"] == r["full_kv_bytes"] and r["recall_refreshes"] > 10
 
 
-def test_learned_indexer_for_another_chunk_size_is_refused(model_and_stats):
-    model, stats = model_and_stats
+def test_learned_indexer_for_another_chunk_size_is_refused(model_and_stats, budget_config):
+    model, _ = model_and_stats
     from flashmem.indexer.lookahead import default_checkpoint_path
 
     # the shipped checkpoint is for the default model: refused for this one, before any work
     with pytest.raises(ValueError, match="another model"):
-        flashmem.wrap(model, _config(stats, indexer=str(default_checkpoint_path())))
+        flashmem.wrap(model, budget_config(indexer=str(default_checkpoint_path())))
 
 
-def test_prefill_observed_mass_equals_brute_force_attention(model_and_stats):
+def test_prefill_observed_mass_equals_brute_force_attention(model_and_stats, budget_config):
     """Exact prefill measures the last queries' attention mass on every chunk of the prompt (the
     last one partial): check it against full attention matrices computed directly."""
     from flashmem import hf_compat
 
-    model, stats = model_and_stats
+    model, _ = model_and_stats
     T, chunk, cs, window = 200, 64, 16, 8
     ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(6))
     fm = flashmem.wrap(
         model,
-        _config(
-            stats,
+        budget_config(
             indexer="quest",
             prefill_chunk_tokens=chunk,
             observe_tokens=window,
@@ -170,14 +156,13 @@ def test_prefill_observed_mass_equals_brute_force_attention(model_and_stats):
     torch.testing.assert_close(observed, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_chunk_index_backends_retrieve_the_same_candidates(model_and_stats):
+def test_chunk_index_backends_retrieve_the_same_candidates(model_and_stats, budget_config):
     pytest.importorskip("faiss")
-    model, stats = model_and_stats
+    model, _ = model_and_stats
     ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(7))
     outs, reports = [], []
     for backend in ("torch", "faiss"):
-        config = _config(
-            stats,
+        config = budget_config(
             indexer="quest",
             chunk_budget=3,
             index_backend=backend,

@@ -1,4 +1,6 @@
-"""Invariant 1: with a budget that covers the whole context, flashmem equals dense attention."""
+"""With a budget that covers the whole context, flashmem equals dense attention: greedy tokens
+identical to Hugging Face's DynamicCache, logits within fp tolerance (docs/architecture.md,
+invariant 1)."""
 
 import pytest
 import torch

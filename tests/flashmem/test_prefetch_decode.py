@@ -9,24 +9,11 @@ import torch
 
 import flashmem
 from flashmem.offload.offload_manager import OffloadManager
+from flashmem.offload.transfer import TransferEngine
+from flashmem.recall import RecallController
 from flashmem.wrapper import FlashMemModel
 
-
-def _config(stats, **kw):
-    base = dict(
-        budget_tokens=48,
-        compaction_interval=16,
-        window_tokens=16,
-        sink_tokens=4,
-        stats_path=stats,
-        chunk_size=16,
-        indexer="quest",
-        chunk_budget=3,
-        lookahead=16,
-        prefetch_steps=6,
-    )
-    base.update(kw)
-    return flashmem.FlashMemConfig(**base)
+PREFETCH = dict(indexer="quest", chunk_budget=3, lookahead=16, prefetch_steps=6)
 
 
 def test_bad_prefetch_steps_are_refused_at_construction():
@@ -56,6 +43,7 @@ class _Recorder:
         forward = FlashMemModel._forward
         swap, load, prefetch = OffloadManager.swap_window, OffloadManager.load_window, OffloadManager.prefetch
         request = OffloadManager.request
+        copy, select = TransferEngine.load, RecallController.select
 
         def _forward(fm, ids, start):
             if ids.shape[1] == 1 and fm.offload is not None:
@@ -90,6 +78,17 @@ class _Recorder:
             rec.events.append(("request", rec.steps, list(chunk_ids)))
             return out
 
+        def copy_(engine, chunk_ids, *args, **kw):  # every host-to-device copy, with its step
+            rec.events.append(("copy", rec.steps, list(chunk_ids)))
+            return copy(engine, chunk_ids, *args, **kw)
+
+        def select_(controller, position):  # what recall chose, with its step
+            out = select(controller, position)
+            rec.events.append(("select", rec.steps, list(out)))
+            return out
+
+        monkeypatch.setattr(TransferEngine, "load", copy_)
+        monkeypatch.setattr(RecallController, "select", select_)
         monkeypatch.setattr(FlashMemModel, "_forward", _forward)
         monkeypatch.setattr(OffloadManager, "request", request_)
         monkeypatch.setattr(OffloadManager, "swap_window", swap_window)
@@ -129,12 +128,32 @@ class _Recorder:
         self.checked += 1
 
 
+def _windows_and_copies(events):
+    """``(kind, step, chunk_ids, copied)`` per window choice (request, prefetch, on-demand load),
+    with the chunks whose copies it issued; a copy issued anywhere else fails."""
+    out, pending = [], []
+    for e, s, ids in events:
+        if e == "copy":
+            pending.append((s, ids))
+        elif e in ("request", "prefetch", "load"):
+            copied = [c for step, chunk_ids in pending for c in chunk_ids]
+            assert all(step == s for step, _ in pending) and set(copied) <= set(ids), (
+                f"copies {pending} were not issued by the {e} of chunks {ids} at step {s}"
+            )
+            out.append((e, s, ids, copied))
+            pending = []
+    assert not pending, f"copies {pending} were issued outside a request, prefetch or window load"
+    return out
+
+
 @pytest.mark.parametrize("prefill", ["exact", "sparse"])
 @pytest.mark.parametrize("prefetch_steps", [0, 6])
-def test_prefetched_windows_never_attend_a_token_twice(model_and_stats, monkeypatch, prefill, prefetch_steps):
-    model, stats = model_and_stats
+def test_prefetched_windows_never_attend_a_token_twice(
+    model_and_stats, monkeypatch, prefill, prefetch_steps, budget_config
+):
+    model, _ = model_and_stats
     rec = _Recorder(monkeypatch)
-    config = _config(stats, prefetch_steps=prefetch_steps, prefill=prefill, prefill_chunk_tokens=32)
+    config = budget_config(PREFETCH, prefetch_steps=prefetch_steps, prefill=prefill, prefill_chunk_tokens=32)
     fm = flashmem.wrap(model, config)
     ids = torch.randint(0, 128, (1, 120), generator=torch.Generator().manual_seed(2))
     steps = 84
@@ -143,6 +162,7 @@ def test_prefetched_windows_never_attend_a_token_twice(model_and_stats, monkeypa
     r = fm.memory_report()
     off = r["offload"]
     assert r["compactions"] > 0
+    issued = _windows_and_copies(rec.events)
     if prefetch_steps:
         # steps 0..82 are fed: prefetch at 10, 26, ..., 74; swap at 16, 32, ..., 80; the first
         # window on demand
@@ -153,11 +173,25 @@ def test_prefetched_windows_never_attend_a_token_twice(model_and_stats, monkeypa
         assert off["chunks_loaded_on_demand"] > 0 and off["prefetches_cancelled"] == 0
         assert off["chunk_loads"] == off["chunks_prefetched"] + off["chunks_loaded_on_demand"]
         assert rec.outdated_swaps > 0  # a compaction fell between a prefetch and its swap
+        selected = {s: ids for e, s, ids in rec.events if e == "select"}
+        # copies are issued only when a window is chosen: on demand at step 0, then 6 steps ahead
+        # of each boundary, never at the boundary itself (decoding overlaps them)
+        assert {(e, s) for e, s, _, copied in issued if copied} <= {("load", 0)} | {
+            ("prefetch", s) for s in range(10, steps - 1, 16)
+        }
+        prefetched = {s: ids for e, s, ids, _ in issued if e == "prefetch"}
+        for e, step, window in rec.events:
+            if e == "swap":
+                # the window swapped in is what recall selected when its prefetch was issued
+                ahead = step - prefetch_steps
+                assert prefetched[ahead] == selected[ahead] and window == selected[ahead]
+        assert sum(len(c) for e, _, _, c in issued if e == "prefetch") == off["chunks_prefetched"]
     else:
-        assert {e for e, _, _ in rec.events} == {"request"}
+        assert {e for e, _, _ in rec.events} == {"request", "select", "copy"}
+        # on demand: copies are issued at the window boundaries (and prefill refreshes at step 0)
+        assert {s for e, s, _, copied in issued if copied} <= set(range(0, steps, 16))
         assert off["prefetches_issued"] == 0 and off["chunks_prefetched"] == 0
         assert off["chunks_loaded_on_demand"] == off["chunk_loads"] > 0
-    assert off["stall_fraction"] == 0.0 and off["stall_time_s"] == 0.0  # CPU copies never stall
     # the pool holds the working set plus one recall window per window held
     held = 2 if prefetch_steps else 1
     # working set: budget + one interval (16), or + one prefill chunk (32) in the sparse prefill
@@ -168,9 +202,9 @@ def test_prefetched_windows_never_attend_a_token_twice(model_and_stats, monkeypa
     assert r["host_kv_bytes"] == r["full_kv_bytes"]
 
 
-def test_generation_ending_inside_a_prefetch_drops_it(model_and_stats):
-    model, stats = model_and_stats
-    fm = flashmem.wrap(model, _config(stats))
+def test_generation_ending_inside_a_prefetch_drops_it(model_and_stats, budget_config):
+    model, _ = model_and_stats
+    fm = flashmem.wrap(model, budget_config(PREFETCH))
     ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(3))
     fm.generate(ids, 13, eos_token_id=None)  # steps 0..11 fed: prefetch at 10, boundary 16 never reached
     assert fm.offload.pending_prefetch is None
@@ -181,15 +215,16 @@ def test_generation_ending_inside_a_prefetch_drops_it(model_and_stats):
     assert r["blocks_in_use"] == len(fm.cache.paged.block_table(fm.cache.seq_id)) + len(rs) * 1
 
 
-def test_full_budget_with_prefetch_is_exact(model_and_stats):
+def test_full_budget_with_prefetch_is_exact(model_and_stats, budget_config):
     """A budget covering the whole context: recalled duplicates are all masked, so prefetching
     windows changes nothing and greedy tokens equal dense attention."""
-    model, stats = model_and_stats
+    model, _ = model_and_stats
     ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(4))
     dense = flashmem.wrap(model, flashmem.FlashMemConfig())
     ref = dense.generate(ids, 40, eos_token_id=None, collect_logits=True)
     fm = flashmem.wrap(
-        model, _config(stats, budget_tokens=512, prefill_chunk_tokens=16, lookahead=8, prefetch_steps=3)
+        model,
+        budget_config(PREFETCH, budget_tokens=512, prefill_chunk_tokens=16, lookahead=8, prefetch_steps=3),
     )
     out = fm.generate(ids, 40, eos_token_id=None, collect_logits=True)
     r = fm.memory_report()
@@ -198,21 +233,43 @@ def test_full_budget_with_prefetch_is_exact(model_and_stats):
     torch.testing.assert_close(fm.step_logits, dense.step_logits, rtol=1e-4, atol=1e-4)
 
 
-def test_stall_fraction_is_stall_time_over_decode_time(model_and_stats):
-    model, stats = model_and_stats
-    fm = flashmem.wrap(model, _config(stats))
+class _TimingEvent:
+    """Stands in for a CUDA timing event: fires only when the host synchronizes on it (a start
+    event is recorded before its end on the same stream, so the end firing implies the start's)."""
+
+    def __init__(self, fired_ms: float = 0.0):
+        self.fired = False
+        self.ms = fired_ms
+
+    def query(self) -> bool:
+        return self.fired
+
+    def synchronize(self) -> None:
+        self.fired = True
+
+    def elapsed_time(self, end) -> float:
+        assert end.fired, "elapsed_time before the end event fired"
+        return end.ms - self.ms
+
+
+def test_stall_time_is_resolved_from_pending_events_at_the_report(model_and_stats, budget_config):
+    """A stall measured on CUDA is a pair of timing events on the compute stream that may not have
+    fired when generate returns: the report waits for them, converts ms to s, and divides by the
+    decode time only (a CPU run has no stall of its own; the events here stand in for one)."""
+    model, _ = model_and_stats
+    fm = flashmem.wrap(model, budget_config(PREFETCH))
     fm.generate(
         torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(5)), 20, eos_token_id=None
     )
+    engine = fm.offload.engine
+    engine._stall_timings.pending.append((_TimingEvent(1000.0), _TimingEvent(1250.0), 0))
+    unresolved = engine.stats()  # without sync: an event that has not fired is not counted yet
+    assert unresolved["stall_time_s"] == 0.0 and unresolved["pending_timings"] == 1
     r = fm.memory_report()
-    for key in (
-        "prefetches_issued",
-        "chunks_prefetched",
-        "chunks_loaded_on_demand",
-        "stall_time_s",
-        "stalls",
-    ):
-        assert key in r["offload"]
-    fm.offload.engine._stall_timings.total_s = 0.25  # as if the compute stream had waited 0.25 s
-    decode_s = r["timings"]["decode_s"]
-    assert fm.memory_report()["offload"]["stall_fraction"] == pytest.approx(0.25 / decode_s)
+    off = r["offload"]
+    assert off["pending_timings"] == 0 and off["stall_time_s"] == pytest.approx(0.25)
+    t = r["timings"]
+    assert t["prefill_s"] > 0 and t["decode_s"] > 0
+    assert off["stall_fraction"] == pytest.approx(0.25 / t["decode_s"])
+    for key in ("prefetches_issued", "chunks_prefetched", "chunks_loaded_on_demand", "stalls"):
+        assert key in off

@@ -8,6 +8,7 @@ from flashmem.indexer.labels import (
     layer_window_targets,
     top_p_mask,
 )
+from flashmem.testing import tiny_model
 
 
 @pytest.mark.parametrize("T,chunk", [(200, 16), (97, 8)])
@@ -29,26 +30,10 @@ def test_top_p_mask():
     assert top_p_mask(torch.tensor([0.7, 0.3]), 0.6).tolist() == [True, False]
 
 
-def _tiny_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        max_position_embeddings=1024,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
-
-
 def test_labels_on_tiny_model_equal_brute_force():
     from flashmem.hf_compat import capture_attention_inputs
 
-    model = _tiny_model()
+    model = tiny_model("llama", vocab=100, max_positions=1024)
     captured = {}
     with torch.no_grad(), capture_attention_inputs(model, lambda l, q, k, v: captured.__setitem__(l, (q, k))):
         model(torch.randint(0, 100, (1, 300)))

@@ -7,40 +7,20 @@ from flashmem.files import load_indexer
 from flashmem.hf_compat import model_fingerprint
 from flashmem.indexer.evaluate import evaluate_records, refresh_cost
 from flashmem.indexer.heuristics import QueryState
+from flashmem.indexer.labels import top_p_mask
 from flashmem.indexer.lookahead import LookaheadConfig, LookaheadIndexer, distance_buckets, select_chunks
-from flashmem.indexer.records import TargetConfig
+from flashmem.indexer.records import DocRecord, TargetConfig
 from flashmem.indexer.summaries import summarize_chunks
 from flashmem.indexer.train import fit
 from flashmem.indexer_data import extract_document
-
-
-def _tiny(layers=2, heads=4, kv=2, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        vocab_size=100,
-        max_position_embeddings=2048,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # sharpen attention so that chunks differ in mass
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(6.0)
-            layer.self_attn.k_proj.weight.mul_(6.0)
-    return model
-
+from flashmem.testing import tiny_model
 
 TCFG = TargetConfig(chunk_size=16, tau=16, first_refresh=128, refresh_stride=48, recent_tokens=32)
 
 
 @pytest.fixture(scope="module")
 def tiny_records():
-    model = _tiny()
+    model = tiny_model("llama", vocab=100, max_positions=2048)
     g = torch.Generator().manual_seed(1)
     recs = [
         extract_document(model, torch.randint(0, 100, (400,), generator=g), TCFG, name=f"d{i}")
@@ -83,27 +63,100 @@ def test_scores_match_between_batched_and_layer_view(tiny_records):
         assert s.shape == (summ.num_chunks,) and ((s > 0) & (s < 1)).all()
 
 
-def test_training_improves_over_init_and_roundtrips(tiny_records, tmp_path):
-    model, recs = tiny_records
-    c = LookaheadConfig(2, 4, 2, 16, rank=8, chunk_size=16, tau=16)
-    idx = LookaheadIndexer(c, fingerprint=model_fingerprint(model))
-    idx.init_from_keys(torch.cat([r.mean_key for r in recs], dim=1))
-    before = evaluate_records(recs, 0.2, names=["lookahead"], lookahead=idx)["lookahead"]["covered_mass"]
-    hist = fit(idx, recs, recs, steps=30, lr=1e-2, budget=0.2, eval_every=10, progress=False)
-    after = evaluate_records(recs, 0.2, names=["lookahead", "oracle"], lookahead=idx)
-    assert after["lookahead"]["covered_mass"] >= before
-    assert after["lookahead"]["covered_mass"] <= after["oracle"]["covered_mass"] + 1e-6
-    assert hist["best_val_covered_mass"] == pytest.approx(after["lookahead"]["covered_mass"])
+# ---- fitting -----------------------------------------------------------------------------------
+# Records of a random tiny model hold no structure to learn (even the oracle covers barely more than
+# the budget's share of the mass), so fitting is judged on records built from a known relevance: a
+# rank-4 bilinear match between the refresh query and the chunk's pre-RoPE mean key, which the
+# indexer's content term can represent and its initialisation (principal key directions) does not.
+L, H_Q, H_KV, D, C = 2, 4, 2, 16, 16
 
+
+def _teacher_records(num_docs: int, seed: int, num_chunks: int = 24, recent: int = 32) -> list[DocRecord]:
+    teacher = torch.Generator().manual_seed(100)  # the same relevance for every split
+    a = torch.randn(L, H_Q, D, 4, generator=teacher)
+    b = torch.randn(L, H_KV, D, 4, generator=teacher)
+    g = torch.Generator().manual_seed(seed)
+    start = torch.arange(num_chunks) * C
+    refresh = torch.arange(128, num_chunks * C - 16 + 1, 32)
+    cand = (torch.arange(num_chunks) >= 1) & ((start + C)[None] <= refresh[:, None] - recent)  # [R, N]
+    records = []
+    for i in range(num_docs):
+        q = torch.randn(L, len(refresh), H_Q, D, generator=g)
+        mean_key = torch.randn(L, num_chunks, H_KV, D, generator=g)
+        spread = torch.rand(mean_key.shape, generator=g)
+        u = torch.einsum("lrhd,lhde->lrhe", q, a)
+        v = torch.einsum("lngd,lgde->lnge", mean_key, b).repeat_interleave(H_Q // H_KV, dim=2)
+        logit = torch.einsum("lrhe,lnhe->lrn", u, v) * 0.5 / math.sqrt(D)
+        target = torch.softmax(logit.masked_fill(~cand, -math.inf), -1)  # [L, R, N]
+        target_all = target.mean(0)
+        records.append(
+            DocRecord(
+                f"teacher{seed}-{i}",
+                q,
+                q,
+                mean_key,
+                mean_key,
+                mean_key - spread,
+                mean_key + spread,
+                start,
+                refresh,
+                cand,
+                target,
+                top_p_mask(target, 0.6) & cand,
+                top_p_mask(target_all, 0.6) & cand,
+                target_all,
+                C,
+            )
+        )
+    return records
+
+
+def _mass(records, indexer, name="lookahead"):
+    return evaluate_records(records, 0.2, names=[name], lookahead=indexer)[name]["covered_mass"]
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    train, val, held_out = _teacher_records(8, 0), _teacher_records(2, 1), _teacher_records(3, 2)
+    fingerprint = model_fingerprint(tiny_model("llama", vocab=100, max_positions=2048))
+    idx = LookaheadIndexer(LookaheadConfig(L, H_Q, H_KV, D, rank=8, chunk_size=C, tau=16), fingerprint)
+    idx.init_from_keys(torch.cat([r.mean_key for r in train], dim=1))
+    init_held_out = _mass(held_out, idx)
+    hist = fit(idx, train, val, steps=120, lr=0.1, budget=0.2, eval_every=20, progress=False)
+    return idx, hist, val, held_out, init_held_out
+
+
+def test_fit_beats_its_initialisation_on_held_out_records(fitted):
+    idx, hist, val, held_out, init_held_out = fitted
+    after = _mass(held_out, idx)
+    # records fit never saw: the learned relevance generalises (init ~0.30, fitted ~0.43, oracle ~0.96)
+    assert after > init_held_out + 0.08, (init_held_out, after)
+    assert after > _mass(held_out, idx, "mean_key") + 0.08
+
+
+def test_fit_keeps_the_best_validated_state(fitted):
+    idx, hist, val, held_out, _ = fitted
+    scores = [h["lookahead"] for h in hist["history"]]
+    assert [h["step"] for h in hist["history"]] == [0, 20, 40, 60, 80, 100, 120]
+    best = hist["best_val_covered_mass"]
+    assert best == max(scores) and best > scores[0] + 0.2  # step 0 is the initialisation
+    assert scores.index(best) < len(scores) - 1  # the last evaluation was not the best here...
+    # ...and the parameters fit returns are the best ones: validation recomputed from scratch agrees
+    assert _mass(val, idx) == pytest.approx(best, abs=1e-6)
+
+
+def test_checkpoint_roundtrip_and_fingerprint_check(fitted, tmp_path):
+    idx, _, _, held_out, _ = fitted
+    fingerprint = idx.fingerprint
     path, meta = idx.save(tmp_path / "ix.safetensors", extra={"note": "t"})
     assert path.is_file() and meta.is_file()
-    back = load_indexer(path, model_fingerprint(model))
+    back = load_indexer(path, fingerprint)
+    assert back.config == idx.config
     for k, v in idx.state_dict().items():
         assert torch.equal(back.state_dict()[k], v)
-    again = evaluate_records(recs, 0.2, names=["lookahead"], lookahead=back)
-    assert again["lookahead"]["covered_mass"] == after["lookahead"]["covered_mass"]
+    assert _mass(held_out, back) == _mass(held_out, idx)
 
-    other = _tiny(layers=3)
+    other = tiny_model("llama", layers=3, vocab=100, max_positions=2048)
     with pytest.raises(ValueError, match="another model"):
         load_indexer(path, model_fingerprint(other))
     with pytest.raises(FileNotFoundError):

@@ -14,6 +14,7 @@ from flashmem.kernels.triattention_score import (
     torch_triattention_score,
     triattention_score,
 )
+from flashmem.testing import tiny_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -142,25 +143,12 @@ def test_trig_term_is_mean_dot_product_of_rotated_vectors(seed):
     )
 
 
-class _RotaryHolder(torch.nn.Module):
-    def __init__(self, rotary):
-        super().__init__()
-        self.rotary_emb = rotary
-
-
 def _llama_rotary(head_dim: int, rope_parameters: dict):
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    config = LlamaConfig(
-        hidden_size=head_dim * 2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=head_dim,
-        max_position_embeddings=8192,
+    """A one-layer tiny Llama whose rotary embedding uses ``rope_parameters``."""
+    return tiny_model(
+        "llama", layers=1, q_heads=2, kv_heads=1, head_dim=head_dim, max_positions=8192,
         rope_parameters=rope_parameters,
-    )
-    return _RotaryHolder(LlamaRotaryEmbedding(config))
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -180,19 +168,19 @@ def _llama_rotary(head_dim: int, rope_parameters: dict):
 def test_property_with_model_rotary_embedding(rope):
     """The same identity with a real rotary embedding (default and llama3-scaled): omega = inv_freq."""
     head_dim, n = 64, 12
-    holder = _llama_rotary(head_dim, rope)
-    omega = holder.rotary_emb.inv_freq.float()
+    model = _llama_rotary(head_dim, rope)
+    omega = model.model.rotary_emb.inv_freq.float()
     gen = torch.Generator().manual_seed(3)
     keys = torch.randn(n, 1, head_dim, generator=gen)
     positions = torch.randint(0, 3000, (n, 1), generator=gen, dtype=torch.int32)
     q_mean = torch.randn(2, head_dim, generator=gen)
     qr, qi = q_mean[:, :32], q_mean[:, 32:]
     t = 3100
-    cos_k, sin_k = rotary_cos_sin(holder, positions[:, 0])
+    cos_k, sin_k = rotary_cos_sin(model, positions[:, 0])
     k_rot = rotate(keys[:, 0], cos_k, sin_k)
     expected = torch.zeros(n, 2)
     for d in OFFSETS:
-        cos_q, sin_q = rotary_cos_sin(holder, torch.tensor([t + d]))
+        cos_q, sin_q = rotary_cos_sin(model, torch.tensor([t + d]))
         expected += (k_rot[:, None, :] * rotate(q_mean, cos_q, sin_q)[None]).sum(-1) / len(OFFSETS)
     ref = reference_triattention_score(keys, positions, qr, qi, torch.sqrt(qr**2 + qi**2), omega, t)
     # the rotary embedding computes angles up to ~7e4 rad in float32
@@ -203,14 +191,14 @@ def test_post_rope_keys_score_like_unrotated_keys_at_their_positions():
     """Folding the rotation into the phase: scores of post-RoPE keys (rotated=True, no positions)
     equal scores of the pre-RoPE keys at their positions, for kernel and reference."""
     head_dim, n, num_kv, group = 64, 40, 3, 3
-    holder = _llama_rotary(head_dim, {"rope_type": "default", "rope_theta": 100000.0})
+    model = _llama_rotary(head_dim, {"rope_type": "default", "rope_theta": 100000.0})
     keys, positions, qr, qi, qa, _, _ = make_case(
         n, num_kv, group, head_dim, torch.float32, seed=5, max_pos=2000
     )
-    omega = holder.rotary_emb.inv_freq.float().to(DEVICE)
+    omega = model.model.rotary_emb.inv_freq.float().to(DEVICE)
     post = torch.empty_like(keys)
     for h in range(num_kv):
-        cos, sin = rotary_cos_sin(holder, positions[:, h].cpu())
+        cos, sin = rotary_cos_sin(model, positions[:, h].cpu())
         post[:, h] = rotate(keys[:, h].cpu(), cos, sin).to(DEVICE)
     t = 2500
     pre_ref = reference_triattention_score(keys, positions, qr, qi, qa, omega, t)

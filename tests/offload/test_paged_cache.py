@@ -1,4 +1,6 @@
-"""Block pool and paged cache invariants (design §2: exact accounting, positions, free list)."""
+"""Block pool and paged cache: bytes counted from allocated blocks, true positions per slot, the
+logical length apart from the slot count, exact tail blocks freed, bad writes refused before any
+change (docs/architecture.md, invariants 3 and 4)."""
 
 import math
 

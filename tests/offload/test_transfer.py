@@ -53,12 +53,21 @@ def test_engine_one_copy_per_batch_exact_bytes():
     assert stats["h2d_bytes"] == expected and stats["h2d_copies"] == 1 and stats["h2d_batches"] == 1
     assert stats["backend"] == "cpu" and stats["chunks_loaded"] == 3
     assert engine.in_flight() == [0, 2, 3]
-    engine.wait([0, 2])  # the batch holds all three; waiting on any waits on that batch
-    assert engine.in_flight() == [] and engine.stats()["stalls"] == 0
+    engine.load([1], [pool.allocate(2)])  # a second batch
+    assert engine.in_flight() == [0, 1, 2, 3]
+    # a wait covers the batches holding the chunks named, whole, each once: chunks 0 and 2 share a
+    # batch that also carried 3; chunk 1's batch stays in flight
+    engine.wait([0, 2])
+    assert engine.in_flight() == [1] and engine.stats()["waits"] == 1
+    engine.wait([0, 2, 3])  # their batch was waited for already: nothing to wait on
+    assert engine.in_flight() == [1] and engine.stats()["waits"] == 1
+    engine.wait([1])
+    assert engine.in_flight() == [] and engine.stats()["waits"] == 2
     for c, b in zip([3, 0, 2], blocks):
         _assert_chunk_matches(pool, mirror, c, b)
-    # the partial chunk (tokens 24..28) leaves its tail slots empty
-    assert pool.positions[0][blocks[0][1]].tolist() == [[28] * H] + [[-1] * H] * (BS - 1)
+    # the partial chunk (tokens 24..28) leaves its tail slots empty, in every layer and head
+    for layer in range(L):
+        assert pool.positions[layer][blocks[0][1]].tolist() == [[28] * H] + [[-1] * H] * (BS - 1)
 
 
 def test_engine_rejects_bad_input_before_work():

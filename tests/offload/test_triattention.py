@@ -295,14 +295,30 @@ def test_policy_protects_prompt_and_pinned_slots():
         policy.select(cache, seq, 200, prompt_len=150)
 
 
-def test_policy_refuses_mismatched_model():
+def test_policy_refuses_mismatched_model_and_cache():
     model = tiny_model("llama", layers=2, q_heads=4, kv_heads=2, head_dim=16)
-    stats = _stats(fingerprint=dict(model_fingerprint(model), num_layers=7))
+    fp = model_fingerprint(model)
+    with pytest.raises(ValueError, match="num_layers"):  # stats of another model: refused at once
+        TriAttentionPolicy(
+            _stats(fingerprint=dict(fp, num_layers=7)), budget_tokens=50, window_tokens=8, fingerprint=fp
+        )
+    # stats of this model serve it
+    stats = _stats(fingerprint=fp)
+    stats.omega = model.model.rotary_emb.inv_freq.float()
+    policy = TriAttentionPolicy(stats, budget_tokens=50, window_tokens=8, fingerprint=fp)
     cache, seq, *_ = _filled_cache(model, 120)
-    with pytest.raises(ValueError, match="num_layers"):
-        TriAttentionPolicy(stats, budget_tokens=50, window_tokens=8, fingerprint=model_fingerprint(model))
-    assert cache.num_slots(seq) == 120
-    TriAttentionPolicy(stats, budget_tokens=50, window_tokens=8, fingerprint=stats.fingerprint)  # matches
+    assert policy.compact(cache, seq) > 0 and cache.num_slots(seq) == 50
+    # without a fingerprint, stats whose geometry does not fit the cache (3 layers for a 2-layer
+    # cache) are refused when they would score it, before any slot moves
+    policy = TriAttentionPolicy(_stats(layers=3), budget_tokens=50, window_tokens=8)
+    cache, seq, *_ = _filled_cache(model, 120)
+    before = [cache.gather(seq, layer) for layer in range(2)]
+    with pytest.raises(ValueError, match="do not fit the cache"):
+        policy.compact(cache, seq)
+    assert cache.num_slots(seq) == 120 and len(cache.block_table(seq)) == math.ceil(120 / 16)
+    for layer in range(2):
+        for a, b in zip(before[layer], cache.gather(seq, layer)):
+            assert torch.equal(a, b)
 
 
 def test_shipped_default_model_stats_are_well_formed():
