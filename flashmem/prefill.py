@@ -40,7 +40,12 @@ class LayerMajorPrefill:
     cache: the :class:`flashmem.cache.FlashMemCache` decoding will continue from; policy: the
     TriAttention policy under a budget (None keeps every token); tile_tokens: prompt tokens per
     layer forward; observe_tokens: the prompt's last queries whose attention mass on each chunk is
-    handed to recall (0 or no recall: none).
+    handed to recall (0 or no recall: none); held_bytes: returns the device bytes the wrapper holds
+    outside this pass (pool, index, staging), sampled after every layer for :attr:`peak_total_bytes`.
+
+    After :meth:`run`: ``scratch_peak_bytes`` (the pass's own device buffers: the layer's prompt K/V,
+    the hidden states ``[T, hidden]``, the tail-mass logits) and ``peak_total_bytes`` (the largest
+    ``held_bytes() + scratch`` seen).
     """
 
     def __init__(
@@ -52,6 +57,7 @@ class LayerMajorPrefill:
         tile_tokens: int,
         observe_tokens: int = 0,
         progress: bool = False,
+        held_bytes=None,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -64,7 +70,12 @@ class LayerMajorPrefill:
         self.num_kv_heads = pool.num_kv_heads
         self.device = pool.device
         self.dtype = pool.dtype
+        self.held_bytes = held_bytes
         self.buffer_bytes = 0
+        self.scratch_peak_bytes = 0
+        self.peak_total_bytes = 0
+        self._hidden_bytes = 0
+        self._tail_bytes = 0
         self.evicted = False  # the prompt did not fit the budget: a keep-set was chosen
         self._keys: torch.Tensor | None = None  # [H_kv, T, D]
         self._values: torch.Tensor | None = None
@@ -94,7 +105,8 @@ class LayerMajorPrefill:
         layers = hf_compat.decoder_layers(model)
         positions = torch.arange(total, device=self.device)
         hidden = hf_compat.embed_tokens(model, input_ids)  # [1, T, hidden]
-        cache.note_transient(pool.device_kv_bytes + self.buffer_bytes)
+        self._hidden_bytes = hidden.numel() * hidden.element_size()
+        self._sample()
         bar = tqdm(
             total=self.num_layers, unit="layer", desc="prefill", disable=not self.progress, leave=False
         )
@@ -109,6 +121,7 @@ class LayerMajorPrefill:
                 cache.paged.end_append(cache.seq_id, logical_tokens=total)
             else:
                 self._fill_from_mirror(total, keep)
+            self._sample()  # the working set is in the pool while the last layer's buffers still exist
         except BaseException:
             if cache.paged.pending(cache.seq_id):
                 cache.paged.abort_append(cache.seq_id)
@@ -138,8 +151,16 @@ class LayerMajorPrefill:
                 )
             self._finish_layer(layer_idx, keep, from_buffer)
             cache.note_transient(pool.device_kv_bytes + self.buffer_bytes)
+            self._sample()
             if bar is not None:
                 bar.update(1)
+
+    def _sample(self) -> None:
+        """Record the pass's scratch now and the wrapper's total beside it."""
+        scratch = self.buffer_bytes + self._hidden_bytes + self._tail_bytes
+        self.scratch_peak_bytes = max(self.scratch_peak_bytes, scratch)
+        held = self.held_bytes() if self.held_bytes is not None else 0
+        self.peak_total_bytes = max(self.peak_total_bytes, held + scratch)
 
     def _keep_count(self, total: int) -> int:
         return total if self.policy is None else min(self.policy.budget_tokens, total)
@@ -213,6 +234,7 @@ class LayerMajorPrefill:
             if pad:
                 logits = F.pad(logits, (0, pad), value=float("-inf"))
             parts.append(torch.logsumexp(logits.unflatten(-1, (-1, cs)), dim=-1))  # [H_kv, G*W, n]
+        self._tail_bytes = max(self._tail_bytes, 4 * q.shape[0] * q.shape[1] * (seg + cs))  # fp32 logits
         chunk_lse = torch.cat(parts, dim=-1)
         lse = torch.logsumexp(chunk_lse, dim=-1, keepdim=True)
         return torch.exp(chunk_lse - lse).sum(dim=(0, 1))

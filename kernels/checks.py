@@ -47,3 +47,26 @@ def check_triton_device(kernel: str, device: torch.device, reference: str) -> No
             f"{kernel} needs CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 before "
             f"triton is imported, or use {reference}"
         )
+
+
+def device_tensor_bytes(tensors, device: torch.device | str) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (an iterable; None entries skipped) that
+    live on ``device``: what holding them costs there, views and repeats counted once."""
+    device = torch.device(device)
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if (
+            t is None
+            or t.device.type != device.type
+            or (device.index is not None and t.device.index != device.index)
+        ):
+            continue
+        if t.device.type == "cpu" and t.is_pinned():
+            continue  # page-locked host memory: a host buffer, not the device's
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.checks import device_tensor_bytes
 from .block_pool import BlockPool
 from .host_mirror import HostMirror
 from .resident_set import ChunkState, ResidentSet, dedupe_positions
@@ -357,6 +358,12 @@ class OffloadManager:
         self.table_h2d_bytes += 2 * 4 * len(blocks)  # counted on the CPU backend too
         self._blocks_cache = (version, *out)
         return out
+
+    def device_bytes(self) -> int:
+        """Bytes this manager holds on the pool's device outside the pool: the cached block table and
+        valid counts of the resident chunks (the recalled K/V live in pool blocks)."""
+        cached = self._blocks_cache[1:] if self._blocks_cache is not None else ()
+        return device_tensor_bytes(cached, self.pool.device)
 
     def close(self) -> None:
         """Wait for every copy and give every chunk's blocks back to the pool."""

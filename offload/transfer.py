@@ -115,6 +115,10 @@ class TransferEngine:
         self._chunk_batch: dict[int, _Batch] = {}
         self._next_batch = 0
         self._copy_timings = _Timings()
+        # the device side of a batch (its packed rows before the scatter into pool blocks) lives only
+        # while the batch is copied: the largest one, overall and since the caller's last mark
+        self.device_staging_peak_bytes = 0
+        self.device_staging_bytes_since_mark = 0
         self._stall_timings = _Timings()
         self.h2d_bytes = 0  # staging buffers of the recall loads
         self.h2d_copies = 0
@@ -247,6 +251,8 @@ class TransferEngine:
             batch.copy_start = torch.cuda.Event(enable_timing=True)
             batch.copy_end = torch.cuda.Event(enable_timing=True)
             batch.done = torch.cuda.Event()
+            self.device_staging_peak_bytes = max(self.device_staging_peak_bytes, nbytes)
+            self.device_staging_bytes_since_mark = max(self.device_staging_bytes_since_mark, nbytes)
             with torch.cuda.stream(stream):
                 dev_buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
                 batch.copy_start.record(stream)
@@ -260,6 +266,8 @@ class TransferEngine:
             self._copy_timings.pending.append((batch.copy_start, batch.copy_end, nbytes))
         else:
             t0 = time.perf_counter()
+            self.device_staging_peak_bytes = max(self.device_staging_peak_bytes, nbytes)
+            self.device_staging_bytes_since_mark = max(self.device_staging_bytes_since_mark, nbytes)
             dev_buf = buf.clone()  # the "device" copy of the CPU backend: one synchronous memcpy
             self._copy_timings.total_s += time.perf_counter() - t0
             self._copy_timings.total_bytes += nbytes

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.checks import check_int, resolve_backend
+from ..kernels.checks import check_int, device_tensor_bytes, resolve_backend
 from ..kernels.triattention_score import zscore
 from .compaction import compact_sequence
 from .paged_cache import PagedKVCache
@@ -90,6 +90,13 @@ class TriAttentionPolicy:
         self.score_backend = score_backend
         self.compaction_backend = compaction_backend
         self._stats_device: dict[torch.device, TriAttentionStats] = {}
+
+    def device_bytes(self, device: torch.device | str) -> int:
+        """Bytes of the statistics this policy holds on ``device`` (the copy it scores with)."""
+        tensors = [self.stats.q_mean_real, self.stats.q_mean_imag, self.stats.q_abs_mean, self.stats.omega]
+        for stats in self._stats_device.values():
+            tensors += [stats.q_mean_real, stats.q_mean_imag, stats.q_abs_mean, stats.omega]
+        return device_tensor_bytes(tensors, device)
 
     def should_compact(self, num_slots: int) -> bool:
         """True once the sequence holds ``budget_tokens + compaction_interval`` slots (host counter)."""
