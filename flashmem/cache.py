@@ -6,8 +6,8 @@ The decode loop (:mod:`flashmem.wrapper`) drives one step at a time:
     model(input_ids, position_ids=..., cache=cache)   # every layer: update() writes, attend() reads
     cache.end_step()                 # commit host-side counters
 
-``update`` stores the layer's new post-RoPE keys/values in the reserved slots, and the registered
-``"flashmem"`` attention function (see :mod:`flashmem.hf_compat`) calls :meth:`attend`, which
+``update`` stores the layer's new post-RoPE keys/values in the reserved slots, and the attention,
+routed to this cache for the call (``hf_compat.attention_runner``), calls :meth:`attend`, which
 reads only the paged cache: a single-token step goes through the paged decode kernel, a
 multi-token step (the sparse prefill) through SDPA over the gathered slots with a causal mask built
 from each slot's true position (so compacted and recalled slots are handled exactly). During the

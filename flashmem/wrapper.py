@@ -9,6 +9,7 @@ one at a time; under a token budget the TriAttention policy compacts the cache e
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 
@@ -41,6 +42,13 @@ _GENERATE_KWARGS = {
     "stream",
     "forced_tokens",
 }
+
+
+_BUSY = (
+    "this FlashMemModel is already generating (in another thread, or re-entered from a stream "
+    "callback): one wrapper decodes one sequence at a time and its state belongs to that call. Give "
+    "each thread its own flashmem.wrap(model, config); wrappers of one model may decode concurrently"
+)
 
 
 class FlashMemModel:
@@ -80,6 +88,8 @@ class FlashMemModel:
         self._compactions = 0
         self._prompt_len = 0
         self._timings: dict[str, float] = {}
+        self._lock = threading.Lock()  # held for the whole of generate(): one call at a time
+        self._generating_thread: int | None = None
 
     # ---- construction helpers ----------------------------------------------------------------
     def _make_policy(self):
@@ -223,12 +233,14 @@ class FlashMemModel:
         positions = torch.arange(start, start + ids.shape[1], device=self.device)
         cache.begin_step(positions, start)
         try:
+            # the attention is routed to the cache for this call in this thread only: the model and
+            # its config are never modified (other threads and plain Hugging Face use are unaffected)
             with hf_compat.attention_runner(self.model, cache):
                 out = self.model(
                     input_ids=ids,
                     position_ids=positions.unsqueeze(0),
                     logits_to_keep=1,
-                    **hf_compat.forward_kwargs(self.model, cache),
+                    **hf_compat.paged_forward_kwargs(self.model, cache, self.device),
                 )
         except BaseException:
             cache.abort_step()
@@ -307,7 +319,6 @@ class FlashMemModel:
         self._share_steps += 1
         self._device_trace.append(self.pool.device_kv_bytes)
 
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, **kwargs) -> torch.Tensor:
         """Greedy (or sampled) generation; returns ``[1, T + N]`` token ids (N <= max_new_tokens,
         fewer when an end-of-sequence token is produced).
@@ -319,7 +330,22 @@ class FlashMemModel:
         receiving each new token id), ``forced_tokens`` (teacher forcing: a sequence of at least
         ``max_new_tokens`` ids fed instead of the model's choices, e.g. to compare next-token
         distributions with another run step by step).
+
+        One wrapper runs one generate() at a time: a second call while one is running (from another
+        thread, or from its own stream callback) raises RuntimeError. Several wrappers of one model
+        may generate concurrently from several threads; the model itself is never modified.
         """
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(_BUSY)
+        self._generating_thread = threading.get_ident()
+        try:
+            return self._generate(input_ids, max_new_tokens, kwargs)
+        finally:
+            self._generating_thread = None
+            self._lock.release()
+
+    @torch.no_grad()
+    def _generate(self, input_ids: torch.Tensor, max_new_tokens: int, kwargs: dict) -> torch.Tensor:
         input_ids = self._check_inputs(input_ids, max_new_tokens, kwargs)
         eos = kwargs.get("eos_token_id", self._default_eos())
         eos_set = set([eos] if isinstance(eos, int) else (eos or []))
@@ -442,6 +468,12 @@ class FlashMemModel:
         recall copies per second of decoding; 0.0 off CUDA, where copies are synchronous and never
         waited on; None before any decode step).
         """
+        owner = self._generating_thread
+        if self._lock.locked() and owner != threading.get_ident():
+            raise RuntimeError(
+                "memory_report() was called while another thread runs generate() on this wrapper; "
+                "call it from that thread (e.g. its stream callback) or after generate() returns"
+            )
         if self.pool is None:
             raise RuntimeError("memory_report() is available after generate()")
         pool, cache = self.pool, self.cache
