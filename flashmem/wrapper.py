@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flashmem.kernels.checks import resolve_backend
-from flashmem.offload.block_pool import BlockPool
+from flashmem.offload.block_pool import BlockPool, BlockPoolExhausted
 from flashmem.offload.host_mirror import HostMirror
 from flashmem.offload.offload_manager import OffloadManager
 from flashmem.offload.paged_cache import PagedKVCache
@@ -88,6 +88,8 @@ class FlashMemModel:
         self._compactions = 0
         self._prompt_len = 0
         self._timings: dict[str, float] = {}
+        self._max_pool_blocks = 0
+        self._report_ready = False  # True while the state describes a generate() that did not fail
         self._lock = threading.Lock()  # held for the whole of generate(): one call at a time
         self._generating_thread: int | None = None
 
@@ -106,19 +108,45 @@ class FlashMemModel:
             backend=self.attention_backend,
         )
 
-    def _pool_blocks(self, total_tokens: int) -> int:
+    def _pool_blocks(self, tokens: int) -> int:
+        """Most blocks one sequence of ``tokens`` tokens (prompt + fed so far) can hold at once: the
+        bound of the policy, derived here once; the pool is grown to it before every forward, so an
+        allocation can never fail.
+
+        Working slots: without a budget every token stays, ``ceil(tokens / block_size)`` blocks. Under
+        a budget, the exact prefill writes its keep-set (at most budget tokens) at once; after that,
+        compaction runs after every forward once the slots reach budget + interval and cuts them to
+        exactly budget, so before a forward at most budget + interval - 1 slots are held, and the
+        forward adds one decode token, or (sparse prefill) one token chunk of
+        ``effective_prefill_chunk`` tokens: at most budget + interval - 1 + step slots, packed from the
+        front of the sequence's blocks (compaction slides survivors forward and frees the tail), and
+        never more blocks than the tokens fill.
+        Recalled chunks: ``chunk_size / block_size`` blocks each, at most ``chunk_budget`` per window
+        held (2 windows while a prefetch overlaps the current one), and never more than the chunks
+        recall can choose from: closed chunks before the recent window,
+        ``(tokens - window_tokens) // chunk_size``.
+        """
         c = self.config
-        full = math.ceil(total_tokens / c.block_size)
+        full = math.ceil(tokens / c.block_size)
         if c.budget_tokens is None:
             return full
-        # Working set: never more than budget + one interval (the sparse prefill: or one prefill
-        # chunk), plus one partially filled block; recalled chunks: chunk_budget whole chunks per
-        # window held (two while a prefetch overlaps the current window).
+        # the sparse prefill adds a token chunk per forward; the exact prefill writes its keep-set
+        # (at most budget tokens) at once, then every decode forward adds one token
         step = c.effective_prefill_chunk if c.prefill == "sparse" else 1
-        cap = c.budget_tokens + max(c.compaction_interval, step)
-        working = min(full, math.ceil(cap / c.block_size) + 1)
-        recall = self._recall_chunks_held() * (c.chunk_size // c.block_size)
+        peak_slots = c.budget_tokens + c.compaction_interval - 1 + step
+        working = min(full, math.ceil(peak_slots / c.block_size))
+        recallable = max(0, tokens - c.window_tokens) // c.chunk_size
+        recall = min(self._recall_chunks_held(), recallable) * (c.chunk_size // c.block_size)
         return working + recall
+
+    def _ensure_pool(self, tokens: int) -> None:
+        """Grow the pool (block-aligned, geometrically: amortised O(1) copying per token) so that it
+        holds :meth:`_pool_blocks` for ``tokens``; never beyond the bound for prompt + max_new_tokens.
+        Generation that stops early never reserved what it did not reach."""
+        need = self._pool_blocks(tokens)
+        pool = self.pool
+        if need > pool.num_blocks:
+            pool.grow(min(self._max_pool_blocks, max(need, pool.num_blocks + pool.num_blocks // 4)))
 
     def _recall_chunks_held(self) -> int:
         """Most recalled chunks on the device at once (resident + in flight)."""
@@ -181,14 +209,22 @@ class FlashMemModel:
             max_host_bytes=self.config.max_host_bytes,
         )
 
-    def _new_cache(self, total_tokens: int) -> None:
-        c = self.config
+    def _discard_state(self) -> None:
+        """Drop the per-sequence state (frees its device and host memory)."""
+        self._report_ready = False
         if self.offload is not None:
             self.offload.close()
         self.cache = self.pool = self.mirror = self.offload = self.recall = None
+
+    def _new_cache(self, prompt_tokens: int, total_tokens: int) -> None:
+        c = self.config
+        self._discard_state()
+        # sized for the prompt; grown before each decode step, never past the bound of the whole run
+        # (the last generated token is never fed back)
+        self._max_pool_blocks = self._pool_blocks(max(prompt_tokens, total_tokens - 1))
         self.pool = BlockPool(
             self.num_layers,
-            self._pool_blocks(total_tokens),
+            self._pool_blocks(prompt_tokens),
             self.num_kv_heads,
             self.head_dim,
             block_size=self.config.block_size,
@@ -226,10 +262,12 @@ class FlashMemModel:
         self._decode_steps = 0
         self._compactions = 0
         self._timings = {"prefill_s": 0.0, "decode_s": 0.0, "compaction_s": 0.0, "recall_s": 0.0}
+        self._report_ready = True
 
     def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Run ``ids`` ``[1, T]`` at positions ``start ..``; returns logits of the last token ``[vocab]``."""
         cache = self.cache
+        self._ensure_pool(start + ids.shape[1])
         positions = torch.arange(start, start + ids.shape[1], device=self.device)
         cache.begin_step(positions, start)
         try:
@@ -367,8 +405,23 @@ class FlashMemModel:
         collect = bool(kwargs.get("collect_logits", False))
         stream: Callable[[int], None] | None = kwargs.get("stream")
         prompt_len = input_ids.shape[1]
+        try:
+            return self._run(input_ids, max_new_tokens, eos_set, sampler, forced, collect, stream, kwargs)
+        except BlockPoolExhausted as exc:
+            self._discard_state()
+            raise BlockPoolExhausted(
+                f"flashmem sized the block pool from the bound of its policy (at most "
+                f"{self._max_pool_blocks} blocks for {prompt_len} + {max_new_tokens} tokens) and the "
+                f"sequence needed more: a flashmem bug, please report it with the FlashMemConfig ({exc})"
+            ) from exc
+        except BaseException:
+            self._discard_state()  # nothing half-done is reported or kept on the device
+            raise
+
+    def _run(self, input_ids, max_new_tokens, eos_set, sampler, forced, collect, stream, kwargs):
+        prompt_len = input_ids.shape[1]
         self._prompt_len = prompt_len
-        self._new_cache(prompt_len + max_new_tokens)
+        self._new_cache(prompt_len, prompt_len + max_new_tokens)
 
         logits = self._prefill(input_ids, kwargs.get("progress"))
         generated: list[int] = []
@@ -474,8 +527,11 @@ class FlashMemModel:
                 "memory_report() was called while another thread runs generate() on this wrapper; "
                 "call it from that thread (e.g. its stream callback) or after generate() returns"
             )
-        if self.pool is None:
-            raise RuntimeError("memory_report() is available after generate()")
+        if not self._report_ready or self.pool is None or self.cache is None:
+            raise RuntimeError(
+                "memory_report() is available after generate(): it describes the last generate() that did "
+                "not fail, and there is none (no generate() has run yet, or the last one raised)"
+            )
         pool, cache = self.pool, self.cache
         full = cache.logical_length * pool.kv_bytes_per_token
         peak_full = full  # the dense cache is largest at the end
