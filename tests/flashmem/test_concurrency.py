@@ -119,7 +119,7 @@ def test_two_wrappers_of_one_model_decode_in_two_threads(family, impl):
     _assert_same_state(before, _model_state(model))
 
 
-def test_plain_model_use_in_another_thread_while_a_wrapper_decodes():
+def test_plain_model_use_in_another_thread_while_a_wrapper_is_inside_its_forward():
     model = tiny_model("qwen2")
     before = _model_state(model)
     fm = flashmem.wrap(model, flashmem.FlashMemConfig(prefill_chunk_tokens=16))
@@ -128,17 +128,31 @@ def test_plain_model_use_in_another_thread_while_a_wrapper_decodes():
     inside = threading.Event()
     plain_done = threading.Event()
     plain = []
+    decoder = threading.local()
 
-    def on_token(_t):
-        if not inside.is_set():
+    def pause_in_layer1(module, args):  # the wrapper's thread waits inside its first forward
+        if getattr(decoder, "pause", False):
+            decoder.pause = False
             inside.set()
             assert plain_done.wait(TIMEOUT_S)
 
+    def decode():
+        decoder.pause = True
+        got.append(fm.generate(prompt, 10, eos_token_id=None))
+
+    def use_plain():
+        assert inside.wait(TIMEOUT_S)
+        try:
+            plain.append(_model_state(model))
+        finally:
+            plain_done.set()
+
     got = []
-    errors = _run_threads(
-        lambda: got.append(fm.generate(prompt, 10, eos_token_id=None, stream=on_token)),
-        lambda: (inside.wait(TIMEOUT_S), plain.append(_model_state(model)), plain_done.set()),
-    )
+    hook = model.model.layers[1].register_forward_pre_hook(pause_in_layer1)
+    try:
+        errors = _run_threads(decode, use_plain)
+    finally:
+        hook.remove()
     assert not errors, errors
     assert torch.equal(got[0], want)
     _assert_same_state(before, plain[0])
