@@ -196,6 +196,13 @@ def validate_model(model: torch.nn.Module) -> None:
         )
     config = text_config(model)
     model_type = getattr(config, "model_type", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    if not callable(get_head) or get_head() is None:
+        raise ValueError(
+            f"{type(model).__name__} has no language-model head (get_output_embeddings() is None): flashmem "
+            "decodes tokens, so wrap the causal LM (e.g. AutoModelForCausalLM / LlamaForCausalLM), not the "
+            "bare decoder"
+        )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"model type {model_type!r} is not supported; flashmem supports {SUPPORTED_MODEL_TYPES} "

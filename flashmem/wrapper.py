@@ -9,6 +9,7 @@ one at a time; under a token budget the TriAttention policy compacts the cache e
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from flashmem.indexer.heuristics import HEURISTICS, INDEXERS
 from flashmem.kernels.checks import resolve_backend
 from flashmem.offload.block_pool import BlockPool, BlockPoolExhausted
 from flashmem.offload.host_mirror import HostMirror
@@ -51,6 +53,32 @@ _BUSY = (
 )
 
 
+def _check_indexer_runs(name: str) -> None:
+    """FlashMemConfig accepts every registered indexer name; decoding runs the heuristics, learned
+    checkpoints and the keywords, but not an evaluation-only indexer such as "oracle" (it scores chunks
+    by the true attention mass, which decoding does not have: it failed at the first refresh)."""
+    if name in INDEXERS and name not in HEURISTICS:
+        raise ValueError(
+            f"indexer {name!r} is for evaluation only (it needs the true attention mass, which decoding "
+            f"does not have): choose 'auto', 'none', 'lookahead', one of {list(HEURISTICS)}, or the path "
+            "of a lookahead indexer checkpoint"
+        )
+
+
+def _int_ids(value, what: str) -> list[int]:
+    """``value`` (an int, a sequence of ints or an integer tensor) as a list of Python ints."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{what} must hold integer token ids, got a {value.dtype} tensor")
+        value = value.reshape(-1).tolist()
+    iterable = hasattr(value, "__iter__") and not isinstance(value, (str, bytes))
+    items = list(value) if iterable else [value]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+            raise TypeError(f"{what} must be token ids (ints), got {item!r} ({type(item).__name__})")
+    return [int(item) for item in items]
+
+
 class FlashMemModel:
     """A Hugging Face causal LM decoding through flashmem's paged device cache (batch size 1).
 
@@ -62,6 +90,7 @@ class FlashMemModel:
         if not isinstance(config, FlashMemConfig):
             raise TypeError(f"config must be a FlashMemConfig, got {type(config).__name__}")
         hf_compat.validate_model(model)
+        _check_indexer_runs(config.indexer)
         self.model = model
         self.config = config
         self.num_layers, self.num_q_heads, self.num_kv_heads, self.head_dim = hf_compat.kv_geometry(model)
@@ -361,15 +390,16 @@ class FlashMemModel:
         """Greedy (or sampled) generation; returns ``[1, T + N]`` token ids (N <= max_new_tokens,
         fewer when an end-of-sequence token is produced).
 
-        kwargs: ``eos_token_id`` (int or list; default from the model's generation config, ``None``
-        disables stopping), ``do_sample`` (False), ``temperature`` (1.0), ``top_k``, ``top_p``,
+        kwargs: ``eos_token_id`` (int or list of ints; default from the model's generation config,
+        ``None`` disables stopping), ``do_sample`` (False), ``temperature`` (1.0), ``top_k``, ``top_p``,
         ``seed``, ``progress`` (show a prefill progress bar; default True for prompts over 8K tokens),
         ``collect_logits`` (keep every step's logits in ``self.step_logits``), ``stream`` (a callable
         receiving each new token id), ``forced_tokens`` (teacher forcing: a sequence of at least
         ``max_new_tokens`` ids fed instead of the model's choices, e.g. to compare next-token
         distributions with another run step by step).
 
-        One wrapper runs one generate() at a time: a second call while one is running (from another
+        Every argument is checked before any work; a refused call leaves the wrapper as it was. One
+        wrapper runs one generate() at a time: a second call while one is running (from another
         thread, or from its own stream callback) raises RuntimeError. Several wrappers of one model
         may generate concurrently from several threads; the model itself is never modified.
         """
@@ -385,8 +415,9 @@ class FlashMemModel:
     @torch.no_grad()
     def _generate(self, input_ids: torch.Tensor, max_new_tokens: int, kwargs: dict) -> torch.Tensor:
         input_ids = self._check_inputs(input_ids, max_new_tokens, kwargs)
-        eos = kwargs.get("eos_token_id", self._default_eos())
-        eos_set = set([eos] if isinstance(eos, int) else (eos or []))
+        vocab = hf_compat.text_config(self.model).vocab_size
+        eos = kwargs["eos_token_id"] if "eos_token_id" in kwargs else self._default_eos()
+        eos_set = set() if eos is None else set(_int_ids(eos, "eos_token_id"))
         sampler = _Sampler(
             kwargs.get("do_sample", False),
             kwargs.get("temperature", 1.0),
@@ -397,13 +428,20 @@ class FlashMemModel:
         )
         forced = kwargs.get("forced_tokens")
         if forced is not None:
-            forced = [int(t) for t in (forced.tolist() if isinstance(forced, torch.Tensor) else forced)]
+            forced = _int_ids(forced, "forced_tokens")
             if len(forced) < max_new_tokens:
                 raise ValueError(
                     f"forced_tokens holds {len(forced)} ids, max_new_tokens={max_new_tokens} needed"
                 )
+            bad = [t for t in forced[:max_new_tokens] if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"forced_tokens hold ids outside the vocabulary [0, {vocab}): {bad[:8]}")
         collect = bool(kwargs.get("collect_logits", False))
         stream: Callable[[int], None] | None = kwargs.get("stream")
+        if stream is not None and not callable(stream):
+            raise TypeError(
+                f"stream must be a callable taking each new token id, got {type(stream).__name__}"
+            )
         prompt_len = input_ids.shape[1]
         try:
             return self._run(input_ids, max_new_tokens, eos_set, sampler, forced, collect, stream, kwargs)
@@ -577,12 +615,20 @@ class _Sampler:
     """Greedy by default; temperature / top-k / top-p sampling when ``do_sample``."""
 
     def __init__(self, do_sample, temperature, top_k, top_p, seed, device) -> None:
-        if temperature is not None and (not isinstance(temperature, (int, float)) or temperature <= 0):
+        def real(x) -> bool:
+            return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+        if temperature is not None and (not real(temperature) or temperature <= 0):
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1
+        ):
             raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-        if top_p is not None and not (0 < top_p <= 1):
+        if top_p is not None and (not real(top_p) or not 0 < top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        top_k = None if top_k is None else int(top_k)
         self.do_sample = bool(do_sample)
         self.temperature = float(temperature or 1.0)
         self.top_k = top_k
