@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +52,10 @@ _BUSY = (
     "callback): one wrapper decodes one sequence at a time and its state belongs to that call. Give "
     "each thread its own flashmem.wrap(model, config); wrappers of one model may decode concurrently"
 )
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _check_indexer_runs(name: str) -> None:
@@ -98,6 +103,12 @@ class FlashMemModel:
         self.device = param.device
         self.dtype = param.dtype
         self.attention_backend = resolve_backend(config.attention_backend, self.device)
+        if self.attention_backend == "triton" and self.device.type != "cuda" and not _triton_interpreting():
+            raise ValueError(
+                f"FlashMemConfig.attention_backend='triton' runs Triton kernels, which need the model on a "
+                f"CUDA device (this one is on {self.device}; TRITON_INTERPRET=1, set before triton is "
+                "imported, runs them on a CPU for testing): use 'auto' or 'torch'"
+            )
         self.policy = self._make_policy() if config.budget_tokens is not None else None
         self.indexer_name, self._indexers = None, None
         if config.recall_enabled:

@@ -123,3 +123,10 @@ def test_integer_like_eos_and_forced_ids_are_accepted(fm_done):
         torch.tensor([[4, 5, 6, 7]]), 3, eos_token_id=None, forced_tokens=np.array([9, 8, 7])
     )
     assert forced[0, 4:].tolist() == [9, 8, 7]
+
+
+def test_triton_backend_on_a_cpu_model_without_the_interpreter_is_refused_at_wrap(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="attention_backend='triton'.*CUDA.*'auto' or 'torch'"):
+        flashmem.wrap(tiny_model("llama"), flashmem.FlashMemConfig(attention_backend="triton"))
+    flashmem.wrap(tiny_model("llama"), flashmem.FlashMemConfig(attention_backend="auto"))  # torch on a CPU
