@@ -199,6 +199,10 @@ class RecallController:
         if builder.needs_pre_rope:
             pre = hf_compat.unrotate(keys.float(), self._cos[:, None, :], self._sin[:, None, :])
         builder.append(keys, pre)
+        if layer == len(self.builders) - 1 and self._cos.shape[0] > 1:
+            # every layer has its keys: keep the last position's cos/sin only (a refresh reads that
+            # row), not the step's [T, D] (a whole prefill tile)
+            self._cos, self._sin = self._cos[-1:].clone(), self._sin[-1:].clone()
 
     def on_query(self, layer: int, query: torch.Tensor) -> None:
         """Post-RoPE query ``[H_q, D]`` of the step's last token for ``layer``; copied into recall's own

@@ -91,13 +91,14 @@ def test_device_bytes_is_every_tensor_recall_holds(model_and_stats, indexer, ind
 
 def test_queries_after_a_prefill_tile_are_copies(model_and_stats):
     """After the exact prefill, recall holds ``[L, H_q, D]`` queries, not views that pin each layer's
-    ``[1, H_q, T, D]`` prefill query."""
+    ``[1, H_q, T, D]`` prefill query, and one position's cos/sin, not the last tile's ``[T, D]``."""
     model, stats = model_and_stats
     fm = flashmem.wrap(model, _config(stats, indexer="quest"))
     ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(1))
     fm.generate(ids, 1, eos_token_id=None)  # prefill only: the first token comes from its logits
     parts = fm.recall.device_bytes_by_part()
     assert parts["queries"] == fm.num_layers * fm.num_q_heads * fm.head_dim * 4
+    assert parts["rotary"] == 2 * fm.head_dim * 4  # the last position's cos/sin, not the last tile's
     assert fm.recall.device_bytes() == independent_count(fm.recall, "cpu")
 
 
