@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                     **m,
                     "avg_device_share": rep.get("avg_device_share"),
                     "peak_device_share": rep.get("peak_device_share"),
+                    "peak_device_kv_share": rep.get("peak_device_kv_share"),
+                    "avg_device_kv_share": rep.get("avg_device_kv_share"),
+                    "device_bytes": rep.get("device_bytes"),
                     "compactions": rep.get("compactions"),
                     "wall_s": run["wall_s"],
                 }

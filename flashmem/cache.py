@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from flashmem.kernels.checks import device_tensor_bytes
 from flashmem.kernels.paged_decode import paged_decode_attention, reference_paged_decode_attention
 from flashmem.offload.paged_cache import PagedKVCache
 
@@ -93,6 +94,8 @@ class FlashMemCache(Cache):
         self.offload = offload
         self.prefill_runner = None  # the layer-major prefill in flight (flashmem.prefill), if any
         self.transient_peak_bytes = 0
+        self.step_scratch_bytes = 0  # the multi-token attend's largest transient in the step in flight
+        self.scratch_peak_bytes = 0
         self._positions: torch.Tensor | None = None
         self._slot_index: torch.Tensor | None = None
         self._start = 0
@@ -115,6 +118,24 @@ class FlashMemCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.logical_length
 
+    def device_bytes(self) -> int:
+        """Bytes of the step metadata this cache holds on the pool's device: block tables, valid
+        counts, slot indices and positions of the step in flight, the valid-count template and the
+        paged cache's cached block table."""
+        tensors = [
+            self._valid_template,
+            self._block_tables,
+            self._block_valid,
+            self._read_index,
+            self._positions,
+            self._slot_index,
+        ]
+        return device_tensor_bytes(tensors, self.paged.pool.device) + self.paged.device_bytes()
+
+    def _note_scratch(self, nbytes: int) -> None:
+        self.step_scratch_bytes = max(self.step_scratch_bytes, nbytes)
+        self.scratch_peak_bytes = max(self.scratch_peak_bytes, nbytes)
+
     def note_transient(self, device_bytes: int) -> None:
         """Record a transient device KV figure (pool + prefill buffers) for the peak report."""
         self.transient_peak_bytes = max(self.transient_peak_bytes, device_bytes)
@@ -129,6 +150,7 @@ class FlashMemCache(Cache):
         paged.begin_append(self.seq_id, num_new)
         self._positions = positions
         self._start = start
+        self.step_scratch_bytes = 0
         self._slot_index = paged.pending_slot_indices(self.seq_id)
         self._new = {}
         if self.recall is not None:
@@ -237,6 +259,10 @@ class FlashMemCache(Cache):
             k, v = self._new[layer_idx]
             return self._attend_new_tokens(query, k.to(query.dtype), v.to(query.dtype), scaling)
         k, v, pos = self.paged.gather(self.seq_id, layer_idx, slot_index=self._read_index)
+        # scratch of this call: the gathered K/V/positions and one query tile's bool mask
+        h_q, slots = query.shape[1], k.shape[0]
+        mask = h_q * self._query_tile(num_q, h_q, slots) * slots
+        self._note_scratch(sum(t.numel() * t.element_size() for t in (k, v, pos)) + mask)
         return self._attend_gathered(query, k, v, pos, scaling)
 
     def _query_tile(self, num_queries: int, num_q_heads: int, num_keys: int) -> int:

@@ -233,8 +233,8 @@ class LayerMajorPrefill:
             pad = (-(e - s)) % cs
             if pad:
                 logits = F.pad(logits, (0, pad), value=float("-inf"))
+            self._tail_bytes = max(self._tail_bytes, logits.numel() * logits.element_size())
             parts.append(torch.logsumexp(logits.unflatten(-1, (-1, cs)), dim=-1))  # [H_kv, G*W, n]
-        self._tail_bytes = max(self._tail_bytes, 4 * q.shape[0] * q.shape[1] * (seg + cs))  # fp32 logits
         chunk_lse = torch.cat(parts, dim=-1)
         lse = torch.logsumexp(chunk_lse, dim=-1, keepdim=True)
         return torch.exp(chunk_lse - lse).sum(dim=(0, 1))

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flashmem.indexer.heuristics import HEURISTICS, INDEXERS
-from flashmem.kernels.checks import resolve_backend
+from flashmem.kernels.checks import device_tensor_bytes, resolve_backend
 from flashmem.offload.block_pool import BlockPool, BlockPoolExhausted
 from flashmem.offload.host_mirror import HostMirror
 from flashmem.offload.offload_manager import OffloadManager
@@ -297,8 +297,16 @@ class FlashMemModel:
             offload=self.offload,
         )
         self._device_trace = []
+        self._total_trace = []
         self._share_sum = 0.0
+        self._kv_share_sum = 0.0
         self._share_steps = 0
+        self._peak_total = 0
+        self._staging_peak = 0
+        self._scratch_peak = 0
+        self._traffic_after_prefill = {"h2d_bytes": 0, "d2h_bytes": 0}
+        self._decode_token_bytes = 0
+        self.last_logits = self.step_logits = None
         self._decode_steps = 0
         self._compactions = 0
         self._timings = {"prefill_s": 0.0, "decode_s": 0.0, "compaction_s": 0.0, "recall_s": 0.0}
@@ -391,11 +399,53 @@ class FlashMemModel:
         )
         self._timings["recall_s"] += time.perf_counter() - t0
 
+    def _held_device_bytes(self) -> dict[str, int]:
+        """What this wrapper holds on its device now, by part (bytes, counted from the tensors held):
+        ``kv`` (blocks in use), ``kv_reserved`` (the pool's tensors: K, V and positions of every
+        block, in use or free), ``index`` (recall's summaries, chunk index, queries and block tables,
+        the learned indexer's weights, the TriAttention stats, the decode step's tables), ``staging``
+        (device-side copies of recall batches in flight: 0 between steps), ``outputs`` (the logits
+        kept for the caller)."""
+        device = self.device
+        index = self.cache.device_bytes()
+        if self.recall is not None:
+            index += self.recall.device_bytes()
+        if self.offload is not None:
+            index += self.offload.device_bytes()
+        if self.policy is not None:
+            index += self.policy.device_bytes(device)
+        outputs = device_tensor_bytes([self.last_logits, self.step_logits], device)
+        return {
+            "kv": self.pool.device_kv_bytes,
+            "kv_reserved": self.pool.reserved_bytes,
+            "index": index,
+            "staging": 0,
+            "outputs": outputs,
+        }
+
+    def _sample_device_total(self, scratch: int = 0) -> int:
+        """Sum of what is held now (+ ``scratch``, + the largest recall batch copied since the last
+        sample, whose device copy lived inside the step); updates the peak; returns the sum."""
+        held = self._held_device_bytes()
+        total = held["kv_reserved"] + held["index"] + held["staging"] + held["outputs"]
+        if self.offload is not None:
+            engine = self.offload.engine
+            self._staging_peak = max(self._staging_peak, engine.device_staging_bytes_since_mark)
+            total_then = total + engine.device_staging_bytes_since_mark
+            engine.device_staging_bytes_since_mark = 0
+        else:
+            total_then = total
+        self._peak_total = max(self._peak_total, total_then + scratch)
+        return total
+
     def _record_share(self) -> None:
         full = self.cache.logical_length * self.pool.kv_bytes_per_token
-        self._share_sum += self.pool.device_kv_bytes / full
+        total = self._sample_device_total()
+        self._share_sum += total / full
+        self._kv_share_sum += self.pool.device_kv_bytes / full
         self._share_steps += 1
         self._device_trace.append(self.pool.device_kv_bytes)
+        self._total_trace.append(total)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, **kwargs) -> torch.Tensor:
         """Greedy (or sampled) generation; returns ``[1, T + N]`` token ids (N <= max_new_tokens,
@@ -519,14 +569,30 @@ class FlashMemModel:
                 tile_tokens=self.config.effective_prefill_chunk,
                 observe_tokens=self.config.observe_tokens,
                 progress=show,
+                held_bytes=self._sample_device_total,
             )
             logits = runner.run(input_ids)
             self._compactions += int(runner.evicted)
+            self._scratch_peak = runner.scratch_peak_bytes
+            self._peak_total = max(self._peak_total, runner.peak_total_bytes)
         else:
             logits = self._sparse_prefill(input_ids, show)
+        self._scratch_peak = max(self._scratch_peak, self.cache.scratch_peak_bytes)
         self._timings["prefill_s"] += time.perf_counter() - t0
         self._record_share()
+        self._traffic_after_prefill = self._traffic()
         return logits
+
+    def _traffic(self) -> dict[str, int]:
+        """Cumulative host<->device bytes of this call: the mirror's writes and reads, recall's copies
+        and tables (offload manager), and the sampled tokens (one id up, one down per decode step)."""
+        if self.offload is not None:
+            t = self.offload.traffic()
+        elif self.mirror is not None:
+            t = self.mirror.traffic()
+        else:
+            t = {"h2d_bytes": 0, "d2h_bytes": 0}
+        return {"h2d_bytes": t["h2d_bytes"], "d2h_bytes": t["d2h_bytes"]}
 
     def _sparse_prefill(self, input_ids: torch.Tensor, show: bool) -> torch.Tensor:
         """Token chunks attending to the device-resident tokens only, compacting as they go."""
@@ -539,6 +605,7 @@ class FlashMemModel:
             if start > 0:
                 self._refresh_recall()
             logits = self._forward(ids, start)
+            self._sample_device_total(scratch=self.cache.step_scratch_bytes)
             self._maybe_compact()
             bar.update(ids.shape[1])
             host = self.mirror.host_kv_bytes if self.mirror is not None else 0
@@ -557,13 +624,31 @@ class FlashMemModel:
 
     # ---- reporting ---------------------------------------------------------------------------
     def memory_report(self) -> dict:
-        """Device and host KV figures of the last :meth:`generate` call (all from the allocator).
+        """Device and host figures of the last :meth:`generate` call.
 
-        Keys: device_kv_bytes, peak_device_kv_bytes, full_kv_bytes (a dense cache of the same
-        tokens), host_kv_bytes, blocks_in_use, blocks_freed, blocks_allocated, peak_blocks_in_use,
+        ``device_bytes`` (counted from the tensors this wrapper holds on its device, the model's own
+        weights and activations aside): ``kv`` (KV blocks in use), ``kv_reserved`` (the block pool's
+        K, V and positions, in use or free), ``index`` (recall's summaries, chunk index, queries and
+        block tables, the learned indexer's weights, the TriAttention stats, the decode step's
+        tables), ``staging`` (recall batches in flight now) and ``staging_peak`` (the largest),
+        ``outputs`` (logits kept for the caller), ``scratch_peak`` (the largest transient: the exact
+        prefill's layer K/V and hidden states, the sparse prefill's gathered slots and mask tile),
+        ``total`` (now: kv_reserved + index + staging + outputs) and ``peak_total`` (the largest
+        total over the call, scratch and staging included). ``device_share``, ``peak_device_share``
+        and ``avg_device_share`` are ``total`` / ``peak_total`` / the per-step mean of the total over
+        the full KV of a dense cache of the same tokens (``full_kv_bytes``); the ``*_kv_*`` figures
+        count KV alone (``device_kv_share``: blocks in use; ``peak_device_kv_share``: the pool's peak
+        or, if larger, pool + the exact prefill's layer K/V).
+
+        ``traffic``: ``prefill_h2d_bytes``, ``prefill_d2h_bytes``, ``decode_h2d_bytes``,
+        ``decode_d2h_bytes``: every host<->device copy, counted where it is issued (host mirror,
+        recall loads and tables, and the token id of each decode step up and down).
+
+        Also: device_kv_bytes, peak_device_kv_bytes, peak_pool_kv_bytes, full_kv_bytes,
+        host_kv_bytes, blocks_in_use, blocks_freed, blocks_allocated, peak_blocks_in_use,
         pool_blocks, pool_capacity_bytes, kv_block_bytes, kv_bytes_per_token, block_size,
-        logical_tokens, device_slots, device_share, peak_device_share, avg_device_share,
-        compactions, decode_steps, budget_tokens, timings, and with recall ``offload``: the transfer
+        logical_tokens, device_slots, compactions, decode_steps, budget_tokens, timings,
+        device_kv_trace and device_total_trace (after prefill, then after each decode step), and with recall ``offload``: the transfer
         engine's and resident set's counters (:meth:`OffloadManager.stats`: ``stall_time_s``,
         ``prefetches_issued``, ``chunks_prefetched``, ``chunks_loaded_on_demand``, ...) plus
         ``stall_fraction`` = stall_time_s / timings["decode_s"] (time the compute stream waited on
@@ -584,10 +669,38 @@ class FlashMemModel:
         pool, cache = self.pool, self.cache
         full = cache.logical_length * pool.kv_bytes_per_token
         peak_full = full  # the dense cache is largest at the end
-        peak = max(pool.peak_device_kv_bytes, cache.transient_peak_bytes)
+        peak_kv = max(pool.peak_device_kv_bytes, cache.transient_peak_bytes)
+        held = self._held_device_bytes()
+        total = held["kv_reserved"] + held["index"] + held["staging"] + held["outputs"]
+        peak_total = max(self._peak_total, total)
+        device_bytes = {
+            **held,
+            "staging_peak": self._staging_peak,
+            "scratch_peak": self._scratch_peak,
+            "total": total,
+            "peak_total": peak_total,
+        }
+        traffic_end = self._traffic()
+        prefill = self._traffic_after_prefill
+        traffic = {
+            "prefill_h2d_bytes": prefill["h2d_bytes"],
+            "prefill_d2h_bytes": prefill["d2h_bytes"],
+            # one token id up and one down per decode step
+            "decode_h2d_bytes": traffic_end["h2d_bytes"] - prefill["h2d_bytes"] + 8 * self._decode_steps,
+            "decode_d2h_bytes": traffic_end["d2h_bytes"] - prefill["d2h_bytes"] + 8 * self._decode_steps,
+        }
+        steps = self._share_steps
         report = {
+            "device_bytes": device_bytes,
+            "traffic": traffic,
+            "device_share": total / full if full else 0.0,
+            "peak_device_share": peak_total / peak_full if peak_full else 0.0,
+            "avg_device_share": self._share_sum / steps if steps else 0.0,
+            "device_kv_share": pool.device_kv_bytes / full if full else 0.0,
+            "peak_device_kv_share": peak_kv / peak_full if peak_full else 0.0,
+            "avg_device_kv_share": self._kv_share_sum / steps if steps else 0.0,
             "device_kv_bytes": pool.device_kv_bytes,
-            "peak_device_kv_bytes": peak,
+            "peak_device_kv_bytes": peak_kv,
             "peak_pool_kv_bytes": pool.peak_device_kv_bytes,
             "full_kv_bytes": full,
             "host_kv_bytes": self.mirror.host_kv_bytes if self.mirror is not None else 0,
@@ -602,14 +715,12 @@ class FlashMemModel:
             "block_size": pool.block_size,
             "logical_tokens": cache.logical_length,
             "device_slots": cache.num_slots,
-            "device_share": pool.device_kv_bytes / full if full else 0.0,
-            "peak_device_share": peak / peak_full if peak_full else 0.0,
-            "avg_device_share": self._share_sum / self._share_steps if self._share_steps else 0.0,
             "compactions": self._compactions,
             "decode_steps": self._decode_steps,
             "budget_tokens": self.config.budget_tokens,
             "timings": dict(self._timings),
             "device_kv_trace": list(self._device_trace),
+            "device_total_trace": list(self._total_trace),
             "indexer": self.indexer_name,
             "recall_refreshes": self.recall.refreshes if self.recall is not None else 0,
             "recall_from_prefill_attention": self.recall.observed_refreshes if self.recall is not None else 0,

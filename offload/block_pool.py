@@ -15,6 +15,8 @@ from collections import deque
 
 import torch
 
+from ..kernels.checks import device_tensor_bytes
+
 
 class BlockPoolExhausted(RuntimeError):
     """Raised when an allocation asks for more blocks than the pool has free."""
@@ -93,6 +95,12 @@ class BlockPool:
     def capacity_bytes(self) -> int:
         """K + V bytes reserved by the whole pool (allocated or not)."""
         return self.num_blocks * self.kv_block_bytes
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Every byte the pool's tensors hold on its device: K, V and the int32 slot positions of all
+        ``num_blocks`` blocks, in use or free."""
+        return device_tensor_bytes([*self.keys, *self.values, *self.positions], self.device)
 
     # ---- allocation --------------------------------------------------------------------------
     @property

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels.checks import device_tensor_bytes
 from .block_pool import BlockPool
 
 
@@ -84,6 +85,10 @@ class PagedKVCache:
     def block_table(self, seq_id: int) -> list[int]:
         """Block ids of the sequence in slot order (a copy)."""
         return list(self._state(seq_id).block_table)
+
+    def device_bytes(self) -> int:
+        """Bytes of the cached block-table tensors on the pool's device (the K/V live in the pool)."""
+        return device_tensor_bytes((st.table_tensor for st in self._seqs.values()), self.pool.device)
 
     def block_table_tensor(self, seq_id: int) -> torch.Tensor:
         """``[num_blocks_of_seq]`` int32 on the pool's device; cached until the table changes."""
