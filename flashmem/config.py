@@ -99,7 +99,9 @@ class FlashMemConfig:
     triattention_mode: "per_head" (one keep-set per KV head shared by all layers) or
         "per_layer_per_head".
     stats_path: TriAttention calibration stats (safetensors); None uses the stats shipped for the
-        embedded default model, and is an error for any other model when budget_tokens is set.
+        embedded default model when they fit the model, and otherwise derives them from the prompt's
+        own queries during the exact prefill (``prefill="sparse"`` then refuses: it compacts before
+        the prompt has been read). ``memory_report()["triattention_stats"]`` says which was used.
     attention_backend: decode attention implementation: "triton", "torch" (the reference) or
         "auto" (triton on CUDA, torch elsewhere).
     host_mirror: keep a lossless host copy of every token's K/V (None: on when budget_tokens is set).

@@ -92,23 +92,40 @@ def load_indexer(
     return indexer.to(device)
 
 
-def load_stats_for_model(model: torch.nn.Module, stats_path=None) -> TriAttentionStats:
-    """Stats for ``model``: from ``stats_path`` (fingerprint checked), or, when it is None, the stats
-    shipped for the embedded default model (an error for any other model: calibrate it first)."""
+PROMPT_STATS = "prompt"
+SHIPPED_STATS = "shipped"
+
+
+def find_stats_for_model(model: torch.nn.Module, stats_path=None) -> tuple[TriAttentionStats | None, str]:
+    """``(stats, source)`` for ``model``: the file at ``stats_path`` (fingerprint checked; source: the
+    path), else the stats shipped for the embedded default model when they were made for this model
+    (``"shipped"``), else ``(None, "prompt")``: none exist, and the exact prefill derives them from the
+    prompt's own queries."""
     fingerprint = model_fingerprint(model)
     if stats_path is not None:
-        return load_stats(stats_path, expected_fingerprint=fingerprint)
+        return load_stats(stats_path, expected_fingerprint=fingerprint), str(stats_path)
+    if DEFAULT_STATS_PATH.is_file():
+        stats = load_stats(DEFAULT_STATS_PATH)
+        if not fingerprint_diff(fingerprint, stats.fingerprint):
+            return stats, SHIPPED_STATS
+    return None, PROMPT_STATS
+
+
+def load_stats_for_model(model: torch.nn.Module, stats_path=None) -> TriAttentionStats:
+    """Stats for ``model``: from ``stats_path`` (fingerprint checked), or, when it is None, the stats
+    shipped for the embedded default model (an error for any other model: calibrate it first, or let
+    the exact prefill derive them from the prompt, :func:`find_stats_for_model`)."""
+    stats, _ = find_stats_for_model(model, stats_path)
+    if stats is not None:
+        return stats
     if not DEFAULT_STATS_PATH.is_file():
         raise FileNotFoundError(
             f"no shipped TriAttention stats at {DEFAULT_STATS_PATH}; calibrate with "
             "'flashmem calibrate --model default --text DIR --out PATH' and pass stats_path"
         )
-    stats = load_stats(DEFAULT_STATS_PATH)
-    diffs = fingerprint_diff(fingerprint, stats.fingerprint)
-    if diffs:
-        raise ValueError(
-            "budget_tokens needs TriAttention stats calibrated for this model, and the shipped stats are "
-            f"for the embedded default model ({'; '.join(diffs)}). Calibrate with "
-            "'flashmem calibrate --model PATH --text DIR --out stats.safetensors' and set stats_path."
-        )
-    return stats
+    diffs = fingerprint_diff(model_fingerprint(model), load_stats(DEFAULT_STATS_PATH).fingerprint)
+    raise ValueError(
+        "no TriAttention stats calibrated for this model: the shipped stats are for the embedded default "
+        f"model ({'; '.join(diffs)}). Calibrate with "
+        "'flashmem calibrate --model PATH --text DIR --out stats.safetensors' and set stats_path."
+    )

@@ -252,6 +252,14 @@ def rotary_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
     return getattr(base_model(model), "rotary_emb", None)
 
 
+def rope_omega(model: torch.nn.Module) -> torch.Tensor:
+    """The rotary frequencies ``[D/2]`` fp32 the model really applies (``rotary_emb.inv_freq``)."""
+    inv_freq = getattr(rotary_embedding(model), "inv_freq", None)
+    if inv_freq is None:
+        raise ValueError("the model has no rotary embedding with inv_freq (model.model.rotary_emb.inv_freq)")
+    return inv_freq.detach().to("cpu", torch.float32).reshape(-1).clone()
+
+
 def rotary_cos_sin(
     model: torch.nn.Module, positions: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from flashmem.offload.triattention_policy import TriAttentionPolicy
 from . import hf_compat
 from .cache import FlashMemCache
 from .config import FlashMemConfig
-from .files import load_stats_for_model
+from .files import PROMPT_STATS, find_stats_for_model
 from .prefill import LayerMajorPrefill
 from .recall import RecallController, resolve_indexer
 
@@ -61,6 +61,7 @@ class FlashMemModel:
         self.device = param.device
         self.dtype = param.dtype
         self.attention_backend = resolve_backend(config.attention_backend, self.device)
+        self.stats_source: str | None = None  # "prompt" | "shipped" | a path (with a budget)
         self.policy = self._make_policy() if config.budget_tokens is not None else None
         self.indexer_name, self._indexers = None, None
         if config.recall_enabled:
@@ -84,7 +85,14 @@ class FlashMemModel:
     # ---- construction helpers ----------------------------------------------------------------
     def _make_policy(self):
         c = self.config
-        stats = load_stats_for_model(self.model, c.stats_path)
+        stats, self.stats_source = find_stats_for_model(self.model, c.stats_path)
+        if stats is None and c.prefill == "sparse":
+            raise ValueError(
+                "prefill='sparse' needs TriAttention stats for this model before the prompt is read (no "
+                "stats_path was given and the shipped stats are for another model): use prefill='exact', "
+                "which derives the stats from the prompt's own queries, or give stats_path (from "
+                "'flashmem calibrate' or 'flashmem prepare')"
+            )
         return TriAttentionPolicy(
             stats,
             budget_tokens=c.budget_tokens,
@@ -391,8 +399,11 @@ class FlashMemModel:
                 tile_tokens=self.config.effective_prefill_chunk,
                 observe_tokens=self.config.observe_tokens,
                 progress=show,
+                derive_stats=self.stats_source == PROMPT_STATS,
             )
             logits = runner.run(input_ids)
+            if runner.derived_stats is not None:
+                self.policy.set_stats(runner.derived_stats)  # every later compaction scores with them
             self._compactions += int(runner.evicted)
         else:
             logits = self._sparse_prefill(input_ids, show)
@@ -435,7 +446,9 @@ class FlashMemModel:
         tokens), host_kv_bytes, blocks_in_use, blocks_freed, blocks_allocated, peak_blocks_in_use,
         pool_blocks, pool_capacity_bytes, kv_block_bytes, kv_bytes_per_token, block_size,
         logical_tokens, device_slots, device_share, peak_device_share, avg_device_share,
-        compactions, decode_steps, budget_tokens, timings, and with recall ``offload``: the transfer
+        compactions, decode_steps, budget_tokens, triattention_stats (where the compaction's query
+        statistics came from: "prompt" (derived from the prompt by the exact prefill), "shipped", or
+        the stats file's path; None without a budget), timings, and with recall ``offload``: the transfer
         engine's and resident set's counters (:meth:`OffloadManager.stats`: ``stall_time_s``,
         ``prefetches_issued``, ``chunks_prefetched``, ``chunks_loaded_on_demand``, ...) plus
         ``stall_fraction`` = stall_time_s / timings["decode_s"] (time the compute stream waited on
@@ -471,6 +484,7 @@ class FlashMemModel:
             "compactions": self._compactions,
             "decode_steps": self._decode_steps,
             "budget_tokens": self.config.budget_tokens,
+            "triattention_stats": self.stats_source,
             "timings": dict(self._timings),
             "device_kv_trace": list(self._device_trace),
             "indexer": self.indexer_name,
