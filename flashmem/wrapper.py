@@ -53,7 +53,7 @@ class FlashMemModel:
     def __init__(self, model: torch.nn.Module, config: FlashMemConfig) -> None:
         if not isinstance(config, FlashMemConfig):
             raise TypeError(f"config must be a FlashMemConfig, got {type(config).__name__}")
-        hf_compat.validate_model(model)
+        hf_compat.validate_model(model, config.max_context_tokens)
         self.model = model
         self.config = config
         self.num_layers, self.num_q_heads, self.num_kv_heads, self.head_dim = hf_compat.kv_geometry(model)
@@ -545,5 +545,6 @@ def format_bytes(n: float) -> str:
 
 
 def wrap(model: torch.nn.Module, config: FlashMemConfig | None = None) -> FlashMemModel:
-    """Wrap a Hugging Face causal LM (Llama, Qwen2, Qwen3, Mistral families) for flashmem decoding."""
+    """Wrap a Hugging Face causal LM (``hf_compat.SUPPORTED_MODEL_TYPES``: Llama, Mistral, Qwen2, Qwen3,
+    Phi-3, OLMo-2, Granite, Gemma) for flashmem decoding; others are refused with the reason."""
     return FlashMemModel(model, config if config is not None else FlashMemConfig())
