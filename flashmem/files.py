@@ -10,7 +10,9 @@ module only reads bytes and hands them over.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -92,18 +94,48 @@ def load_indexer(
     return indexer.to(device)
 
 
+CACHE_ENV = "FLASHMEM_CACHE_DIR"
+PREPARED_STATS_NAME = "triattention_stats.safetensors"
+PREPARED_INDEXER_NAME = "indexer.safetensors"
+
+
+def cache_root() -> Path:
+    """Where ``flashmem prepare`` stores per-model files: ``$FLASHMEM_CACHE_DIR``, else
+    ``~/.cache/flashmem``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "flashmem"
+
+
+def prepared_dir(fingerprint: dict) -> Path:
+    """The cache directory of one model: ``cache_root() / sha256(fingerprint JSON, sorted keys)``."""
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode("utf-8")).hexdigest()
+    return cache_root() / key
+
+
+def prepared_stats_path(model: torch.nn.Module) -> Path:
+    return prepared_dir(model_fingerprint(model)) / PREPARED_STATS_NAME
+
+
+def prepared_indexer_path(model: torch.nn.Module) -> Path:
+    return prepared_dir(model_fingerprint(model)) / PREPARED_INDEXER_NAME
+
+
 PROMPT_STATS = "prompt"
 SHIPPED_STATS = "shipped"
 
 
 def find_stats_for_model(model: torch.nn.Module, stats_path=None) -> tuple[TriAttentionStats | None, str]:
     """``(stats, source)`` for ``model``: the file at ``stats_path`` (fingerprint checked; source: the
-    path), else the stats shipped for the embedded default model when they were made for this model
-    (``"shipped"``), else ``(None, "prompt")``: none exist, and the exact prefill derives them from the
-    prompt's own queries."""
+    path), else the stats ``flashmem prepare`` stored for this model (:func:`prepared_stats_path`;
+    source: that path), else the stats shipped for the embedded default model when they were made for
+    this model (``"shipped"``), else ``(None, "prompt")``: none exist, and the exact prefill derives
+    them from the prompt's own queries."""
     fingerprint = model_fingerprint(model)
     if stats_path is not None:
         return load_stats(stats_path, expected_fingerprint=fingerprint), str(stats_path)
+    prepared = prepared_dir(fingerprint) / PREPARED_STATS_NAME
+    if prepared.is_file():
+        return load_stats(prepared, expected_fingerprint=fingerprint), str(prepared)
     if DEFAULT_STATS_PATH.is_file():
         stats = load_stats(DEFAULT_STATS_PATH)
         if not fingerprint_diff(fingerprint, stats.fingerprint):
