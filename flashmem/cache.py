@@ -6,11 +6,13 @@ The decode loop (:mod:`flashmem.wrapper`) drives one step at a time:
     model(input_ids, position_ids=..., cache=cache)   # every layer: update() writes, attend() reads
     cache.end_step()                 # commit host-side counters
 
-``update`` stores the layer's new post-RoPE keys/values in the reserved slots, and the registered
-``"flashmem"`` attention function (see :mod:`flashmem.hf_compat`) calls :meth:`attend`, which
+``update`` stores the layer's new post-RoPE keys/values in the reserved slots, and the attention,
+routed to this cache for the call (``hf_compat.attention_runner``), calls :meth:`attend`, which
 reads only the paged cache: a single-token step goes through the paged decode kernel, a
 multi-token step (the sparse prefill) through SDPA over the gathered slots with a causal mask built
-from each slot's true position (so compacted and recalled slots are handled exactly). During the
+from each slot's true position (so compacted and recalled slots are handled exactly), the queries
+grouped per KV head and tiled so that no mask exceeds ``attend_scratch_elements``; the first chunk of
+an empty cache through SDPA's own causal path (``is_causal``, ``enable_gqa``). During the
 exact, layer-major prefill (:mod:`flashmem.prefill`) ``update`` hands the tiles to that pass instead.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from flashmem.kernels.paged_decode import paged_decode_attention, reference_paged_decode_attention
@@ -59,7 +62,15 @@ class FlashMemCache(Cache):
     """Paged KV storage for one sequence (batch size 1).
 
     keys/values per layer live in ``paged.pool`` as ``[num_blocks, block_size, H_kv, D]``.
+
+    ``attend_scratch_elements`` bounds the multi-token attention's transient tensors (see
+    :meth:`_attend_gathered`): queries go through SDPA in tiles of ``t`` tokens with
+    ``H_q x t x S <= attend_scratch_elements`` (``S``: the slots attended), so no mask or logits tensor
+    has more than ``max(attend_scratch_elements, H_q x S)`` elements, and K/V are never copied per
+    query head.
     """
+
+    attend_scratch_elements: int = 1 << 24
 
     def __init__(
         self,
@@ -222,22 +233,87 @@ class FlashMemCache(Cache):
                 scale=scaling,
             )
             return out.unsqueeze(1)
-        group = query.shape[1] // pool.num_kv_heads
         if self._fresh:
-            # First chunk of an empty cache: plain causal attention over the new tokens.
             k, v = self._new[layer_idx]
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
-            out = F.scaled_dot_product_attention(
-                query, k.to(query.dtype), v.to(query.dtype), is_causal=True, scale=scaling
-            )
-            return out.transpose(1, 2)
+            return self._attend_new_tokens(query, k.to(query.dtype), v.to(query.dtype), scaling)
         k, v, pos = self.paged.gather(self.seq_id, layer_idx, slot_index=self._read_index)
-        # k, v: [S, H_kv, D]; pos: [S, H_kv]; query positions: [T]
+        return self._attend_gathered(query, k, v, pos, scaling)
+
+    def _query_tile(self, num_queries: int, num_q_heads: int, num_keys: int) -> int:
+        """Queries per SDPA call: ``num_q_heads x tile x num_keys <= attend_scratch_elements`` (at least 1)."""
+        return max(1, min(num_queries, self.attend_scratch_elements // max(1, num_q_heads * num_keys)))
+
+    def _attend_new_tokens(
+        self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None
+    ) -> torch.Tensor:
+        """First chunk of an empty cache: causal attention over the new tokens only.
+
+        query: [1, H_q, T, D]; k, v: [1, H_kv, T, D] (GQA by ``enable_gqa``, no per-head copies)
+        -> [1, T, H_q, D]. Query tiles after the first use a lower-right causal mask (never a tensor)."""
+        num_q, h_q = query.shape[2], query.shape[1]
+        tile = self._query_tile(num_q, h_q, num_q)
+        if tile >= num_q:
+            out = F.scaled_dot_product_attention(query, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+            return out.transpose(1, 2)
+        out = query.new_empty(1, num_q, h_q, query.shape[-1])
+        for a in range(0, num_q, tile):
+            b = min(num_q, a + tile)
+            kk, vv = k[:, :, :b], v[:, :, :b]
+            if a == 0:
+                part = F.scaled_dot_product_attention(
+                    query[:, :, :b], kk, vv, is_causal=True, scale=scaling, enable_gqa=True
+                )
+            else:
+                part = F.scaled_dot_product_attention(
+                    query[:, :, a:b],
+                    kk,
+                    vv,
+                    attn_mask=causal_lower_right(b - a, b),
+                    scale=scaling,
+                    enable_gqa=True,
+                )
+            out[:, a:b] = part.transpose(1, 2)
+        return out
+
+    def _attend_gathered(
+        self,
+        query: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pos: torch.Tensor,
+        scaling: float | None,
+    ) -> torch.Tensor:
+        """Multi-token attention over gathered slots whose positions differ per KV head (compacted and
+        recalled slots): slot ``s`` of KV head ``g`` is visible to a query at position ``p`` when
+        ``0 <= pos[s, g] <= p``.
+
+        query: [1, H_q, T, D]; k, v: [S, H_kv, D]; pos: [S, H_kv] -> [1, T, H_q, D].
+
+        The queries of each KV head are grouped, ``[1, H_kv, G x t, D]`` (query head ``h = g G + j`` reads
+        KV head ``g``), so K/V enter SDPA once per KV head, as views (no per-head copies), and the mask
+        ``[1, H_kv, G x t, S]`` follows each KV head's positions. Queries go in tiles of ``t`` tokens with
+        ``H_q x t x S <= attend_scratch_elements`` (``t >= 1``): the scratch of one call is a bool mask of
+        ``H_q x t x S`` elements plus ``[H_kv, t, S]`` for its construction (a non-fused SDPA backend adds
+        fp32 logits and a float mask of the same ``H_q x t x S`` elements), i.e. at most
+        ``max(attend_scratch_elements, H_q x S)`` elements per tensor, never ``H_q x T x S``."""
+        num_q, h_q, d = query.shape[2], query.shape[1], query.shape[3]
+        h_kv = k.shape[1]
+        group = h_q // h_kv
+        kk = k.permute(1, 0, 2).unsqueeze(0).to(query.dtype)  # [1, H_kv, S, D]
+        vv = v.permute(1, 0, 2).unsqueeze(0).to(query.dtype)
+        kpos = pos.T  # [H_kv, S]
         qpos = self._positions.to(pos.device)
-        allowed = (pos.T[:, None, :] <= qpos[None, :, None]) & (pos.T[:, None, :] >= 0)  # [H_kv, T, S]
-        allowed = allowed.repeat_interleave(group, dim=0).unsqueeze(0)  # [1, H_q, T, S]
-        k = k.permute(1, 0, 2).repeat_interleave(group, dim=0).unsqueeze(0).to(query.dtype)
-        v = v.permute(1, 0, 2).repeat_interleave(group, dim=0).unsqueeze(0).to(query.dtype)
-        out = F.scaled_dot_product_attention(query, k, v, attn_mask=allowed, scale=scaling)
-        return out.transpose(1, 2)
+        num_keys = kpos.shape[1]
+        tile = self._query_tile(num_q, h_q, num_keys)
+        out = query.new_empty(1, num_q, h_q, d)
+        for a in range(0, num_q, tile):
+            b = min(num_q, a + tile)
+            t = b - a
+            q = query[0, :, a:b].reshape(h_kv, group * t, d).unsqueeze(0)  # [1, H_kv, G*t, D]
+            allowed = (kpos[:, None, :] <= qpos[a:b][None, :, None]) & (kpos[:, None, :] >= 0)  # [H_kv, t, S]
+            mask = allowed[:, None].expand(h_kv, group, t, num_keys).reshape(1, h_kv, group * t, num_keys)
+            part = F.scaled_dot_product_attention(
+                q, kk, vv, attn_mask=mask, scale=scaling
+            )  # [1, H_kv, G*t, D]
+            out[0, a:b] = part[0].reshape(h_q, t, d).transpose(0, 1)
+        return out

@@ -1,31 +1,39 @@
 """Everything that touches transformers internals lives here (supported and tested: transformers 5.17 and 5.24).
 
-* ``register()`` puts the ``"flashmem"`` attention function and its mask function into
-  transformers' registries. The mask function returns ``None``: the attention applies causality
-  itself from the true position of every cached slot.
-* ``use_attention(model, name)`` temporarily switches a model's attention implementation.
+* Attention routing, per call and per thread, without touching the user's model: both releases pick
+  a layer's attention function with ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation,
+  eager_attention_forward)``. ``register()`` wraps that one lookup (once, idempotent): while
+  ``route_attention(model, handler)`` is active in the current thread (a context variable), the
+  attention modules of that model call ``handler(fallback, module, query, key, value, attention_mask,
+  **kwargs)``, where ``fallback`` is the function the lookup would have returned (the model's own
+  sdpa, eager, ...). Everywhere else (other threads, other models, plain Hugging Face use) the lookup
+  returns exactly what it returned before. ``config._attn_implementation`` is never written, so
+  several wrappers of one model may decode in several threads while the model is used directly.
+* ``attention_runner(model, runner)`` routes the attention to ``runner.attend`` (the paged cache in
+  decoding, the layer-major prefill during an exact prefill);
+  ``paged_forward_kwargs(model, cache)`` adds an empty 4D attention mask, which transformers' mask
+  builders return as given (no ``[T, S]`` mask is built for the paged cache: the attention applies
+  causality itself from the true position of every cached slot).
 * ``forward_kwargs(model, cache)`` names the cache argument the way the installed release expects
   (``cache=`` from 5.24, ``past_key_values=`` before).
-* ``active_runner`` is the context variable through which the attention function finds the object
-  that owns the paged cache of the forward pass in flight.
 * Rotary helpers: ``rotary_cos_sin`` calls the model's own rotary embedding (so rope scaling such as
   llama3 or YaRN is respected) and ``unrotate`` recovers pre-RoPE vectors.
-* ``capture_attention_inputs`` records post-RoPE queries/keys of chosen layers during a plain forward
-  (used by calibration and label generation).
+* ``capture_attention_inputs`` records post-RoPE queries/keys of every layer during a plain forward
+  (used by calibration and label generation); the attention itself is the model's own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import inspect
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-ATTENTION_NAME = "flashmem"
-CAPTURE_NAME = "flashmem_capture"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "olmo2", "granite", "gemma")
 # families known not to fit, and why (named in the refusal)
 UNSUPPORTED_REASONS = {
@@ -36,10 +44,11 @@ UNSUPPORTED_REASONS = {
     "gemma3": "it alternates sliding-window layers and scales rotary per layer type",
 }
 
-active_runner: contextvars.ContextVar[Any] = contextvars.ContextVar("flashmem_active_runner", default=None)
-_capture_callback: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
-    "flashmem_capture_callback", default=None
+# (configs of the routed model, handler) for the forward pass in flight in this thread, or None
+_route: contextvars.ContextVar[tuple[tuple[Any, ...], Callable] | None] = contextvars.ContextVar(
+    "flashmem_attention_route", default=None
 )
+_register_lock = threading.Lock()
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -47,80 +56,72 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "model", model)
 
 
-def _no_mask(*args, **kwargs):
-    """Mask function for the flashmem attention: causality comes from slot positions."""
-    return None
+def _dispatch(route, fallback: Callable, module, *args, **kwargs):
+    configs, handler = route
+    config = getattr(module, "config", None)
+    if any(config is c for c in configs):
+        return handler(fallback, module, *args, **kwargs)
+    return fallback(module, *args, **kwargs)
 
 
-def _flashmem_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    runner = active_runner.get()
-    if runner is None:
-        raise RuntimeError(
-            "the 'flashmem' attention ran outside a flashmem forward pass; call the model through "
-            "flashmem.wrap(model, config)"
-        )
-    return runner.attend(module.layer_idx, query, scaling), None
+def _routing_lookup(get_interface: Callable) -> Callable:
+    """``get_interface`` that returns a dispatcher only while a route is active in this context."""
 
+    @functools.wraps(get_interface)
+    def lookup(attn_implementation, default):
+        function = get_interface(attn_implementation, default)
+        route = _route.get()
+        if route is None:
+            return function
+        return functools.partial(_dispatch, route, function)
 
-def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    callback = _capture_callback.get()
-    if callback is not None:
-        callback(module.layer_idx, query, key, value)
-    return sdpa_attention_forward(
-        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-    )
-
-
-_registered = False
+    lookup._flashmem_routing = True
+    return lookup
 
 
 def register() -> None:
-    """Register the flashmem attention (and its mask) with transformers; idempotent."""
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
+    """Install the per-call attention routing in transformers' attention lookup; idempotent and
+    thread-safe. Without an active route the lookup is unchanged."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    AttentionInterface.register(ATTENTION_NAME, _flashmem_attention)
-    AttentionInterface.register(CAPTURE_NAME, _capture_attention)
-    try:
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-    except ImportError:  # pragma: no cover - very old releases
-        ALL_MASK_ATTENTION_FUNCTIONS = None
-    if ALL_MASK_ATTENTION_FUNCTIONS is not None:
-        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, _no_mask)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(CAPTURE_NAME, sdpa_mask)
-    _registered = True
+    if getattr(ALL_ATTENTION_FUNCTIONS.get_interface, "_flashmem_routing", False):
+        return
+    with _register_lock:
+        if getattr(ALL_ATTENTION_FUNCTIONS.get_interface, "_flashmem_routing", False):
+            return
+        ALL_ATTENTION_FUNCTIONS.get_interface = _routing_lookup(ALL_ATTENTION_FUNCTIONS.get_interface)
+
+
+def _model_configs(model: torch.nn.Module) -> tuple[Any, ...]:
+    config = model.config
+    text = getattr(config, "text_config", None)
+    return (config,) if text is None or text is config else (config, text)
 
 
 @contextlib.contextmanager
-def use_attention(model: torch.nn.Module, name: str) -> Iterator[None]:
-    """Switch the model's attention implementation for the duration of the block."""
+def route_attention(model: torch.nn.Module, handler: Callable) -> Iterator[None]:
+    """During the block, in the current thread only, every attention call of ``model``'s layers goes
+    to ``handler(fallback, module, query, key, value, attention_mask, **kwargs)`` (see the module
+    docstring); nothing of the model or its config is modified."""
     register()
-    config = model.config
-    previous = config._attn_implementation
-    configs = [config] + [c for c in (getattr(config, "text_config", None),) if c is not None]
+    token = _route.set((_model_configs(model), handler))
     try:
-        for c in configs:
-            c._attn_implementation = name
         yield
     finally:
-        for c in configs:
-            c._attn_implementation = previous
+        _route.reset(token)
 
 
 @contextlib.contextmanager
 def attention_runner(model: torch.nn.Module, runner) -> Iterator[None]:
-    """During the block, the model's attention layers call ``runner.attend(layer_idx, query, scaling)``
-    (the "flashmem" attention) and read nothing else."""
-    token = active_runner.set(runner)
-    try:
-        with use_attention(model, ATTENTION_NAME):
-            yield
-    finally:
-        active_runner.reset(token)
+    """During the block (current thread only), the attention of ``model``'s layers is
+    ``runner.attend(layer_idx, query [1, H_q, T, D], scaling) -> [1, T, H_q, D]``, which reads
+    nothing else; the model and its config are not modified."""
+
+    def handler(fallback, module, query, key, value, attention_mask, scaling=None, **kwargs):
+        return runner.attend(module.layer_idx, query, scaling), None
+
+    with route_attention(model, handler):
+        yield
 
 
 def cache_argument_name(model: torch.nn.Module) -> str:
@@ -195,6 +196,14 @@ def lm_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def paged_forward_kwargs(model: torch.nn.Module, cache, device: torch.device) -> dict:
+    """:func:`forward_kwargs` plus an empty 4D attention mask ``[1, 1, 0, 0]``: both releases return a
+    4D mask as given instead of building one (the flashmem attention ignores it; were it ever used by
+    another attention function, its size would make that fail loudly rather than broadcast)."""
+    mask = torch.ones((1, 1, 0, 0), dtype=torch.bool, device=device)
+    return {**forward_kwargs(model, cache), "attention_mask": mask}
+
+
 # ---- model checks ------------------------------------------------------------------------------
 def text_config(model: torch.nn.Module):
     config = model.config
@@ -225,6 +234,13 @@ def validate_model(model: torch.nn.Module, max_context_tokens: int | None = None
     model_type = getattr(config, "model_type", None)
     if model_type in UNSUPPORTED_REASONS:
         raise ValueError(f"model type {model_type!r} is not supported: {UNSUPPORTED_REASONS[model_type]}")
+    get_head = getattr(model, "get_output_embeddings", None)
+    if not callable(get_head) or get_head() is None:
+        raise ValueError(
+            f"{type(model).__name__} has no language-model head (get_output_embeddings() is None): flashmem "
+            "decodes tokens, so wrap the causal LM (e.g. AutoModelForCausalLM / LlamaForCausalLM), not the "
+            "bare decoder"
+        )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"model type {model_type!r} is not supported; flashmem supports {SUPPORTED_MODEL_TYPES} "
@@ -347,12 +363,13 @@ def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 
 @contextlib.contextmanager
 def capture_attention_inputs(model: torch.nn.Module, callback: Callable) -> Iterator[None]:
-    """During the block, every attention call of ``model`` first calls
+    """During the block (current thread), every attention call of ``model`` first calls
     ``callback(layer_idx, query [B, H_q, T, D], key [B, H_kv, S, D], value [B, H_kv, S, D])``
-    with post-RoPE tensors, then computes SDPA attention as usual."""
-    token = _capture_callback.set(callback)
-    try:
-        with use_attention(model, CAPTURE_NAME):
-            yield
-    finally:
-        _capture_callback.reset(token)
+    with post-RoPE tensors, then computes the model's own attention as usual."""
+
+    def handler(fallback, module, query, key, value, attention_mask, **kwargs):
+        callback(module.layer_idx, query, key, value)
+        return fallback(module, query, key, value, attention_mask, **kwargs)
+
+    with route_attention(model, handler):
+        yield

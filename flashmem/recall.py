@@ -18,12 +18,19 @@ from pathlib import Path
 import torch
 
 from flashmem.indexer.chunk_index import fold_query_for_heads as _fold
-from flashmem.indexer.heuristics import QueryState, get_indexer
+from flashmem.indexer.heuristics import QueryState, get_indexer, indexer_fields
 from flashmem.indexer.lookahead import default_checkpoint_path
 from flashmem.indexer.summaries import ChunkSummaryBuilder
 
 from . import hf_compat
 from .files import load_indexer, prepared_indexer_path
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
 
 
 def resolve_indexer(name: str, model: torch.nn.Module, num_layers: int, chunk_size: int) -> tuple[str, list]:
@@ -58,8 +65,32 @@ def _learned(path: Path, model: torch.nn.Module, num_layers: int, chunk_size: in
     return f"lookahead:{Path(path).name}", [learned.for_layer(layer) for layer in range(num_layers)]
 
 
+def _on_device(t: torch.Tensor, device: torch.device) -> bool:
+    return t.device.type == device.type and (device.index is None or t.device.index == device.index)
+
+
+def storage_bytes(tensors, device: torch.device) -> int:
+    """Bytes of the distinct storages (as allocated) of ``tensors`` that live on ``device``."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not _on_device(t, device):
+            continue
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
 class RecallController:
-    """Chunk summaries, latest queries and the refresh decision for one sequence."""
+    """Chunk summaries, latest queries and the refresh decision for one sequence.
+
+    Each layer's :class:`~flashmem.indexer.summaries.ChunkSummaryBuilder` stores, in the keys' dtype
+    (the model's), only the union of the fields its indexers read (``Indexer.fields``); a chunk index
+    gets its ``mean_key_rope`` vectors when chunks close without the builder storing them for it.
+    ``capacity_tokens`` (when known) sizes the summary storage once; otherwise it grows by doubling.
+    """
 
     def __init__(
         self,
@@ -75,6 +106,7 @@ class RecallController:
         device: torch.device,
         index_backend: str = "torch",
         index_candidates: int = 0,
+        capacity_tokens: int = 0,
     ) -> None:
         self.model = model
         self.indexers = indexers
@@ -82,21 +114,36 @@ class RecallController:
         self.chunk_budget = chunk_budget
         self.sink_tokens = sink_tokens
         self.window_tokens = window_tokens
-        self.builders = [
-            ChunkSummaryBuilder(num_kv_heads, head_dim, chunk_size=chunk_size, device=device)
-            for _ in indexers
-        ]
-        self._queries: list[torch.Tensor | None] = [None] * len(indexers)
+        self.device = torch.device(device)
         self.index_candidates = index_candidates
         self.num_kv_heads = num_kv_heads
         self.indexes = []
+        dtype = _model_dtype(model)
         if index_candidates:
             from flashmem.indexer.chunk_index import make_chunk_index
 
-            kwargs = {"device": device} if index_backend == "torch" else {}
+            kwargs = {"device": device, "dtype": dtype} if index_backend == "torch" else {}
             self.indexes = [
                 make_chunk_index(index_backend, num_kv_heads * head_dim, **kwargs) for _ in indexers
             ]
+        self.fields = tuple(sorted({f for ix in indexers for f in indexer_fields(ix)}))
+        capacity = max(1, capacity_tokens // chunk_size) if capacity_tokens else 16
+        self.builders = [
+            ChunkSummaryBuilder(
+                num_kv_heads,
+                head_dim,
+                chunk_size=chunk_size,
+                device=device,
+                fields=self.fields,
+                compress=getattr(ix, "compress_mean_key", None) if "compressed" in self.fields else None,
+                extra_fields=("mean_key_rope",) if self.indexes else (),
+                on_close=self._index_adder(layer) if self.indexes else None,
+                capacity_chunks=capacity,
+            )
+            for layer, ix in enumerate(indexers)
+        ]
+        self._queries: torch.Tensor | None = None  # [L, H_q, D] latest query per layer (a copy)
+        self._has_query = [False] * len(indexers)
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
         self._observed: torch.Tensor | None = None
@@ -104,25 +151,69 @@ class RecallController:
         self.observed_refreshes = 0
         self.refresh_time_s = 0.0
 
+    def _index_adder(self, layer: int):
+        def add(values: dict[str, torch.Tensor]) -> None:
+            new = values["mean_key_rope"]  # [closed, H_kv, D]
+            self.indexes[layer].add(new.reshape(new.shape[0], -1))
+
+        return add
+
+    # ---- device bytes ----------------------------------------------------------------------------
+    def device_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """Every tensor recall holds, by part: ``summaries`` (storage as allocated, chunk starts and the
+        open chunk's running state), ``chunk_index`` (the torch backend's vectors; faiss holds its
+        own memory), ``queries``, ``rotary`` (this step's cos/sin), ``observed`` (the prompt's measured
+        attention mass), ``indexer_weights`` (a learned indexer's parameters)."""
+        weights = []
+        seen = set()
+        for ix in self.indexers:
+            module = getattr(ix, "parent", ix)
+            if isinstance(module, torch.nn.Module) and id(module) not in seen:
+                seen.add(id(module))
+                weights += list(module.parameters()) + list(module.buffers())
+        return {
+            "summaries": [t for b in self.builders for t in b.tensors()],
+            "chunk_index": [t for ix in self.indexes for t in getattr(ix, "tensors", list)()],
+            "queries": [self._queries],
+            "rotary": [self._cos, self._sin],
+            "observed": [self._observed],
+            "indexer_weights": weights,
+        }
+
+    def device_bytes_by_part(self) -> dict[str, int]:
+        """:meth:`device_tensors` as bytes on recall's device (distinct storages, as allocated)."""
+        return {part: storage_bytes(ts, self.device) for part, ts in self.device_tensors().items()}
+
+    def device_bytes(self) -> int:
+        """Every byte recall holds on its device: the distinct storages of :meth:`device_tensors`."""
+        return storage_bytes([t for ts in self.device_tensors().values() for t in ts], self.device)
+
     # ---- fed by the cache ----------------------------------------------------------------------
     def begin_step(self, positions: torch.Tensor) -> None:
         """cos/sin ``[T, D]`` of this step's positions, shared by every layer."""
         self._cos, self._sin = hf_compat.rotary_cos_sin(self.model, positions)
 
     def on_keys(self, layer: int, keys: torch.Tensor) -> None:
-        """Post-RoPE keys ``[T, H_kv, D]`` just written for ``layer``."""
-        cos = self._cos[:, None, :]
-        sin = self._sin[:, None, :]
-        pre = hf_compat.unrotate(keys.float(), cos, sin)
+        """Post-RoPE keys ``[T, H_kv, D]`` just written for ``layer`` (the model's dtype)."""
         builder = self.builders[layer]
-        closed = builder.append(keys.float(), pre)
-        if closed and self.indexes:
-            new = builder.summaries.mean_key_rope[builder.num_chunks - closed :]  # [closed, H_kv, D]
-            self.indexes[layer].add(new.reshape(closed, -1))
+        pre = None
+        if builder.needs_pre_rope:
+            pre = hf_compat.unrotate(keys.float(), self._cos[:, None, :], self._sin[:, None, :])
+        builder.append(keys, pre)
+        if layer == len(self.builders) - 1 and self._cos.shape[0] > 1:
+            # every layer has its keys: keep the last position's cos/sin only (a refresh reads that
+            # row), not the step's [T, D] (a whole prefill tile)
+            self._cos, self._sin = self._cos[-1:].clone(), self._sin[-1:].clone()
 
     def on_query(self, layer: int, query: torch.Tensor) -> None:
-        """Post-RoPE query ``[H_q, D]`` of the step's last token for ``layer``."""
-        self._queries[layer] = query
+        """Post-RoPE query ``[H_q, D]`` of the step's last token for ``layer``; copied into recall's own
+        ``[L, H_q, D]`` buffer (a view would keep the whole step's query tensor alive)."""
+        if self._queries is None or self._queries.shape[1:] != query.shape:
+            self._queries = torch.empty(
+                len(self.indexers), *query.shape, dtype=query.dtype, device=query.device
+            )
+        self._queries[layer].copy_(query)
+        self._has_query[layer] = True
 
     def _retrieve(self, lo: int, hi: int) -> torch.Tensor:
         """Union over layers of each layer's ``index_candidates`` best chunks in ``[lo, hi)`` by the
@@ -159,7 +250,7 @@ class RecallController:
     def select(self, position: int) -> list[int]:
         """Chunk ids to hold for ``[position, position + lookahead)``, ranked by summed layer scores."""
         lo, hi = self.candidates(position)
-        if hi <= lo or self.chunk_budget == 0 or self._queries[0] is None:
+        if hi <= lo or self.chunk_budget == 0 or not self._has_query[0]:
             return []
         k = min(self.chunk_budget, hi - lo)
         observed, self._observed = self._observed, None

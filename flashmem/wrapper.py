@@ -9,14 +9,18 @@ one at a time; under a token budget the TriAttention policy compacts the cache e
 from __future__ import annotations
 
 import math
+import numbers
+import os
+import threading
 import time
 from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from flashmem.indexer.heuristics import HEURISTICS, INDEXERS
 from flashmem.kernels.checks import resolve_backend
-from flashmem.offload.block_pool import BlockPool
+from flashmem.offload.block_pool import BlockPool, BlockPoolExhausted
 from flashmem.offload.host_mirror import HostMirror
 from flashmem.offload.offload_manager import OffloadManager
 from flashmem.offload.paged_cache import PagedKVCache
@@ -43,6 +47,43 @@ _GENERATE_KWARGS = {
 }
 
 
+_BUSY = (
+    "this FlashMemModel is already generating (in another thread, or re-entered from a stream "
+    "callback): one wrapper decodes one sequence at a time and its state belongs to that call. Give "
+    "each thread its own flashmem.wrap(model, config); wrappers of one model may decode concurrently"
+)
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_indexer_runs(name: str) -> None:
+    """FlashMemConfig accepts every registered indexer name; decoding runs the heuristics, learned
+    checkpoints and the keywords, but not an evaluation-only indexer such as "oracle" (it scores chunks
+    by the true attention mass, which decoding does not have: it failed at the first refresh)."""
+    if name in INDEXERS and name not in HEURISTICS:
+        raise ValueError(
+            f"indexer {name!r} is for evaluation only (it needs the true attention mass, which decoding "
+            f"does not have): choose 'auto', 'none', 'lookahead', one of {list(HEURISTICS)}, or the path "
+            "of a lookahead indexer checkpoint"
+        )
+
+
+def _int_ids(value, what: str) -> list[int]:
+    """``value`` (an int, a sequence of ints or an integer tensor) as a list of Python ints."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{what} must hold integer token ids, got a {value.dtype} tensor")
+        value = value.reshape(-1).tolist()
+    iterable = hasattr(value, "__iter__") and not isinstance(value, (str, bytes))
+    items = list(value) if iterable else [value]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+            raise TypeError(f"{what} must be token ids (ints), got {item!r} ({type(item).__name__})")
+    return [int(item) for item in items]
+
+
 class FlashMemModel:
     """A Hugging Face causal LM decoding through flashmem's paged device cache (batch size 1).
 
@@ -54,6 +95,7 @@ class FlashMemModel:
         if not isinstance(config, FlashMemConfig):
             raise TypeError(f"config must be a FlashMemConfig, got {type(config).__name__}")
         hf_compat.validate_model(model, config.max_context_tokens)
+        _check_indexer_runs(config.indexer)
         self.model = model
         self.config = config
         self.num_layers, self.num_q_heads, self.num_kv_heads, self.head_dim = hf_compat.kv_geometry(model)
@@ -62,6 +104,12 @@ class FlashMemModel:
         self.dtype = param.dtype
         self.attention_backend = resolve_backend(config.attention_backend, self.device)
         self.stats_source: str | None = None  # "prompt" | "shipped" | a path (with a budget)
+        if self.attention_backend == "triton" and self.device.type != "cuda" and not _triton_interpreting():
+            raise ValueError(
+                f"FlashMemConfig.attention_backend='triton' runs Triton kernels, which need the model on a "
+                f"CUDA device (this one is on {self.device}; TRITON_INTERPRET=1, set before triton is "
+                "imported, runs them on a CPU for testing): use 'auto' or 'torch'"
+            )
         self.policy = self._make_policy() if config.budget_tokens is not None else None
         self.indexer_name, self._indexers = None, None
         if config.recall_enabled:
@@ -81,6 +129,10 @@ class FlashMemModel:
         self._compactions = 0
         self._prompt_len = 0
         self._timings: dict[str, float] = {}
+        self._max_pool_blocks = 0
+        self._report_ready = False  # True while the state describes a generate() that did not fail
+        self._lock = threading.Lock()  # held for the whole of generate(): one call at a time
+        self._generating_thread: int | None = None
 
     # ---- construction helpers ----------------------------------------------------------------
     def _make_policy(self):
@@ -104,19 +156,45 @@ class FlashMemModel:
             backend=self.attention_backend,
         )
 
-    def _pool_blocks(self, total_tokens: int) -> int:
+    def _pool_blocks(self, tokens: int) -> int:
+        """Most blocks one sequence of ``tokens`` tokens (prompt + fed so far) can hold at once: the
+        bound of the policy, derived here once; the pool is grown to it before every forward, so an
+        allocation can never fail.
+
+        Working slots: without a budget every token stays, ``ceil(tokens / block_size)`` blocks. Under
+        a budget, the exact prefill writes its keep-set (at most budget tokens) at once; after that,
+        compaction runs after every forward once the slots reach budget + interval and cuts them to
+        exactly budget, so before a forward at most budget + interval - 1 slots are held, and the
+        forward adds one decode token, or (sparse prefill) one token chunk of
+        ``effective_prefill_chunk`` tokens: at most budget + interval - 1 + step slots, packed from the
+        front of the sequence's blocks (compaction slides survivors forward and frees the tail), and
+        never more blocks than the tokens fill.
+        Recalled chunks: ``chunk_size / block_size`` blocks each, at most ``chunk_budget`` per window
+        held (2 windows while a prefetch overlaps the current one), and never more than the chunks
+        recall can choose from: closed chunks before the recent window,
+        ``(tokens - window_tokens) // chunk_size``.
+        """
         c = self.config
-        full = math.ceil(total_tokens / c.block_size)
+        full = math.ceil(tokens / c.block_size)
         if c.budget_tokens is None:
             return full
-        # Working set: never more than budget + one interval (the sparse prefill: or one prefill
-        # chunk), plus one partially filled block; recalled chunks: chunk_budget whole chunks per
-        # window held (two while a prefetch overlaps the current window).
+        # the sparse prefill adds a token chunk per forward; the exact prefill writes its keep-set
+        # (at most budget tokens) at once, then every decode forward adds one token
         step = c.effective_prefill_chunk if c.prefill == "sparse" else 1
-        cap = c.budget_tokens + max(c.compaction_interval, step)
-        working = min(full, math.ceil(cap / c.block_size) + 1)
-        recall = self._recall_chunks_held() * (c.chunk_size // c.block_size)
+        peak_slots = c.budget_tokens + c.compaction_interval - 1 + step
+        working = min(full, math.ceil(peak_slots / c.block_size))
+        recallable = max(0, tokens - c.window_tokens) // c.chunk_size
+        recall = min(self._recall_chunks_held(), recallable) * (c.chunk_size // c.block_size)
         return working + recall
+
+    def _ensure_pool(self, tokens: int) -> None:
+        """Grow the pool (block-aligned, geometrically: amortised O(1) copying per token) so that it
+        holds :meth:`_pool_blocks` for ``tokens``; never beyond the bound for prompt + max_new_tokens.
+        Generation that stops early never reserved what it did not reach."""
+        need = self._pool_blocks(tokens)
+        pool = self.pool
+        if need > pool.num_blocks:
+            pool.grow(min(self._max_pool_blocks, max(need, pool.num_blocks + pool.num_blocks // 4)))
 
     def _recall_chunks_held(self) -> int:
         """Most recalled chunks on the device at once (resident + in flight)."""
@@ -179,14 +257,22 @@ class FlashMemModel:
             max_host_bytes=self.config.max_host_bytes,
         )
 
-    def _new_cache(self, total_tokens: int) -> None:
-        c = self.config
+    def _discard_state(self) -> None:
+        """Drop the per-sequence state (frees its device and host memory)."""
+        self._report_ready = False
         if self.offload is not None:
             self.offload.close()
         self.cache = self.pool = self.mirror = self.offload = self.recall = None
+
+    def _new_cache(self, prompt_tokens: int, total_tokens: int) -> None:
+        c = self.config
+        self._discard_state()
+        # sized for the prompt; grown before each decode step, never past the bound of the whole run
+        # (the last generated token is never fed back)
+        self._max_pool_blocks = self._pool_blocks(max(prompt_tokens, total_tokens - 1))
         self.pool = BlockPool(
             self.num_layers,
-            self._pool_blocks(total_tokens),
+            self._pool_blocks(prompt_tokens),
             self.num_kv_heads,
             self.head_dim,
             block_size=self.config.block_size,
@@ -224,19 +310,23 @@ class FlashMemModel:
         self._decode_steps = 0
         self._compactions = 0
         self._timings = {"prefill_s": 0.0, "decode_s": 0.0, "compaction_s": 0.0, "recall_s": 0.0}
+        self._report_ready = True
 
     def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Run ``ids`` ``[1, T]`` at positions ``start ..``; returns logits of the last token ``[vocab]``."""
         cache = self.cache
+        self._ensure_pool(start + ids.shape[1])
         positions = torch.arange(start, start + ids.shape[1], device=self.device)
         cache.begin_step(positions, start)
         try:
+            # the attention is routed to the cache for this call in this thread only: the model and
+            # its config are never modified (other threads and plain Hugging Face use are unaffected)
             with hf_compat.attention_runner(self.model, cache):
                 out = self.model(
                     input_ids=ids,
                     position_ids=positions.unsqueeze(0),
                     logits_to_keep=1,
-                    **hf_compat.forward_kwargs(self.model, cache),
+                    **hf_compat.paged_forward_kwargs(self.model, cache, self.device),
                 )
         except BaseException:
             cache.abort_step()
@@ -315,22 +405,38 @@ class FlashMemModel:
         self._share_steps += 1
         self._device_trace.append(self.pool.device_kv_bytes)
 
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, **kwargs) -> torch.Tensor:
         """Greedy (or sampled) generation; returns ``[1, T + N]`` token ids (N <= max_new_tokens,
         fewer when an end-of-sequence token is produced).
 
-        kwargs: ``eos_token_id`` (int or list; default from the model's generation config, ``None``
-        disables stopping), ``do_sample`` (False), ``temperature`` (1.0), ``top_k``, ``top_p``,
+        kwargs: ``eos_token_id`` (int or list of ints; default from the model's generation config,
+        ``None`` disables stopping), ``do_sample`` (False), ``temperature`` (1.0), ``top_k``, ``top_p``,
         ``seed``, ``progress`` (show a prefill progress bar; default True for prompts over 8K tokens),
         ``collect_logits`` (keep every step's logits in ``self.step_logits``), ``stream`` (a callable
         receiving each new token id), ``forced_tokens`` (teacher forcing: a sequence of at least
         ``max_new_tokens`` ids fed instead of the model's choices, e.g. to compare next-token
         distributions with another run step by step).
+
+        Every argument is checked before any work; a refused call leaves the wrapper as it was. One
+        wrapper runs one generate() at a time: a second call while one is running (from another
+        thread, or from its own stream callback) raises RuntimeError. Several wrappers of one model
+        may generate concurrently from several threads; the model itself is never modified.
         """
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(_BUSY)
+        self._generating_thread = threading.get_ident()
+        try:
+            return self._generate(input_ids, max_new_tokens, kwargs)
+        finally:
+            self._generating_thread = None
+            self._lock.release()
+
+    @torch.no_grad()
+    def _generate(self, input_ids: torch.Tensor, max_new_tokens: int, kwargs: dict) -> torch.Tensor:
         input_ids = self._check_inputs(input_ids, max_new_tokens, kwargs)
-        eos = kwargs.get("eos_token_id", self._default_eos())
-        eos_set = set([eos] if isinstance(eos, int) else (eos or []))
+        vocab = hf_compat.text_config(self.model).vocab_size
+        eos = kwargs["eos_token_id"] if "eos_token_id" in kwargs else self._default_eos()
+        eos_set = set() if eos is None else set(_int_ids(eos, "eos_token_id"))
         sampler = _Sampler(
             kwargs.get("do_sample", False),
             kwargs.get("temperature", 1.0),
@@ -341,16 +447,38 @@ class FlashMemModel:
         )
         forced = kwargs.get("forced_tokens")
         if forced is not None:
-            forced = [int(t) for t in (forced.tolist() if isinstance(forced, torch.Tensor) else forced)]
+            forced = _int_ids(forced, "forced_tokens")
             if len(forced) < max_new_tokens:
                 raise ValueError(
                     f"forced_tokens holds {len(forced)} ids, max_new_tokens={max_new_tokens} needed"
                 )
+            bad = [t for t in forced[:max_new_tokens] if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"forced_tokens hold ids outside the vocabulary [0, {vocab}): {bad[:8]}")
         collect = bool(kwargs.get("collect_logits", False))
         stream: Callable[[int], None] | None = kwargs.get("stream")
+        if stream is not None and not callable(stream):
+            raise TypeError(
+                f"stream must be a callable taking each new token id, got {type(stream).__name__}"
+            )
+        prompt_len = input_ids.shape[1]
+        try:
+            return self._run(input_ids, max_new_tokens, eos_set, sampler, forced, collect, stream, kwargs)
+        except BlockPoolExhausted as exc:
+            self._discard_state()
+            raise BlockPoolExhausted(
+                f"flashmem sized the block pool from the bound of its policy (at most "
+                f"{self._max_pool_blocks} blocks for {prompt_len} + {max_new_tokens} tokens) and the "
+                f"sequence needed more: a flashmem bug, please report it with the FlashMemConfig ({exc})"
+            ) from exc
+        except BaseException:
+            self._discard_state()  # nothing half-done is reported or kept on the device
+            raise
+
+    def _run(self, input_ids, max_new_tokens, eos_set, sampler, forced, collect, stream, kwargs):
         prompt_len = input_ids.shape[1]
         self._prompt_len = prompt_len
-        self._new_cache(prompt_len + max_new_tokens)
+        self._new_cache(prompt_len, prompt_len + max_new_tokens)
 
         logits = self._prefill(input_ids, kwargs.get("progress"))
         generated: list[int] = []
@@ -455,8 +583,17 @@ class FlashMemModel:
         recall copies per second of decoding; 0.0 off CUDA, where copies are synchronous and never
         waited on; None before any decode step).
         """
-        if self.pool is None:
-            raise RuntimeError("memory_report() is available after generate()")
+        owner = self._generating_thread
+        if self._lock.locked() and owner != threading.get_ident():
+            raise RuntimeError(
+                "memory_report() was called while another thread runs generate() on this wrapper; "
+                "call it from that thread (e.g. its stream callback) or after generate() returns"
+            )
+        if not self._report_ready or self.pool is None or self.cache is None:
+            raise RuntimeError(
+                "memory_report() is available after generate(): it describes the last generate() that did "
+                "not fail, and there is none (no generate() has run yet, or the last one raised)"
+            )
         pool, cache = self.pool, self.cache
         full = cache.logical_length * pool.kv_bytes_per_token
         peak_full = full  # the dense cache is largest at the end
@@ -503,12 +640,20 @@ class _Sampler:
     """Greedy by default; temperature / top-k / top-p sampling when ``do_sample``."""
 
     def __init__(self, do_sample, temperature, top_k, top_p, seed, device) -> None:
-        if temperature is not None and (not isinstance(temperature, (int, float)) or temperature <= 0):
+        def real(x) -> bool:
+            return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+        if temperature is not None and (not real(temperature) or temperature <= 0):
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1
+        ):
             raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-        if top_p is not None and not (0 < top_p <= 1):
+        if top_p is not None and (not real(top_p) or not 0 < top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        top_k = None if top_k is None else int(top_k)
         self.do_sample = bool(do_sample)
         self.temperature = float(temperature or 1.0)
         self.top_k = top_k

@@ -4,7 +4,8 @@
 ``search(queries [m, dim], k) -> (scores [m, k], ids [m, k] int64)`` returns the top-``k`` inner
 products in descending order. Backends:
 
-* ``"torch"`` (default): vectors live on the summaries' device; search is a matmul plus ``topk``.
+* ``"torch"`` (default): vectors live on the summaries' device in a preallocated buffer that grows by
+  doubling (stored in ``dtype``: recall passes the model's); search is a matmul plus ``topk``.
 * ``"faiss"``: exact ``IndexFlatIP`` (or ``IndexIVFFlat`` with ``nlist`` for very long contexts;
   approximate, trained on the first ``train_size`` vectors added). Uses faiss-gpu when it is installed
   and the vectors are on CUDA, faiss-cpu otherwise. Vectors cross the bridge as fp32 (faiss takes no
@@ -73,6 +74,10 @@ class TorchChunkIndex:
     @property
     def vectors(self) -> torch.Tensor:
         return self._buf[: self._n]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors this index holds (its vector storage as allocated: ``[capacity, dim]``)."""
+        return [self._buf]
 
     def add(self, vectors: torch.Tensor) -> None:
         _check_vectors(vectors, self.dim, "vectors")
@@ -147,6 +152,11 @@ class FaissChunkIndex:
 
     def __len__(self) -> int:
         return self._n
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The torch tensors this index holds (vectors waiting for IVF training, on the host); faiss's
+        own storage (host, or GPU memory of faiss-gpu) is not a torch tensor and is not listed."""
+        return list(self._pending)
 
     @staticmethod
     def _np(x: torch.Tensor):

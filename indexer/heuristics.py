@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .summaries import ChunkSummaries
+from .summaries import SUMMARY_FIELDS, ChunkSummaries
 
 
 @dataclass
@@ -40,19 +40,36 @@ class QueryState:
 
 @runtime_checkable
 class Indexer(Protocol):
+    """``fields``: the chunk summary fields ``score`` reads (see :mod:`flashmem.indexer.summaries`); the
+    recall controller stores only the union of its indexers' fields."""
+
     name: str
+    fields: tuple[str, ...]
 
     def score(self, query: QueryState, summaries: ChunkSummaries) -> torch.Tensor:
         """query: QueryState with q [..., H_q, D]; summaries of N chunks -> scores [..., N]."""
         ...
 
 
-def _expand_heads(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
-    """[N, H_kv, D] -> [N, H_q, D] by GQA grouping (query head h reads KV head h // group)."""
-    h_kv = x.shape[1]
-    if num_q_heads % h_kv:
-        raise ValueError(f"{num_q_heads} query heads are not a multiple of {h_kv} KV heads")
-    return x.repeat_interleave(num_q_heads // h_kv, dim=1)
+def indexer_fields(indexer) -> tuple[str, ...]:
+    """The summary fields ``indexer`` reads (every field computable from keys if it declares none)."""
+    return tuple(getattr(indexer, "fields", SUMMARY_FIELDS))
+
+
+def _group_query(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[..., H_q, D] -> [..., H_kv, G, D] (query head h reads KV head h // G): the chunk side is never
+    copied per query head."""
+    h_q = q.shape[-2]
+    if h_q % num_kv_heads:
+        raise ValueError(f"{h_q} query heads are not a multiple of {num_kv_heads} KV heads")
+    return q.reshape(*q.shape[:-2], num_kv_heads, h_q // num_kv_heads, q.shape[-1])
+
+
+def _grouped_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q [..., H_q, D] (fp32), k [N, H_kv, D] (any float dtype) -> q_h . k_{g(h)} [..., H_q, N] in fp32."""
+    qg = _group_query(q, k.shape[1])  # [..., H_kv, G, D]
+    out = torch.einsum("...kgd,nkd->...kgn", qg, k.to(qg.dtype))  # [..., H_kv, G, N]
+    return out.flatten(-3, -2)
 
 
 def reduce_heads(per_head: torch.Tensor, head_reduce: str, head_dim: int) -> torch.Tensor:
@@ -66,11 +83,11 @@ def reduce_heads(per_head: torch.Tensor, head_reduce: str, head_dim: int) -> tor
     raise ValueError(f"head_reduce must be 'softmax_mean' or 'max', got {head_reduce!r}")
 
 
-def _check(query: QueryState, summaries: ChunkSummaries) -> None:
-    if query.q_rope.shape[-1] != summaries.mean_key.shape[-1]:
-        raise ValueError(
-            f"query head_dim {query.q_rope.shape[-1]} != summary head_dim {summaries.mean_key.shape[-1]}"
-        )
+def _check(query: QueryState, summaries: ChunkSummaries, fields: tuple[str, ...]) -> None:
+    for name in fields:
+        d = summaries.field(name).shape[-1]
+        if query.q_rope.shape[-1] != d:
+            raise ValueError(f"query head_dim {query.q_rope.shape[-1]} != summary head_dim {d}")
 
 
 class MeanKeyIndexer:
@@ -81,13 +98,12 @@ class MeanKeyIndexer:
         self.head_reduce = head_reduce
         self.prerope = prerope
         self.name = "mean_key_prerope" if prerope else "mean_key"
+        self.fields = ("mean_key",) if prerope else ("mean_key_rope",)
 
     def score(self, query: QueryState, summaries: ChunkSummaries) -> torch.Tensor:
-        _check(query, summaries)
-        q = query.q_pre if self.prerope else query.q_rope
-        k = summaries.mean_key if self.prerope else summaries.mean_key_rope
-        k = _expand_heads(k.to(q.dtype), q.shape[-2])  # [N, H_q, D]
-        logits = torch.einsum("...hd,nhd->...hn", q, k)
+        _check(query, summaries, self.fields)
+        q = (query.q_pre if self.prerope else query.q_rope).float()
+        logits = _grouped_logits(q, summaries.field(self.fields[0]))  # [..., H_q, N]
         return reduce_heads(logits, self.head_reduce, q.shape[-1])
 
 
@@ -95,26 +111,26 @@ class QuestIndexer:
     """Quest upper bound ``sum_d max(q_d * min_d, q_d * max_d)`` with post-RoPE query and bounds."""
 
     name = "quest"
+    fields = ("min_key", "max_key")
 
     def __init__(self, head_reduce: str = "softmax_mean"):
         self.head_reduce = head_reduce
 
     def score(self, query: QueryState, summaries: ChunkSummaries) -> torch.Tensor:
-        _check(query, summaries)
-        q = query.q_rope
-        lo = _expand_heads(summaries.min_key.to(q.dtype), q.shape[-2])  # [N, H_q, D]
-        hi = _expand_heads(summaries.max_key.to(q.dtype), q.shape[-2])
+        _check(query, summaries, self.fields)
+        q = query.q_rope.float()
         # max(q*lo, q*hi) summed over d = relu(q) . hi + min(q, 0) . lo (lo <= hi)
-        bound = torch.einsum("...hd,nhd->...nh", q.clamp_min(0), hi) + torch.einsum(
-            "...hd,nhd->...nh", q.clamp_max(0), lo
-        )
-        return reduce_heads(bound.transpose(-1, -2), self.head_reduce, q.shape[-1])
+        bound = _grouped_logits(q.clamp_min(0), summaries.max_key) + _grouped_logits(
+            q.clamp_max(0), summaries.min_key
+        )  # [..., H_q, N]
+        return reduce_heads(bound, self.head_reduce, q.shape[-1])
 
 
 class RecencyIndexer:
     """Most recent chunks first (ignores the query)."""
 
     name = "recency"
+    fields: tuple[str, ...] = ()
 
     def score(self, query: QueryState, summaries: ChunkSummaries) -> torch.Tensor:
         s = summaries.start.to(query.q_rope.dtype)
@@ -125,6 +141,7 @@ class OracleIndexer:
     """True attention mass per chunk over the window (``QueryState.oracle_mass``); evaluation only."""
 
     name = "oracle"
+    fields: tuple[str, ...] = ()
 
     def score(self, query: QueryState, summaries: ChunkSummaries) -> torch.Tensor:
         if query.oracle_mass is None:

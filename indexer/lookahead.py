@@ -195,20 +195,29 @@ class LookaheadIndexer(torch.nn.Module):
             bounds=(summ.min_key, summ.max_key),
         )
 
+    def fields(self) -> tuple[str, ...]:
+        """The chunk summary fields :meth:`score_layer` reads: the compressed key (stored when a chunk
+        closes, instead of the mean pre-RoPE key it is computed from), the mean post-RoPE key and, with
+        ``use_bounds``, the Quest bounds."""
+        bounds = ("min_key", "max_key") if self.config.use_bounds else ()
+        return ("mean_key_rope", *bounds, "compressed")
+
     def score_layer(self, layer: int, query: QueryState, summaries: ChunkSummaries) -> torch.Tensor:
-        """Scores in (0, 1) of every chunk in ``summaries`` ([..., N])."""
+        """Scores in (0, 1) of every chunk in ``summaries`` ([..., N]); uses ``summaries.compressed``
+        when it holds this indexer's rank, else compresses ``summaries.mean_key``."""
         comp = summaries.compressed
         if comp is None or comp.shape[-1] != self.config.rank:
-            comp = self.compress(layer, summaries.mean_key)
+            comp = self.compress(layer, summaries.field("mean_key"))
+        bounds = (summaries.field("min_key"), summaries.field("max_key")) if self.config.use_bounds else None
         z = self.logits(
             layer,
             query.q_pre,
             query.q_rope,
             query.position,
-            summaries.mean_key_rope,
+            summaries.field("mean_key_rope"),
             comp,
             summaries.start,
-            bounds=(summaries.min_key, summaries.max_key),
+            bounds=bounds,
         )
         return torch.sigmoid(z)
 
@@ -269,15 +278,22 @@ class LayerIndexer:
     def __init__(self, parent: LookaheadIndexer, layer: int):
         self.parent = parent
         self.layer = layer
+        self.fields = parent.fields()
 
     @torch.no_grad()
     def score(self, query: QueryState, summaries: ChunkSummaries) -> torch.Tensor:
         return self.parent.score_layer(self.layer, query, summaries)
 
     @torch.no_grad()
+    def compress_mean_key(self, mean_key: torch.Tensor) -> torch.Tensor:
+        """mean_key: [n, H_kv, D] pre-RoPE -> compressed keys [n, H_kv, r] fp32 (the ``compress`` a
+        :class:`~flashmem.indexer.summaries.ChunkSummaryBuilder` applies when a chunk closes)."""
+        return self.parent.compress(self.layer, mean_key)
+
+    @torch.no_grad()
     def compress(self, summaries: ChunkSummaries) -> ChunkSummaries:
         """Fill ``summaries.compressed`` (done once when a chunk closes)."""
-        summaries.compressed = self.parent.compress(self.layer, summaries.mean_key)
+        summaries.compressed = self.parent.compress(self.layer, summaries.field("mean_key"))
         return summaries
 
 

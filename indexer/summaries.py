@@ -1,6 +1,6 @@
 """Per-chunk summary vectors of one layer's keys.
 
-When a chunk of ``chunk_size`` tokens closes, each KV head gets:
+When a chunk of ``chunk_size`` tokens closes, each KV head gets (the *fields*):
 
 * ``mean_key``: mean of the *pre-RoPE* keys ``[D]`` (position-free content; the learned indexer's
   input and the ``mean_key_prerope`` heuristic's vector);
@@ -10,22 +10,50 @@ When a chunk of ``chunk_size`` tokens closes, each KV head gets:
   the decode query against the keys the attention actually sees, i.e. rotated at their true
   positions, so its upper bound ``sum_d max(q_d min_d, q_d max_d) >= q . k`` holds for every key of the
   chunk;
-* ``compressed``: the learned indexer's own compressed key ``[r]`` (filled by
+* ``compressed``: the learned indexer's own compressed key ``[r]`` (``mean_key @ Wk``, see
   :meth:`flashmem.indexer.lookahead.LookaheadIndexer.compress`), optional.
 
 Only closed (full) chunks are summarised; tokens of the open chunk stay in the recency tail.
+
+Summaries are stored in the dtype of the keys fed in (the model's dtype); means are computed in fp32
+and rounded once when stored. A :class:`ChunkSummaryBuilder` computes and stores only the fields it is
+asked for (each indexer declares the fields it reads: ``Indexer.fields``), appended in place into
+preallocated storage that grows by doubling; the open chunk is held as running fp32 sums and
+element-wise bounds (``[H_kv, D]`` per field), not as keys.
+
+Device bytes per closed chunk and KV head, in the model's dtype: ``D`` per stored field of
+``mean_key``, ``mean_key_rope``, ``min_key``, ``max_key`` and ``r`` for ``compressed``; the chunk's KV is
+``2 x chunk_size x D``. At ``chunk_size = 64``: one ``D`` field is 0.78% of the chunk's KV, Quest's
+min + max 1.56%, the learned indexer with bounds (``mean_key_rope``, ``compressed``, ``min_key``,
+``max_key``; ``D = 64``, ``r = 32``) 2.73%.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
+
+SUMMARY_FIELDS = ("mean_key", "mean_key_rope", "min_key", "max_key")
+"""The fields :func:`summarize_chunks` computes from keys alone."""
+ALL_FIELDS = (*SUMMARY_FIELDS, "compressed")
+PRE_ROPE_FIELDS = ("mean_key", "compressed")
+"""Fields computed from the pre-RoPE keys (a builder without them needs no un-rotation)."""
+
+
+def check_fields(fields: Iterable[str]) -> tuple[str, ...]:
+    """``fields`` as a tuple in canonical order; unknown names raise ValueError."""
+    fields = tuple(fields)
+    unknown = sorted(set(fields) - set(ALL_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown summary fields {unknown}; choose from {ALL_FIELDS}")
+    return tuple(f for f in ALL_FIELDS if f in fields)
 
 
 @dataclass
 class ChunkSummaries:
-    """Summaries of ``N`` closed chunks of one layer.
+    """Summaries of ``N`` closed chunks of one layer; a field that was not built is None.
 
     mean_key:      [N, H_kv, D]  mean pre-RoPE key
     mean_key_rope: [N, H_kv, D]  mean post-RoPE key
@@ -36,52 +64,71 @@ class ChunkSummaries:
     compressed:    [N, H_kv, r]  learned compressed key, or None
     """
 
-    mean_key: torch.Tensor
-    mean_key_rope: torch.Tensor
-    min_key: torch.Tensor
-    max_key: torch.Tensor
+    mean_key: torch.Tensor | None
+    mean_key_rope: torch.Tensor | None
+    min_key: torch.Tensor | None
+    max_key: torch.Tensor | None
     start: torch.Tensor
     chunk_size: int
     compressed: torch.Tensor | None = None
 
     @property
     def num_chunks(self) -> int:
-        return int(self.mean_key.shape[0])
+        return int(self.start.shape[0])
+
+    def field(self, name: str) -> torch.Tensor:
+        """The field ``name``; a clear error when these summaries were built without it."""
+        value = getattr(self, name)
+        if value is None:
+            present = [f for f in ALL_FIELDS if getattr(self, f) is not None]
+            raise ValueError(
+                f"these chunk summaries hold no {name!r} (built with fields {present}); build them with "
+                f"the fields the indexer declares (Indexer.fields)"
+            )
+        return value
 
     def select(self, index: torch.Tensor | slice) -> ChunkSummaries:
-        """Summaries of a subset of chunks (``index`` over the first dimension)."""
+        """Summaries of a subset of chunks (``index`` over the first dimension; a slice gives views)."""
+
+        def pick(x):
+            return None if x is None else x[index]
+
         return ChunkSummaries(
-            mean_key=self.mean_key[index],
-            mean_key_rope=self.mean_key_rope[index],
-            min_key=self.min_key[index],
-            max_key=self.max_key[index],
+            mean_key=pick(self.mean_key),
+            mean_key_rope=pick(self.mean_key_rope),
+            min_key=pick(self.min_key),
+            max_key=pick(self.max_key),
             start=self.start[index],
             chunk_size=self.chunk_size,
-            compressed=None if self.compressed is None else self.compressed[index],
+            compressed=pick(self.compressed),
         )
 
     @staticmethod
     def concat(parts: list[ChunkSummaries]) -> ChunkSummaries:
         if not parts:
             raise ValueError("concat needs at least one ChunkSummaries")
-        comp = [p.compressed for p in parts]
+
+        def cat(name):
+            values = [getattr(p, name) for p in parts]
+            return None if any(v is None for v in values) else torch.cat(values)
+
         return ChunkSummaries(
-            mean_key=torch.cat([p.mean_key for p in parts]),
-            mean_key_rope=torch.cat([p.mean_key_rope for p in parts]),
-            min_key=torch.cat([p.min_key for p in parts]),
-            max_key=torch.cat([p.max_key for p in parts]),
+            mean_key=cat("mean_key"),
+            mean_key_rope=cat("mean_key_rope"),
+            min_key=cat("min_key"),
+            max_key=cat("max_key"),
             start=torch.cat([p.start for p in parts]),
             chunk_size=parts[0].chunk_size,
-            compressed=None if any(c is None for c in comp) else torch.cat(comp),
+            compressed=cat("compressed"),
         )
 
 
-def _check_keys(keys_rope: torch.Tensor, keys_pre: torch.Tensor, chunk_size: int) -> None:
+def _check_keys(keys_rope: torch.Tensor, keys_pre: torch.Tensor | None, chunk_size: int) -> None:
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if keys_rope.dim() != 3:
         raise ValueError(f"keys must be [T, H_kv, D], got shape {tuple(keys_rope.shape)}")
-    if keys_pre.shape != keys_rope.shape:
+    if keys_pre is not None and keys_pre.shape != keys_rope.shape:
         raise ValueError(
             f"pre-RoPE keys {tuple(keys_pre.shape)} and post-RoPE keys {tuple(keys_rope.shape)} differ in shape"
         )
@@ -89,50 +136,123 @@ def _check_keys(keys_rope: torch.Tensor, keys_pre: torch.Tensor, chunk_size: int
         raise TypeError(f"keys must be floating point, got {keys_rope.dtype}")
 
 
+def _block_values(
+    kr: torch.Tensor, kp: torch.Tensor | None, fields: tuple[str, ...], chunk_size: int
+) -> dict[str, torch.Tensor]:
+    """Summaries of ``n`` whole chunks: ``kr``/``kp`` ``[n * chunk_size, H_kv, D]`` -> ``{field: [n, H_kv, D]}``
+    (means in fp32, bounds in the keys' dtype; ``compressed`` is left to the caller)."""
+    n = kr.shape[0] // chunk_size
+    out = {}
+    block = kr.reshape(n, chunk_size, *kr.shape[1:])
+    if "mean_key_rope" in fields:
+        out["mean_key_rope"] = block.float().mean(dim=1)
+    if "min_key" in fields:
+        out["min_key"] = block.amin(dim=1)
+    if "max_key" in fields:
+        out["max_key"] = block.amax(dim=1)
+    if "mean_key" in fields or "compressed" in fields:
+        out["mean_key"] = kp.reshape(n, chunk_size, *kp.shape[1:]).float().mean(dim=1)
+    return out
+
+
 def summarize_chunks(
-    keys_rope: torch.Tensor, keys_pre: torch.Tensor, chunk_size: int = 64, start_position: int = 0
+    keys_rope: torch.Tensor,
+    keys_pre: torch.Tensor | None,
+    chunk_size: int = 64,
+    start_position: int = 0,
+    *,
+    fields: Iterable[str] = SUMMARY_FIELDS,
+    dtype: torch.dtype | None = None,
 ) -> ChunkSummaries:
     """Summaries of every full chunk of ``keys``; a trailing partial chunk is ignored.
 
     keys_rope: [T, H_kv, D] post-RoPE keys at positions ``start_position + arange(T)``
-    keys_pre:  [T, H_kv, D] the same keys before RoPE
-    returns ChunkSummaries with N = T // chunk_size chunks (fp32).
+    keys_pre:  [T, H_kv, D] the same keys before RoPE (None when no pre-RoPE field is asked for)
+    fields:    which summaries to compute (others are None; ``compressed`` is never computed here)
+    dtype:     storage dtype (None: the keys' dtype); means are computed in fp32
+    returns ChunkSummaries with N = T // chunk_size chunks.
     """
+    fields = check_fields(fields)
+    if "compressed" in fields:
+        raise ValueError("summarize_chunks computes no 'compressed' field; use a ChunkSummaryBuilder")
     _check_keys(keys_rope, keys_pre, chunk_size)
-    T, H, D = keys_rope.shape
-    n = T // chunk_size
-    kr = keys_rope[: n * chunk_size].float().reshape(n, chunk_size, H, D)
-    kp = keys_pre[: n * chunk_size].float().reshape(n, chunk_size, H, D)
+    if keys_pre is None and "mean_key" in fields:
+        raise ValueError("the 'mean_key' field needs the pre-RoPE keys")
+    dtype = keys_rope.dtype if dtype is None else dtype
+    n = keys_rope.shape[0] // chunk_size
+    take = n * chunk_size
+    values = _block_values(
+        keys_rope[:take], None if keys_pre is None else keys_pre[:take], fields, chunk_size
+    )
     start = start_position + torch.arange(n, dtype=torch.int64, device=keys_rope.device) * chunk_size
     return ChunkSummaries(
-        mean_key=kp.mean(dim=1),
-        mean_key_rope=kr.mean(dim=1),
-        min_key=kr.amin(dim=1),
-        max_key=kr.amax(dim=1),
+        **{f: values[f].to(dtype) if f in fields else None for f in SUMMARY_FIELDS},
         start=start,
         chunk_size=chunk_size,
     )
 
 
-@dataclass
 class ChunkSummaryBuilder:
     """Incremental summaries of one layer: append keys as they are produced; each time a chunk closes
-    its summary joins :attr:`summaries`. Positions are host-side counters (no device reads)."""
+    its summary is written in place into preallocated storage ``[capacity, H_kv, dim]`` per field
+    (doubled when full: amortised O(1) per chunk, no re-concatenation), and :attr:`summaries` returns
+    views of the first ``num_chunks`` rows. Positions are host-side counters (no device reads).
 
-    num_kv_heads: int
-    head_dim: int
-    chunk_size: int = 64
-    device: torch.device | str = "cpu"
-    _pending_rope: list[torch.Tensor] = field(default_factory=list)
-    _pending_pre: list[torch.Tensor] = field(default_factory=list)
-    _pending_len: int = 0
-    _closed: int = 0
-    _parts: list[ChunkSummaries] = field(default_factory=list)
+    fields: the fields to store (see :data:`ALL_FIELDS`); ``compressed`` needs ``compress``, a callable
+        ``mean_key [n, H_kv, D] fp32 -> [n, H_kv, r]`` applied once when a chunk closes.
+    dtype: storage dtype (None: the dtype of the first keys appended, i.e. the model's).
+    extra_fields: fields computed for ``on_close`` only, never stored (e.g. a chunk index's vectors).
+    on_close: called as ``on_close({field: [n, H_kv, dim]})`` with the fields and extra fields of the
+        ``n`` chunks that just closed (means in fp32).
+    capacity_chunks: initial storage rows.
 
-    def __post_init__(self) -> None:
-        if self.chunk_size <= 0:
-            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
+    Device bytes held: ``capacity x H_kv x (sum of field dims) x element size`` + ``capacity`` int64
+    chunk starts + the open chunk's running sums/bounds (``[H_kv, D]`` per field).
+    """
 
+    def __init__(
+        self,
+        num_kv_heads: int,
+        head_dim: int,
+        chunk_size: int = 64,
+        device: torch.device | str = "cpu",
+        *,
+        fields: Iterable[str] = SUMMARY_FIELDS,
+        dtype: torch.dtype | None = None,
+        compress: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        extra_fields: Iterable[str] = (),
+        on_close: Callable[[dict[str, torch.Tensor]], None] | None = None,
+        capacity_chunks: int = 16,
+    ) -> None:
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        if capacity_chunks <= 0:
+            raise ValueError(f"capacity_chunks must be positive, got {capacity_chunks}")
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.chunk_size = chunk_size
+        self.device = torch.device(device)
+        self.fields = check_fields(fields)
+        self.extra_fields = tuple(f for f in check_fields(extra_fields) if f not in self.fields)
+        if "compressed" in self.extra_fields:
+            raise ValueError("'compressed' can be stored, not emitted as an extra field")
+        if "compressed" in self.fields and compress is None:
+            raise ValueError("the 'compressed' field needs a compress callable (mean_key -> compressed)")
+        self.compress = compress
+        self.on_close = on_close
+        self.dtype = dtype
+        computed = set(self.fields) | set(self.extra_fields)
+        self._computed = tuple(f for f in ALL_FIELDS if f in computed)
+        self.needs_pre_rope = any(f in PRE_ROPE_FIELDS for f in self._computed)
+        self._capacity = capacity_chunks
+        self._store: dict[str, torch.Tensor] = {}
+        self._start: torch.Tensor | None = None
+        self._acc: dict[str, torch.Tensor] = {}
+        self._pending_len = 0
+        self._closed = 0
+        self.growths = 0
+
+    # ---- counters --------------------------------------------------------------------------------
     @property
     def num_tokens(self) -> int:
         return self._closed * self.chunk_size + self._pending_len
@@ -141,42 +261,153 @@ class ChunkSummaryBuilder:
     def num_chunks(self) -> int:
         return self._closed
 
-    def append(self, keys_rope: torch.Tensor, keys_pre: torch.Tensor) -> int:
-        """Append ``[n, H_kv, D]`` post- and pre-RoPE keys; returns how many chunks closed."""
+    @property
+    def capacity_chunks(self) -> int:
+        return self._capacity
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the builder holds (storage as allocated, chunk starts, open-chunk state)."""
+        held = list(self._store.values()) + list(self._acc.values())
+        return held + ([self._start] if self._start is not None else [])
+
+    # ---- storage ---------------------------------------------------------------------------------
+    def _allocate(self, rows: int, dtype: torch.dtype, compressed_dim: int | None) -> None:
+        h, d = self.num_kv_heads, self.head_dim
+        old, n = self._store, self._closed
+        new = {}
+        for f in self.fields:
+            dim = compressed_dim if f == "compressed" else d
+            if f == "compressed" and f in old:
+                dim = old[f].shape[-1]
+            new[f] = torch.empty(rows, h, dim, dtype=dtype, device=self.device)
+            if f in old and n:
+                new[f][:n] = old[f][:n]
+        self._store = new
+        self._start = torch.arange(rows, dtype=torch.int64, device=self.device) * self.chunk_size
+        self._capacity = rows
+
+    def _write(self, values: dict[str, torch.Tensor], n: int) -> None:
+        """Store ``n`` closed chunks (``values[field]``: ``[n, H_kv, dim]``) at rows ``num_chunks ..``."""
+        if "compressed" in self._computed:
+            values["compressed"] = self.compress(values["mean_key"])
+        if self._start is None or self._closed + n > self._capacity:
+            rows = self._capacity
+            while self._closed + n > rows:
+                rows *= 2
+            if self._start is not None:
+                self.growths += 1
+            comp = values["compressed"].shape[-1] if "compressed" in values else None
+            self._allocate(rows, self.dtype, comp)
+        lo, hi = self._closed, self._closed + n
+        for f in self.fields:
+            self._store[f][lo:hi] = values[f]
+        self._closed = hi
+        if self.on_close is not None:
+            self.on_close({f: values[f] for f in self._computed})
+
+    # ---- the open chunk: running sums (fp32) and bounds --------------------------------------------
+    def _accumulate(self, kr: torch.Tensor, kp: torch.Tensor | None, first: bool) -> None:
+        """Fold ``m`` keys ``[m, H_kv, D]`` of the open chunk into its running state."""
+        one = kr.shape[0] == 1
+        acc = self._acc
+        parts = []
+        if "mean_key_rope" in self._computed:
+            parts.append(("sum_rope", kr[0] if one else kr.float().sum(0), "add"))
+        if "min_key" in self._computed:
+            parts.append(("min", kr[0] if one else kr.amin(0), "min"))
+        if "max_key" in self._computed:
+            parts.append(("max", kr[0] if one else kr.amax(0), "max"))
+        if self.needs_pre_rope:
+            parts.append(("sum_pre", kp[0] if one else kp.float().sum(0), "add"))
+        for name, x, op in parts:
+            if name not in acc:
+                dtype = torch.float32 if op == "add" else kr.dtype
+                acc[name] = torch.empty(x.shape, dtype=dtype, device=x.device)
+            a = acc[name]
+            if first:
+                a.copy_(x)
+            elif op == "add":
+                a.add_(x)
+            elif op == "min":
+                torch.minimum(a, x.to(a.dtype), out=a)
+            else:
+                torch.maximum(a, x.to(a.dtype), out=a)
+
+    def _close_open_chunk(self) -> None:
+        acc, c = self._acc, self.chunk_size
+        values = {}
+        if "mean_key_rope" in self._computed:
+            values["mean_key_rope"] = (acc["sum_rope"] / c)[None]
+        if "min_key" in self._computed:
+            values["min_key"] = acc["min"][None]
+        if "max_key" in self._computed:
+            values["max_key"] = acc["max"][None]
+        if self.needs_pre_rope:
+            values["mean_key"] = (acc["sum_pre"] / c)[None]
+        self._write(values, 1)
+
+    def append(self, keys_rope: torch.Tensor, keys_pre: torch.Tensor | None = None) -> int:
+        """Append ``[n, H_kv, D]`` post-RoPE keys (and their pre-RoPE values when a stored field needs
+        them: ``needs_pre_rope``); returns how many chunks closed."""
         _check_keys(keys_rope, keys_pre, self.chunk_size)
         if keys_rope.shape[1:] != (self.num_kv_heads, self.head_dim):
             raise ValueError(
                 f"keys must be [n, {self.num_kv_heads}, {self.head_dim}], got {tuple(keys_rope.shape)}"
             )
-        self._pending_rope.append(keys_rope)
-        self._pending_pre.append(keys_pre)
-        self._pending_len += keys_rope.shape[0]
-        closed = self._pending_len // self.chunk_size
-        if closed == 0:
-            return 0
-        kr = torch.cat(self._pending_rope)
-        kp = torch.cat(self._pending_pre)
-        take = closed * self.chunk_size
-        part = summarize_chunks(kr[:take], kp[:take], self.chunk_size, self._closed * self.chunk_size)
-        self._parts.append(part)  # concatenated lazily by `summaries` (appends stay O(new chunks))
-        self._pending_rope = [kr[take:]]
-        self._pending_pre = [kp[take:]]
-        self._pending_len -= take
-        self._closed += closed
+        if self.needs_pre_rope and keys_pre is None:
+            raise ValueError(f"fields {self._computed} need the pre-RoPE keys: pass keys_pre")
+        if not self.needs_pre_rope:
+            keys_pre = None
+        if self.dtype is None:
+            self.dtype = keys_rope.dtype
+        c = self.chunk_size
+        n = keys_rope.shape[0]
+        i = closed = 0
+        if self._pending_len:
+            m = min(n, c - self._pending_len)
+            self._accumulate(keys_rope[:m], None if keys_pre is None else keys_pre[:m], first=False)
+            self._pending_len += m
+            i = m
+            if self._pending_len == c:
+                self._close_open_chunk()
+                self._pending_len = 0
+                closed += 1
+        full = (n - i) // c
+        if full:
+            j = i + full * c
+            values = _block_values(
+                keys_rope[i:j], None if keys_pre is None else keys_pre[i:j], self._computed, c
+            )
+            self._write(values, full)
+            closed += full
+            i = j
+        if i < n:
+            self._accumulate(keys_rope[i:], None if keys_pre is None else keys_pre[i:], first=True)
+            self._pending_len = n - i
         return closed
 
     @property
     def summaries(self) -> ChunkSummaries:
-        if not self._parts:
-            empty = torch.empty(0, self.num_kv_heads, self.head_dim, device=self.device)
+        """Views of the closed chunks' stored fields (unstored fields are None). Views stay valid until
+        the storage next grows."""
+        n = self._closed
+        if self._start is None:
+            h, d = self.num_kv_heads, self.head_dim
+            dtype = self.dtype or torch.float32
+
+            def empty(f):
+                return torch.empty(0, h, d, dtype=dtype, device=self.device) if f in self.fields else None
+
             return ChunkSummaries(
-                empty,
-                empty.clone(),
-                empty.clone(),
-                empty.clone(),
-                torch.empty(0, dtype=torch.int64, device=self.device),
-                self.chunk_size,
+                *(empty(f) for f in SUMMARY_FIELDS),
+                start=torch.empty(0, dtype=torch.int64, device=self.device),
+                chunk_size=self.chunk_size,
+                compressed=empty("compressed"),
             )
-        if len(self._parts) > 1:
-            self._parts = [ChunkSummaries.concat(self._parts)]
-        return self._parts[0]
+        store = self._store
+        return ChunkSummaries(
+            *(store[f][:n] if f in store else None for f in SUMMARY_FIELDS),
+            start=self._start[:n],
+            chunk_size=self.chunk_size,
+            compressed=store["compressed"][:n] if "compressed" in store else None,
+        )

@@ -117,14 +117,42 @@ class BlockPool:
             raise ValueError(f"cannot allocate a negative number of blocks ({n})")
         if n > len(self._free):
             raise BlockPoolExhausted(
-                f"block pool exhausted: asked for {n} blocks, {len(self._free)} of {self.num_blocks} free; "
-                "raise the pool size or lower the budget"
+                f"block pool exhausted: asked for {n} blocks, {len(self._free)} of {self.num_blocks} free "
+                "(BlockPool(num_blocks=...) or BlockPool.grow() sets the size)"
             )
         ids = [self._free.popleft() for _ in range(n)]
         self._in_use.update(ids)
         self.blocks_allocated_total += n
         self.peak_blocks_in_use = max(self.peak_blocks_in_use, len(self._in_use))
         return ids
+
+    def grow(self, num_blocks: int) -> None:
+        """Enlarge the pool to ``num_blocks`` blocks. Every block keeps its id and contents; the new
+        blocks join the free list (positions -1). One layer's tensors are replaced at a time, so the
+        transient extra memory is one layer's old K/V/positions. On CUDA the device is synchronized
+        first: a copy in flight on another stream (a recall transfer) must land before its destination
+        moves. Readers must look up ``keys[l]`` / ``values[l]`` / ``positions[l]`` anew after a grow."""
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < self.num_blocks:
+            raise ValueError(
+                f"BlockPool.grow needs an int >= num_blocks ({self.num_blocks}), got {num_blocks!r}"
+            )
+        old = self.num_blocks
+        if num_blocks == old:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        for tensors, fill in ((self.keys, None), (self.values, None), (self.positions, -1)):
+            for layer, current in enumerate(tensors):
+                shape = (num_blocks, *current.shape[1:])
+                if fill is None:
+                    bigger = torch.empty(shape, dtype=current.dtype, device=self.device)
+                else:
+                    bigger = torch.full(shape, fill, dtype=current.dtype, device=self.device)
+                bigger[:old].copy_(current)
+                tensors[layer] = bigger
+                del current
+        self._free.extend(range(old, num_blocks))
+        self.num_blocks = num_blocks
 
     def free(self, ids: list[int]) -> None:
         """Return blocks to the free list; their position slots are reset to -1."""

@@ -117,7 +117,13 @@ def test_summaries_and_tail_mass_equal_a_dense_pass(tmp_path):
         pre = hf_compat.unrotate(k, cos[:, None, :], sin[:, None, :])
         want = summarize_chunks(k[: T // cs * cs], pre[: T // cs * cs], cs)
         got = fm.recall.builders[layer].summaries
-        for name in ("mean_key", "mean_key_rope", "min_key", "max_key"):
+        built = [
+            name
+            for name in ("mean_key", "mean_key_rope", "min_key", "max_key")
+            if getattr(got, name) is not None
+        ]
+        assert set(built) >= {"min_key", "max_key"}  # what quest reads
+        for name in built:
             torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5)
     assert fm.recall._observed.shape == (math.ceil(T / cs),)  # every chunk, the partial last one too
 

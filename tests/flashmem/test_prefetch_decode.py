@@ -194,8 +194,9 @@ def test_prefetched_windows_never_attend_a_token_twice(
         assert off["chunks_loaded_on_demand"] == off["chunk_loads"] > 0
     # the pool holds the working set plus one recall window per window held
     held = 2 if prefetch_steps else 1
-    # working set: budget + one interval (16), or + one prefill chunk (32) in the sparse prefill
-    working = math.ceil((48 + (32 if prefill == "sparse" else 16)) / 16) + 1
+    # working set: budget + interval - 1 slots before a forward, which adds one token (decode) or
+    # one prefill chunk (32, the sparse prefill); slots are packed from the front of the blocks
+    working = math.ceil((48 + 16 - 1 + (32 if prefill == "sparse" else 1)) / 16)
     assert r["pool_blocks"] == working + held * 3 * (16 // 16)
     assert r["peak_blocks_in_use"] <= r["pool_blocks"]
     assert r["device_kv_bytes"] == r["blocks_in_use"] * r["kv_block_bytes"]

@@ -8,7 +8,7 @@ from flashmem.indexer.chunk_index import (
     make_chunk_index,
 )
 from flashmem.indexer.heuristics import QueryState, get_indexer
-from flashmem.indexer.summaries import ChunkSummaryBuilder, summarize_chunks
+from flashmem.indexer.summaries import ChunkSummaries, ChunkSummaryBuilder, summarize_chunks
 
 
 def _keys(T=203, H=2, D=8, seed=0):
@@ -91,3 +91,113 @@ def test_chunk_index_errors_and_fold():
     k = torch.randn(5, 2, 8)
     direct = torch.stack([sum(q[h] @ k[c, h // 3] for h in range(6)) for c in range(5)])
     torch.testing.assert_close(k.reshape(5, -1) @ fold_query_for_heads(q, 2), direct)
+
+
+# ---- fields, model dtype, in-place storage ---------------------------------------------------------
+def _chunked_append(builder, kr, kp, sizes=(1, 3, 70, 1, 1, 200)):
+    """Append ``kr``/``kp`` in uneven pieces (single tokens like decode, tiles like prefill)."""
+    lo, i = 0, 0
+    while lo < kr.shape[0]:
+        hi = min(kr.shape[0], lo + sizes[i % len(sizes)])
+        builder.append(kr[lo:hi], None if kp is None else kp[lo:hi])
+        lo, i = hi, i + 1
+
+
+def test_indexers_declare_fields_and_builder_stores_only_those():
+    from flashmem.indexer.lookahead import LookaheadConfig, LookaheadIndexer
+
+    look = LookaheadIndexer(LookaheadConfig(num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=8, rank=4))
+    declared = {
+        "quest": ("min_key", "max_key"),
+        "mean_key": ("mean_key_rope",),
+        "mean_key_prerope": ("mean_key",),
+        "recency": (),
+    }
+    for name, fields in declared.items():
+        assert get_indexer(name).fields == fields
+    assert look.for_layer(0).fields == ("mean_key_rope", "min_key", "max_key", "compressed")
+    kr, kp = _keys(T=200, D=8)
+    q = torch.randn(4, 8)
+    qs = QueryState(q_pre=q, q_rope=q, position=200)
+    full = summarize_chunks(kr, kp, 16)
+    for name, fields in declared.items():
+        b = ChunkSummaryBuilder(2, 8, chunk_size=16, fields=fields)
+        _chunked_append(b, kr, kp if b.needs_pre_rope else None)
+        s = b.summaries
+        for f in ("mean_key", "mean_key_rope", "min_key", "max_key", "compressed"):
+            assert (getattr(s, f) is not None) == (f in fields), (name, f)
+        assert b.needs_pre_rope == (name == "mean_key_prerope")
+        # the stored bytes are the declared fields only: [capacity, H, D] each, the int64 chunk starts,
+        # and one [H, D] running sum or bound per field for the open chunk
+        assert sum(t.untyped_storage().nbytes() for t in b.tensors()) == b.capacity_chunks * (
+            2 * 8 * 4 * len(fields) + 8
+        ) + 2 * 8 * 4 * len(fields)
+        torch.testing.assert_close(get_indexer(name).score(qs, s), get_indexer(name).score(qs, full))
+    layer = look.for_layer(0)
+    b = ChunkSummaryBuilder(2, 8, chunk_size=16, fields=layer.fields, compress=layer.compress_mean_key)
+    _chunked_append(b, kr, kp)
+    assert b.summaries.mean_key is None and b.summaries.compressed.shape == (12, 2, 4)
+    torch.testing.assert_close(layer.score(qs, b.summaries), layer.score(qs, full), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="min_key"):
+        get_indexer("quest").score(qs, ChunkSummaries(None, full.mean_key_rope, None, None, full.start, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_model_dtype_summaries_score_like_fp32(dtype):
+    """Summaries stored in the keys' dtype (means accumulated in fp32, rounded once) rank and score the
+    chunks like fp32 summaries of the same keys."""
+    from flashmem.indexer.lookahead import LookaheadConfig, LookaheadIndexer
+
+    g = torch.Generator().manual_seed(1)
+    T, H, D, C = 64 * 96, 2, 32, 64
+    per_chunk = torch.randn(T // C, H, D, generator=g).repeat_interleave(C, 0)  # chunks that differ
+    kr = torch.randn(T, H, D, generator=g) + per_chunk
+    kp = torch.randn(T, H, D, generator=g) + 0.5
+    kr, kp = kr.to(dtype), kp.to(dtype)
+    look = LookaheadIndexer(LookaheadConfig(num_layers=1, num_q_heads=8, num_kv_heads=H, head_dim=D, rank=8))
+    look.e.data.fill_(0.5)
+    indexers = [get_indexer(n) for n in ("quest", "mean_key", "mean_key_prerope")] + [look.for_layer(0)]
+    for ix in indexers:
+        comp = getattr(ix, "compress_mean_key", None)
+        low = ChunkSummaryBuilder(H, D, chunk_size=C, fields=ix.fields, compress=comp)
+        ref = ChunkSummaryBuilder(H, D, chunk_size=C, fields=ix.fields, compress=comp, dtype=torch.float32)
+        for b in (low, ref):  # token by token first (decode), then tiles (prefill)
+            _chunked_append(
+                b, kr if b is low else kr.float(), kp if b is low else kp.float(), (1,) * 300 + (500,)
+            )
+        assert getattr(low.summaries, ix.fields[0]).dtype == dtype
+        worst = 0.0
+        for seed in range(8):
+            q = torch.randn(8, D, generator=torch.Generator().manual_seed(seed))
+            qs = QueryState(q_pre=q, q_rope=q, position=T)
+            a, b = ix.score(qs, low.summaries), ix.score(qs, ref.summaries)
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, b, rtol=5e-3, atol=1e-5)
+            worst = max(worst, ((a - b).abs() / b.abs().clamp_min(1e-6)).max().item())
+            top_a, top_b = set(torch.topk(a, 16).indices.tolist()), set(torch.topk(b, 16).indices.tolist())
+            assert len(top_a & top_b) >= 15, (ix.name, seed)
+        if ix.name == "quest":  # bounds of low-precision keys are exact in that precision
+            assert worst < 1e-6
+
+
+def test_builder_appends_in_place_and_grows_by_doubling():
+    kr, kp = _keys(T=16 * 40 + 5, D=8)
+    b = ChunkSummaryBuilder(2, 8, chunk_size=16, fields=("min_key", "max_key"), capacity_chunks=4)
+    ptrs = set()
+    views_before = None
+    for t in range(kr.shape[0]):
+        b.append(kr[t : t + 1])
+        if b.num_chunks:
+            ptrs.add(b.summaries.max_key.data_ptr())
+        if b.num_chunks == 3 and views_before is None:
+            views_before = b.summaries
+    # 40 chunks from capacity 4: 4 -> 8 -> 16 -> 32 -> 64, one allocation per size, never per chunk
+    assert b.capacity_chunks == 64 and b.growths == 4 and len(ptrs) == 5
+    s = b.summaries
+    assert s.num_chunks == 40
+    for name in ("min_key", "max_key"):
+        v = getattr(s, name)
+        assert v.untyped_storage().data_ptr() == b._store[name].untyped_storage().data_ptr()  # a view
+        assert v.untyped_storage().nbytes() == 64 * 2 * 8 * 4
+    torch.testing.assert_close(s.max_key, summarize_chunks(kr, kp, 16).max_key)
+    torch.testing.assert_close(views_before.max_key, s.max_key[:3])
