@@ -28,8 +28,8 @@ from .hf_compat import (
     capture_attention_inputs,
     kv_geometry,
     model_fingerprint,
+    rope_omega,
     rotary_cos_sin,
-    rotary_embedding,
     unrotate,
     validate_model,
 )
@@ -37,14 +37,6 @@ from .hf_compat import (
 CALIBRATION_PACKAGES = ("transformers", "torch")
 CALIBRATION_SUFFIXES = (".md", ".txt", ".py")
 CALIBRATION_MIN_BYTES = 20_000
-
-
-def rope_omega(model: torch.nn.Module) -> torch.Tensor:
-    """The rotary frequencies ``[D/2]`` fp32 the model really applies (``rotary_emb.inv_freq``)."""
-    inv_freq = getattr(rotary_embedding(model), "inv_freq", None)
-    if inv_freq is None:
-        raise ValueError("the model has no rotary embedding with inv_freq (model.model.rotary_emb.inv_freq)")
-    return inv_freq.detach().to("cpu", torch.float32).reshape(-1).clone()
 
 
 @torch.no_grad()

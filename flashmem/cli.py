@@ -1,4 +1,4 @@
-"""``flashmem`` command line: generate, calibrate, train-indexer, eval-indexer.
+"""``flashmem`` command line: generate, calibrate, prepare, train-indexer, eval-indexer.
 
 A user error (a bad option value, a missing, empty or non-UTF-8 prompt, an output path that cannot
 be written, a model or device that is not there) prints one line, ``flashmem: error: ...``, on
@@ -43,8 +43,9 @@ CONFIG_HELP = {
     "sink_tokens": "first tokens, never evicted",
     "protect_prompt": "never evict prompt tokens (only generated tokens compete for the budget)",
     "triattention_mode": "one keep-set per KV head shared by all layers, or one per layer and head",
-    "stats_path": "TriAttention calibration stats written by 'flashmem calibrate' (.safetensors; "
-    "default: the stats shipped for the embedded default model)",
+    "stats_path": "TriAttention calibration stats written by 'flashmem calibrate' (.safetensors), or "
+    "'prompt' to derive them from the prompt (default: those 'flashmem prepare' stored for the model, "
+    "else the shipped ones when they fit, else derived from the prompt)",
     "attention_backend": "decode attention: triton, torch (the reference) or auto (triton on CUDA)",
     "host_mirror": "keep a lossless host copy of every token's K/V (default: on with --budget-tokens)",
     "max_host_bytes": "cap on the host mirror in bytes (default: the machine's available memory)",
@@ -403,6 +404,34 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from .preparation import prepare
+
+    text = read_text_source(args.text) if args.text is not None else None
+    check_model(args.model)
+    device = resolve_device(args.device)
+    model, tok = _load(args, device)
+    options = {"steps": args.indexer_steps}
+    if args.text is not None:
+        options["data"] = [args.text]
+    try:
+        report = prepare(
+            model,
+            tok,
+            text=text,
+            max_tokens=args.max_tokens,
+            train_indexer=args.train_indexer,
+            indexer_options=options,
+            progress=not args.quiet,
+        )
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write the cache directory ({exc.strerror or exc}); set FLASHMEM_CACHE_DIR"
+        ) from None
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 FORWARDED = {"train-indexer": "train_main", "eval-indexer": "eval_main"}  # in flashmem.indexer_training
 
 
@@ -470,6 +499,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibrate on the first N tokens of the text (default: 32768)",
     )
     c.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser(
+        "prepare",
+        help="make this model's TriAttention stats (and optionally its indexer) once, in the user cache "
+        "($FLASHMEM_CACHE_DIR or ~/.cache/flashmem), where budgets and indexer=auto find them",
+    )
+    _add_model_args(p)
+    p.add_argument(
+        "--text", default=None, help="a text file or directory (default: local text of installed packages)"
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=_int_at_least(1),
+        default=32768,
+        metavar="N",
+        help="calibrate on the first N tokens (default: 32768)",
+    )
+    p.add_argument("--train-indexer", action="store_true", help="also train the lookahead indexer")
+    p.add_argument(
+        "--indexer-steps", type=_int_at_least(1), default=300, metavar="N", help="indexer optimiser steps"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prepare)
 
     sub.add_parser(
         "train-indexer", help="train the lookahead indexer (see flashmem.indexer_training)", add_help=False

@@ -98,8 +98,10 @@ class FlashMemConfig:
     protect_prompt: never evict prompt tokens (only generated tokens compete for the budget).
     triattention_mode: "per_head" (one keep-set per KV head shared by all layers) or
         "per_layer_per_head".
-    stats_path: TriAttention calibration stats (safetensors); None uses the stats shipped for the
-        embedded default model, and is an error for any other model when budget_tokens is set.
+    stats_path: TriAttention calibration stats (safetensors); "prompt" derives them from the prompt's
+        own queries during the exact prefill; None uses the stats `flashmem prepare` stored for the
+        model, else those shipped for the embedded default model when they fit it, else "prompt" (``prefill="sparse"`` then refuses: it compacts before
+        the prompt has been read). ``memory_report()["triattention_stats"]`` says which was used.
     attention_backend: decode attention implementation: "triton", "torch" (the reference) or
         "auto" (triton on CUDA, torch elsewhere).
     host_mirror: keep a lossless host copy of every token's K/V (None: on when budget_tokens is set).
@@ -183,13 +185,18 @@ class FlashMemConfig:
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_choice("index_backend", self.index_backend, INDEX_BACKENDS)
         _check_choice("prefill", self.prefill, PREFILL_MODES)
-        if self.stats_path is not None:
+        if self.stats_path is not None and self.stats_path != "prompt":
             self.stats_path = _path_field("stats_path", self.stats_path)
             if not Path(self.stats_path).is_file():
                 raise ValueError(
                     f"FlashMemConfig.stats_path {self.stats_path!r} is not a file; give the .safetensors "
-                    "written by 'flashmem calibrate', or None for the stats shipped with the default model"
+                    "written by 'flashmem calibrate', 'prompt' (derive them from the prompt), or None"
                 )
+        if self.stats_path == "prompt" and self.budget_tokens is not None and self.prefill == "sparse":
+            raise ValueError(
+                "stats_path='prompt' derives the TriAttention statistics during the exact prefill; the sparse "
+                "prefill compacts before the prompt has been read: use prefill='exact' or a stats file"
+            )
         self.indexer = _path_field("indexer", self.indexer)
         self._check_indexer()
 

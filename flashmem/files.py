@@ -10,7 +10,9 @@ module only reads bytes and hands them over.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -92,23 +94,72 @@ def load_indexer(
     return indexer.to(device)
 
 
+CACHE_ENV = "FLASHMEM_CACHE_DIR"
+PREPARED_STATS_NAME = "triattention_stats.safetensors"
+PREPARED_INDEXER_NAME = "indexer.safetensors"
+
+
+def cache_root() -> Path:
+    """Where ``flashmem prepare`` stores per-model files: ``$FLASHMEM_CACHE_DIR``, else
+    ``~/.cache/flashmem``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "flashmem"
+
+
+def prepared_dir(fingerprint: dict) -> Path:
+    """The cache directory of one model: ``cache_root() / sha256(fingerprint JSON, sorted keys)``."""
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode("utf-8")).hexdigest()
+    return cache_root() / key
+
+
+def prepared_stats_path(model: torch.nn.Module) -> Path:
+    return prepared_dir(model_fingerprint(model)) / PREPARED_STATS_NAME
+
+
+def prepared_indexer_path(model: torch.nn.Module) -> Path:
+    return prepared_dir(model_fingerprint(model)) / PREPARED_INDEXER_NAME
+
+
+PROMPT_STATS = "prompt"
+SHIPPED_STATS = "shipped"
+
+
+def find_stats_for_model(model: torch.nn.Module, stats_path=None) -> tuple[TriAttentionStats | None, str]:
+    """``(stats, source)`` for ``model``: ``stats_path="prompt"``: ``(None, "prompt")``; the file at
+    ``stats_path`` (fingerprint checked; source: the path), else the stats ``flashmem prepare`` stored for this model (:func:`prepared_stats_path`;
+    source: that path), else the stats shipped for the embedded default model when they were made for
+    this model (``"shipped"``), else ``(None, "prompt")``: none exist, and the exact prefill derives
+    them from the prompt's own queries."""
+    fingerprint = model_fingerprint(model)
+    if stats_path == PROMPT_STATS:
+        return None, PROMPT_STATS
+    if stats_path is not None:
+        return load_stats(stats_path, expected_fingerprint=fingerprint), str(stats_path)
+    prepared = prepared_dir(fingerprint) / PREPARED_STATS_NAME
+    if prepared.is_file():
+        return load_stats(prepared, expected_fingerprint=fingerprint), str(prepared)
+    if DEFAULT_STATS_PATH.is_file():
+        stats = load_stats(DEFAULT_STATS_PATH)
+        if not fingerprint_diff(fingerprint, stats.fingerprint):
+            return stats, SHIPPED_STATS
+    return None, PROMPT_STATS
+
+
 def load_stats_for_model(model: torch.nn.Module, stats_path=None) -> TriAttentionStats:
     """Stats for ``model``: from ``stats_path`` (fingerprint checked), or, when it is None, the stats
-    shipped for the embedded default model (an error for any other model: calibrate it first)."""
-    fingerprint = model_fingerprint(model)
-    if stats_path is not None:
-        return load_stats(stats_path, expected_fingerprint=fingerprint)
+    shipped for the embedded default model (an error for any other model: calibrate it first, or let
+    the exact prefill derive them from the prompt, :func:`find_stats_for_model`)."""
+    stats, _ = find_stats_for_model(model, stats_path)
+    if stats is not None:
+        return stats
     if not DEFAULT_STATS_PATH.is_file():
         raise FileNotFoundError(
             f"no shipped TriAttention stats at {DEFAULT_STATS_PATH}; calibrate with "
             "'flashmem calibrate --model default --text DIR --out PATH' and pass stats_path"
         )
-    stats = load_stats(DEFAULT_STATS_PATH)
-    diffs = fingerprint_diff(fingerprint, stats.fingerprint)
-    if diffs:
-        raise ValueError(
-            "budget_tokens needs TriAttention stats calibrated for this model, and the shipped stats are "
-            f"for the embedded default model ({'; '.join(diffs)}). Calibrate with "
-            "'flashmem calibrate --model PATH --text DIR --out stats.safetensors' and set stats_path."
-        )
-    return stats
+    diffs = fingerprint_diff(model_fingerprint(model), load_stats(DEFAULT_STATS_PATH).fingerprint)
+    raise ValueError(
+        "no TriAttention stats calibrated for this model: the shipped stats are for the embedded default "
+        f"model ({'; '.join(diffs)}). Calibrate with "
+        "'flashmem calibrate --model PATH --text DIR --out stats.safetensors' and set stats_path."
+    )

@@ -34,7 +34,15 @@ from typing import Any
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "olmo2", "granite", "gemma")
+# families known not to fit, and why (named in the refusal)
+UNSUPPORTED_REASONS = {
+    "cohere": "its rotary embedding rotates interleaved pairs (x[2i], x[2i+1]), while TriAttention scoring and "
+    "the rotary helpers assume transformers' rotate_half halves, and it scales logits by logit_scale",
+    "stablelm": "it applies rotary embeddings to part of each head only (partial_rotary_factor < 1)",
+    "gemma2": "it soft-caps attention logits and alternates sliding-window layers",
+    "gemma3": "it alternates sliding-window layers and scales rotary per layer type",
+}
 
 # (configs of the routed model, handler) for the forward pass in flight in this thread, or None
 _route: contextvars.ContextVar[tuple[tuple[Any, ...], Callable] | None] = contextvars.ContextVar(
@@ -134,8 +142,18 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def embed_tokens(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Input embeddings ``[1, T, hidden]`` of ``input_ids`` ``[1, T]``, as the model's forward makes them."""
-    return base_model(model).embed_tokens(input_ids)
+    """Input embeddings ``[1, T, hidden]`` of ``input_ids`` ``[1, T]``, as the model's forward makes them
+    (Granite multiplies them by ``embedding_multiplier``; Gemma by ``sqrt(hidden_size)``, inside its
+    embedding module on releases that have ``GemmaTextScaledWordEmbedding``, in the forward before)."""
+    config = text_config(model)
+    embed = base_model(model).embed_tokens
+    hidden = embed(input_ids)
+    model_type = getattr(config, "model_type", None)
+    if model_type == "granite":
+        hidden = hidden * config.embedding_multiplier
+    elif model_type == "gemma" and not hasattr(embed, "embed_scale"):
+        hidden = hidden * torch.tensor(config.hidden_size**0.5, dtype=hidden.dtype)
+    return hidden
 
 
 _LAYER_CACHE_NAMES: dict[type, str] = {}
@@ -170,8 +188,12 @@ def run_decoder_layer(
 
 def lm_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Logits ``[1, t, vocab]`` of the last layer's hidden states ``[1, t, hidden]``: the final norm,
-    then the LM head, as the model's forward applies them."""
-    return model.lm_head(base_model(model).norm(hidden))
+    then the LM head, as the model's forward applies them (Granite divides by ``logits_scaling``)."""
+    logits = model.lm_head(base_model(model).norm(hidden))
+    config = text_config(model)
+    if getattr(config, "model_type", None) == "granite":
+        logits = logits / config.logits_scaling
+    return logits
 
 
 def paged_forward_kwargs(model: torch.nn.Module, cache, device: torch.device) -> dict:
@@ -188,14 +210,30 @@ def text_config(model: torch.nn.Module):
     return getattr(config, "text_config", None) or config
 
 
-def validate_model(model: torch.nn.Module) -> None:
-    """Refuse models flashmem cannot run exactly, with a message that says why."""
+def sliding_window(model: torch.nn.Module) -> int | None:
+    """The sliding window the model's attention applies, in any spelling (``sliding_window`` alone as
+    Mistral and Phi-3 read it, gated by ``use_sliding_window`` as Qwen2 does), or None."""
+    config = text_config(model)
+    if getattr(config, "use_sliding_window", None) is False:
+        return None
+    window = getattr(config, "sliding_window", None)
+    return int(window) if window else None
+
+
+def validate_model(model: torch.nn.Module, max_context_tokens: int | None = None) -> None:
+    """Refuse models flashmem cannot run exactly, with a message that says why.
+
+    max_context_tokens: the longest sequence the caller will run; a sliding window at least that long
+    never binds (attention is then exactly full attention), a shorter one is refused. Without it
+    (calibration, which runs the model's own attention) the window is not checked."""
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(
             f"expected a Hugging Face causal LM (torch.nn.Module with .config), got {type(model)}"
         )
     config = text_config(model)
     model_type = getattr(config, "model_type", None)
+    if model_type in UNSUPPORTED_REASONS:
+        raise ValueError(f"model type {model_type!r} is not supported: {UNSUPPORTED_REASONS[model_type]}")
     get_head = getattr(model, "get_output_embeddings", None)
     if not callable(get_head) or get_head() is None:
         raise ValueError(
@@ -212,14 +250,35 @@ def validate_model(model: torch.nn.Module) -> None:
         raise ValueError(
             "the model has no rotary embedding (model.model.rotary_emb); flashmem needs RoPE models"
         )
+    head_dim = kv_geometry(model)[3]
+    rope = getattr(config, "rope_parameters", None) or {}
+    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+    rotary_dim = 2 * rope_omega(model).numel()
+    if float(partial) != 1.0 or rotary_dim != head_dim:
+        raise ValueError(
+            f"partial rotary embeddings are not supported (partial_rotary_factor {partial}: {rotary_dim} of "
+            f"{head_dim} head dims rotated): TriAttention scoring and the rotary helpers rotate whole heads"
+        )
+    for name in ("final_logit_softcapping", "attn_logit_softcapping", "logit_scale"):
+        if getattr(config, name, None) is not None:
+            raise ValueError(
+                f"{name} is not supported: the layer-major prefill and decode attention do not apply it"
+            )
     layer_types = getattr(config, "layer_types", None) or []
-    other = sorted({t for t in layer_types if t != "full_attention"})
+    other = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
     if other:
         raise ValueError(
             f"unsupported attention types {other}: flashmem supports full causal attention in every layer"
         )
-    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
-        raise ValueError("sliding-window attention is not supported; disable use_sliding_window")
+    window = sliding_window(model)
+    if window is None and "sliding_attention" in layer_types:
+        raise ValueError("layer_types name sliding_attention layers but the config gives no sliding_window")
+    if max_context_tokens is not None and window is not None and window < max_context_tokens:
+        raise ValueError(
+            f"sliding-window attention (sliding_window={window}) is not supported: flashmem attends to the "
+            f"whole context, which equals the model's attention only while the context fits the window; set "
+            f"FlashMemConfig.max_context_tokens <= {window}, or use a model without a sliding window"
+        )
 
 
 def kv_geometry(model: torch.nn.Module) -> tuple[int, int, int, int]:
@@ -266,6 +325,14 @@ def attention_scaling(model: torch.nn.Module, layer: int) -> float:
 def rotary_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
     """The model's own rotary embedding module (``model.model.rotary_emb``), or None."""
     return getattr(base_model(model), "rotary_emb", None)
+
+
+def rope_omega(model: torch.nn.Module) -> torch.Tensor:
+    """The rotary frequencies ``[D/2]`` fp32 the model really applies (``rotary_emb.inv_freq``)."""
+    inv_freq = getattr(rotary_embedding(model), "inv_freq", None)
+    if inv_freq is None:
+        raise ValueError("the model has no rotary embedding with inv_freq (model.model.rotary_emb.inv_freq)")
+    return inv_freq.detach().to("cpu", torch.float32).reshape(-1).clone()
 
 
 def rotary_cos_sin(

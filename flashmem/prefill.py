@@ -15,6 +15,14 @@ the buffer (``per_layer_per_head``), or, in ``per_head`` mode, whose keep-set co
 scores, from the host mirror once every layer has been scored (budget x L x H_kv x D x 2 elements:
 independent of the prompt length).
 
+TriAttention statistics from the prompt (``derive_stats``, when no calibrated stats fit the model):
+every tile's queries reach :meth:`LayerMajorPrefill.attend`; they are un-rotated with the model's own
+cos/sin at their true positions and summed per (layer, query head, pair)
+(:class:`flashmem.offload.QueryStatsAccumulator`, on the device). Layer ``l``'s keys are scored with
+layer ``l``'s statistics over the whole prompt, which are complete when the layer ends; after the last
+layer :attr:`LayerMajorPrefill.derived_stats` holds every layer's (the caller gives them to the policy
+for the compactions of the decode).
+
 Device memory beyond the pool: one layer's prompt KV (``2 x T x H_kv x D`` elements), the hidden states
 ``[T, hidden]`` and one tile's activations. Host-to-device traffic: the working set only, never the
 history. Compared with the token-chunked pass it replaces, the TriAttention keep-set is chosen once,
@@ -30,6 +38,7 @@ from torch.nn.attention.bias import causal_lower_right
 from tqdm.auto import tqdm
 
 from flashmem.offload.triattention_policy import TriAttentionPolicy
+from flashmem.offload.triattention_stats import QueryStatsAccumulator, TriAttentionStats
 
 from . import hf_compat
 
@@ -41,11 +50,15 @@ class LayerMajorPrefill:
     TriAttention policy under a budget (None keeps every token); tile_tokens: prompt tokens per
     layer forward; observe_tokens: the prompt's last queries whose attention mass on each chunk is
     handed to recall (0 or no recall: none); held_bytes: returns the device bytes the wrapper holds
-    outside this pass (pool, index, staging), sampled after every layer for :attr:`peak_total_bytes`.
+    outside this pass (pool, index, staging), sampled after every layer for :attr:`peak_total_bytes`;
+    derive_stats: accumulate TriAttention query statistics from the prompt's own queries and score
+    each layer's keys with them (the policy's own stats are not used); after :meth:`run`
+    ``derived_stats`` holds them (source ``"prompt"``).
 
     After :meth:`run`: ``scratch_peak_bytes`` (the pass's own device buffers: the layer's prompt K/V,
     the hidden states ``[T, hidden]``, the tail-mass logits) and ``peak_total_bytes`` (the largest
-    ``held_bytes() + scratch`` seen).
+    ``held_bytes() + scratch`` seen). The scratch includes the query-statistics sums with
+    ``derive_stats``.
     """
 
     def __init__(
@@ -58,7 +71,10 @@ class LayerMajorPrefill:
         observe_tokens: int = 0,
         progress: bool = False,
         held_bytes=None,
+        derive_stats: bool = False,
     ) -> None:
+        if derive_stats and policy is None:
+            raise ValueError("derive_stats needs a policy (statistics serve the budget's compactions)")
         self.model = model
         self.cache = cache
         self.policy = policy
@@ -84,6 +100,10 @@ class LayerMajorPrefill:
         self._end = 0
         self._total = 0
         self._combined: torch.Tensor | None = None  # [T, H_kv] per_head keep scores
+        self.derive_stats = derive_stats
+        self.derived_stats: TriAttentionStats | None = None
+        self._query_stats: QueryStatsAccumulator | None = None
+        self._stats_bytes = 0
 
     # ---- the pass ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -97,6 +117,10 @@ class LayerMajorPrefill:
         self._keys = torch.empty(self.num_kv_heads, total, head_dim, dtype=self.dtype, device=self.device)
         self._values = torch.empty_like(self._keys)
         self.buffer_bytes = 2 * self._keys.numel() * self._keys.element_size()
+        if self.derive_stats:
+            _, num_q, _, _ = hf_compat.kv_geometry(model)
+            self._query_stats = QueryStatsAccumulator(self.num_layers, num_q, head_dim, device=self.device)
+            self._stats_bytes = self._query_stats.device_bytes
         keep = self._keep_count(total)
         self.evicted = keep < total
         from_buffer = self._fill_from_buffer(total, keep)
@@ -115,6 +139,10 @@ class LayerMajorPrefill:
             with hf_compat.attention_runner(model, self):
                 self._layers(layers, hidden, positions, keep, from_buffer, bar)
             logits = hf_compat.lm_logits(model, hidden[:, -1:])[0, -1].float()
+            if self._query_stats is not None:
+                self.derived_stats = self._query_stats.finalize(
+                    hf_compat.rope_omega(model), hf_compat.model_fingerprint(model), "prompt"
+                )
             if cache.mirror is not None:
                 cache.mirror.commit(total)
             if from_buffer:
@@ -132,6 +160,7 @@ class LayerMajorPrefill:
             cache.prefill_runner = None
             bar.close()
             self._keys = self._values = None
+            self._query_stats = None
         return logits
 
     def _layers(self, layers, hidden, positions, keep: int, from_buffer: bool, bar=None) -> None:
@@ -157,7 +186,7 @@ class LayerMajorPrefill:
 
     def _sample(self) -> None:
         """Record the pass's scratch now and the wrapper's total beside it."""
-        scratch = self.buffer_bytes + self._hidden_bytes + self._tail_bytes
+        scratch = self.buffer_bytes + self._hidden_bytes + self._tail_bytes + self._stats_bytes
         self.scratch_peak_bytes = max(self.scratch_peak_bytes, scratch)
         held = self.held_bytes() if self.held_bytes is not None else 0
         self.peak_total_bytes = max(self.peak_total_bytes, held + scratch)
@@ -202,12 +231,22 @@ class LayerMajorPrefill:
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=causal_lower_right(t, end), scale=scaling, enable_gqa=True
             )
+        if self._query_stats is not None:
+            self._add_queries(layer_idx, query[0])
         recall = self.cache.recall
         if recall is not None:
             recall.on_query(layer_idx, query[0, :, -1, :])
             if self.observe_tokens and end == self._total:
                 recall.observe_mass(layer_idx, self._tail_mass(query[0], scaling))
         return out.transpose(1, 2).to(query.dtype)
+
+    def _add_queries(self, layer_idx: int, query: torch.Tensor) -> None:
+        """Fold the tile's post-RoPE queries ``[H_q, t, D]`` into the statistics, un-rotated with the
+        model's own cos/sin at their true positions (fp32)."""
+        positions = torch.arange(self._start, self._end, device=self.device)
+        cos, sin = hf_compat.rotary_cos_sin(self.model, positions, torch.float32)  # [t, D]
+        pre = hf_compat.unrotate(query.float(), cos, sin)  # [H_q, t, D]
+        self._query_stats.update(layer_idx, pre.transpose(0, 1))
 
     def _tail_mass(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
         """Attention mass of the prompt's last ``observe_tokens`` queries on every chunk, summed over
@@ -242,6 +281,9 @@ class LayerMajorPrefill:
     # ---- the working set ---------------------------------------------------------------------
     def _finish_layer(self, layer: int, keep: int, from_buffer: bool) -> None:
         policy, total = self.policy, self._total
+        layer_stats = None
+        if self._query_stats is not None and keep < total:
+            layer_stats = self._query_stats.layer_stats(layer, hf_compat.rope_omega(self.model))
         keys = self._keys.transpose(0, 1)  # [T, H_kv, D]
         values = self._values.transpose(0, 1)
         if policy is None or keep == total:
@@ -252,7 +294,7 @@ class LayerMajorPrefill:
                 torch.arange(total, device=self.device)[:, None].expand(-1, self.num_kv_heads),
             )
             return
-        scores = policy.key_scores(keys, layer, total)  # [T, H_kv]
+        scores = policy.key_scores(keys, layer, total, layer_stats=layer_stats)  # [T, H_kv]
         if policy.mode == "per_layer_per_head":
             rows = self._select(scores, keep)  # [keep, H_kv]
             heads = torch.arange(self.num_kv_heads, device=self.device)

@@ -23,7 +23,7 @@ from flashmem.indexer.lookahead import default_checkpoint_path
 from flashmem.indexer.summaries import ChunkSummaryBuilder
 
 from . import hf_compat
-from .files import load_indexer
+from .files import load_indexer, prepared_indexer_path
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -34,17 +34,18 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def resolve_indexer(name: str, model: torch.nn.Module, num_layers: int, chunk_size: int) -> tuple[str, list]:
-    """Per-layer indexers for ``name``: ``"auto"`` (the shipped learned checkpoint when it was trained
-    for this model and this chunk size, else ``"quest"``), a heuristic name, ``"lookahead"`` or a
+    """Per-layer indexers for ``name``: ``"auto"`` (the learned checkpoint ``flashmem prepare`` stored
+    for this model, else the shipped one, when trained for this model and this chunk size, else
+    ``"quest"``), a heuristic name, ``"lookahead"`` or a
     checkpoint path. Errors (unknown name, a checkpoint for another model or chunk size) are raised
     here, before any work."""
     if name == "auto":
-        path = default_checkpoint_path()
-        if path.is_file():
-            try:
-                return _learned(path, model, num_layers, chunk_size)
-            except ValueError:
-                pass
+        for path in (prepared_indexer_path(model), default_checkpoint_path()):
+            if path.is_file():
+                try:
+                    return _learned(path, model, num_layers, chunk_size)
+                except ValueError:
+                    pass
         name = "quest"
     if name == "lookahead":
         return _learned(default_checkpoint_path(), model, num_layers, chunk_size)

@@ -1,4 +1,5 @@
-"""Tiny random-init models (Llama, Qwen2, Qwen3) and the full-attention reference, for tests and
+"""Tiny random-init models (Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo-2, Granite, Gemma; Cohere and
+StableLM, which flashmem refuses) and the full-attention reference, for tests and
 benchmarks; nothing is downloaded.
 
 * :func:`tiny_model`: the one factory of random-init models (tiny by default; any shape on request).
@@ -11,20 +12,54 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    StableLmConfig,
+    StableLmForCausalLM,
 )
 
 from .hf_compat import capture_attention_inputs, forward_kwargs, rotary_cos_sin, unrotate
 
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "phi3": (Phi3Config, Phi3ForCausalLM),
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM),
+    "granite": (GraniteConfig, GraniteForCausalLM),
+    "gemma": (GemmaConfig, GemmaForCausalLM),
+    "cohere": (CohereConfig, CohereForCausalLM),
+    "stablelm": (StableLmConfig, StableLmForCausalLM),
+}
+# per-family settings of the tiny configs (special ids inside the tiny vocabulary; Mistral without a
+# sliding window, as Mistral-7B-v0.2 and later; Granite with its multipliers away from 1, so a
+# prefill that skipped one would differ)
+FAMILY_DEFAULTS = {
+    "mistral": dict(sliding_window=None),
+    "phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "olmo2": dict(pad_token_id=0, eos_token_id=2),
+    "granite": dict(
+        embedding_multiplier=4.0, logits_scaling=3.0, attention_multiplier=0.2, residual_multiplier=0.5
+    ),
+    "gemma": dict(pad_token_id=0, eos_token_id=1, bos_token_id=2),
+    "cohere": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 
 
@@ -59,6 +94,7 @@ def tiny_model(
         head_dim=head_dim,
         max_position_embeddings=max_positions,
     )
+    fields.update(FAMILY_DEFAULTS.get(family, {}))
     fields.update(overrides)
     config = config_cls(**fields)
     if device is None:

@@ -29,7 +29,7 @@ from flashmem.offload.triattention_policy import TriAttentionPolicy
 from . import hf_compat
 from .cache import FlashMemCache
 from .config import FlashMemConfig
-from .files import load_stats_for_model
+from .files import PROMPT_STATS, find_stats_for_model
 from .prefill import LayerMajorPrefill
 from .recall import RecallController, resolve_indexer
 
@@ -94,7 +94,7 @@ class FlashMemModel:
     def __init__(self, model: torch.nn.Module, config: FlashMemConfig) -> None:
         if not isinstance(config, FlashMemConfig):
             raise TypeError(f"config must be a FlashMemConfig, got {type(config).__name__}")
-        hf_compat.validate_model(model)
+        hf_compat.validate_model(model, config.max_context_tokens)
         _check_indexer_runs(config.indexer)
         self.model = model
         self.config = config
@@ -103,6 +103,7 @@ class FlashMemModel:
         self.device = param.device
         self.dtype = param.dtype
         self.attention_backend = resolve_backend(config.attention_backend, self.device)
+        self.stats_source: str | None = None  # "prompt" | "shipped" | a path (with a budget)
         if self.attention_backend == "triton" and self.device.type != "cuda" and not _triton_interpreting():
             raise ValueError(
                 f"FlashMemConfig.attention_backend='triton' runs Triton kernels, which need the model on a "
@@ -136,7 +137,14 @@ class FlashMemModel:
     # ---- construction helpers ----------------------------------------------------------------
     def _make_policy(self):
         c = self.config
-        stats = load_stats_for_model(self.model, c.stats_path)
+        stats, self.stats_source = find_stats_for_model(self.model, c.stats_path)
+        if stats is None and c.prefill == "sparse":
+            raise ValueError(
+                "prefill='sparse' needs TriAttention stats for this model before the prompt is read (no "
+                "stats_path was given and the shipped stats are for another model): use prefill='exact', "
+                "which derives the stats from the prompt's own queries, or give stats_path (from "
+                "'flashmem calibrate' or 'flashmem prepare')"
+            )
         return TriAttentionPolicy(
             stats,
             budget_tokens=c.budget_tokens,
@@ -570,8 +578,11 @@ class FlashMemModel:
                 observe_tokens=self.config.observe_tokens,
                 progress=show,
                 held_bytes=self._sample_device_total,
+                derive_stats=self.stats_source == PROMPT_STATS,
             )
             logits = runner.run(input_ids)
+            if runner.derived_stats is not None:
+                self.policy.set_stats(runner.derived_stats)  # every later compaction scores with them
             self._compactions += int(runner.evicted)
             self._scratch_peak = runner.scratch_peak_bytes
             self._peak_total = max(self._peak_total, runner.peak_total_bytes)
@@ -647,8 +658,11 @@ class FlashMemModel:
         Also: device_kv_bytes, peak_device_kv_bytes, peak_pool_kv_bytes, full_kv_bytes,
         host_kv_bytes, blocks_in_use, blocks_freed, blocks_allocated, peak_blocks_in_use,
         pool_blocks, pool_capacity_bytes, kv_block_bytes, kv_bytes_per_token, block_size,
-        logical_tokens, device_slots, compactions, decode_steps, budget_tokens, timings,
-        device_kv_trace and device_total_trace (after prefill, then after each decode step), and with recall ``offload``: the transfer
+        logical_tokens, device_slots, compactions, decode_steps, budget_tokens, triattention_stats
+        (where the compaction's query statistics came from: "prompt" (derived from the prompt by the
+        exact prefill), "shipped", or the stats file's path; None without a budget), timings,
+        device_kv_trace and device_total_trace (after prefill, then after each decode step), and with
+        recall ``offload``: the transfer
         engine's and resident set's counters (:meth:`OffloadManager.stats`: ``stall_time_s``,
         ``prefetches_issued``, ``chunks_prefetched``, ``chunks_loaded_on_demand``, ...) plus
         ``stall_fraction`` = stall_time_s / timings["decode_s"] (time the compute stream waited on
@@ -718,6 +732,7 @@ class FlashMemModel:
             "compactions": self._compactions,
             "decode_steps": self._decode_steps,
             "budget_tokens": self.config.budget_tokens,
+            "triattention_stats": self.stats_source,
             "timings": dict(self._timings),
             "device_kv_trace": list(self._device_trace),
             "device_total_trace": list(self._total_trace),
@@ -787,5 +802,6 @@ def format_bytes(n: float) -> str:
 
 
 def wrap(model: torch.nn.Module, config: FlashMemConfig | None = None) -> FlashMemModel:
-    """Wrap a Hugging Face causal LM (Llama, Qwen2, Qwen3, Mistral families) for flashmem decoding."""
+    """Wrap a Hugging Face causal LM (``hf_compat.SUPPORTED_MODEL_TYPES``: Llama, Mistral, Qwen2, Qwen3,
+    Phi-3, OLMo-2, Granite, Gemma) for flashmem decoding; others are refused with the reason."""
     return FlashMemModel(model, config if config is not None else FlashMemConfig())

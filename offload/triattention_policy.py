@@ -27,7 +27,10 @@ class TriAttentionPolicy:
     """Prune a sequence back to ``budget_tokens`` slots per KV head once it holds
     ``budget_tokens + compaction_interval``; survivors slide forward and tail blocks are freed.
 
-    stats: calibration of the model (layer/head geometry must match the cache's pool);
+    stats: calibration of the model (layer/head geometry must match the cache's pool), or None for
+    statistics that arrive later (:meth:`set_stats`; the exact prefill derives them from the prompt's
+    own queries and scores each layer with that layer's, see :meth:`key_scores`); a policy without
+    stats refuses to :meth:`select`;
     mode: "per_head" (one keep-set per KV head for all layers; layer scores z-scored and combined
     with ``layer_reduce`` "sum" or "max") or "per_layer_per_head"; protect_prompt: never evict slots
     whose position is below ``prompt_len``; keys_rotated: the cache holds post-RoPE keys (as written
@@ -39,7 +42,7 @@ class TriAttentionPolicy:
 
     def __init__(
         self,
-        stats: TriAttentionStats,
+        stats: TriAttentionStats | None,
         *,
         budget_tokens: int,
         compaction_interval: int = 128,
@@ -56,8 +59,6 @@ class TriAttentionPolicy:
     ) -> None:
         if backend is not None:
             score_backend = compaction_backend = backend
-        if not isinstance(stats, TriAttentionStats):
-            raise TypeError(f"stats must be TriAttentionStats, got {type(stats).__name__}")
         for name, value, minimum in (
             ("budget_tokens", budget_tokens, 1),
             ("compaction_interval", compaction_interval, 1),
@@ -76,9 +77,10 @@ class TriAttentionPolicy:
             raise ValueError(f"layer_reduce must be one of {LAYER_REDUCTIONS}, got {layer_reduce!r}")
         for value in (score_backend, compaction_backend):
             resolve_backend(value, "cpu")  # validates the name
-        if fingerprint is not None and stats.fingerprint:
-            stats.check_fingerprint(fingerprint)
-        self.stats = stats
+        self.fingerprint = fingerprint
+        self.stats: TriAttentionStats | None = None
+        self._stats_device: dict[torch.device, TriAttentionStats] = {}
+        self.set_stats(stats)
         self.budget_tokens = budget_tokens
         self.compaction_interval = compaction_interval
         self.window_tokens = window_tokens
@@ -89,11 +91,31 @@ class TriAttentionPolicy:
         self.keys_rotated = bool(keys_rotated)
         self.score_backend = score_backend
         self.compaction_backend = compaction_backend
-        self._stats_device: dict[torch.device, TriAttentionStats] = {}
+
+    def set_stats(self, stats: TriAttentionStats | None) -> None:
+        """Score with ``stats`` from now on (None: no stats until the next call); a stats fingerprint
+        that differs from the policy's ``fingerprint`` is refused, naming the fields."""
+        if stats is not None and not isinstance(stats, TriAttentionStats):
+            raise TypeError(f"stats must be TriAttentionStats or None, got {type(stats).__name__}")
+        if stats is not None and self.fingerprint is not None and stats.fingerprint:
+            stats.check_fingerprint(self.fingerprint)
+        self.stats = stats
+        self._stats_device = {}
+
+    def _require_stats(self) -> TriAttentionStats:
+        if self.stats is None:
+            raise RuntimeError(
+                "this TriAttentionPolicy has no statistics yet: give them to set_stats() (the exact prefill "
+                "derives them from the prompt), or build it with calibrated stats"
+            )
+        return self.stats
 
     def device_bytes(self, device: torch.device | str) -> int:
         """Bytes of the statistics this policy holds on ``device`` (the copy it scores with)."""
-        tensors = [self.stats.q_mean_real, self.stats.q_mean_imag, self.stats.q_abs_mean, self.stats.omega]
+        tensors = []
+        if self.stats is not None:
+            s = self.stats
+            tensors += [s.q_mean_real, s.q_mean_imag, s.q_abs_mean, s.omega]
         for stats in self._stats_device.values():
             tensors += [stats.q_mean_real, stats.q_mean_imag, stats.q_abs_mean, stats.omega]
         return device_tensor_bytes(tensors, device)
@@ -104,12 +126,12 @@ class TriAttentionPolicy:
 
     def _stats_on(self, device: torch.device) -> TriAttentionStats:
         if device not in self._stats_device:
-            self._stats_device[device] = self.stats.to(device)
+            self._stats_device[device] = self._require_stats().to(device)
         return self._stats_device[device]
 
     def _check_cache(self, cache: PagedKVCache) -> None:
         pool = cache.pool
-        stats = self.stats
+        stats = self._require_stats()
         if (pool.num_layers, pool.head_dim) != (stats.num_layers, stats.head_dim) or (
             stats.num_q_heads % pool.num_kv_heads
         ):
@@ -118,12 +140,26 @@ class TriAttentionPolicy:
                 f"cache (L={pool.num_layers}, H_kv={pool.num_kv_heads}, D={pool.head_dim})"
             )
 
-    def key_scores(self, keys: torch.Tensor, layer: int, step_position: int) -> torch.Tensor:
+    def key_scores(
+        self,
+        keys: torch.Tensor,
+        layer: int,
+        step_position: int,
+        layer_stats: TriAttentionStats | None = None,
+    ) -> torch.Tensor:
         """Aggregated scores ``[N, H_kv]`` fp32 of one layer's keys ``[N, H_kv, D]`` (post-RoPE, as the
-        cache holds them) at step ``step_position``."""
+        cache holds them) at step ``step_position``. layer_stats: one layer's statistics
+        (``[1, H_q, F]``, :meth:`QueryStatsAccumulator.layer_stats`) to score with instead of the
+        policy's layer ``layer`` (the prompt-derived stats while later layers are still unseen)."""
         if not self.keys_rotated:
             raise ValueError(
                 "key_scores scores post-RoPE keys; this policy was built with keys_rotated=False"
+            )
+        if layer_stats is not None:
+            if layer_stats.num_layers != 1:
+                raise ValueError(f"layer_stats must hold one layer, got {layer_stats.num_layers}")
+            return score_layer(
+                keys, None, layer_stats, 0, step_position, rotated=True, backend=self.score_backend
             )
         stats = self._stats_on(keys.device)
         return score_layer(keys, None, stats, layer, step_position, rotated=True, backend=self.score_backend)

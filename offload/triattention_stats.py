@@ -159,10 +159,16 @@ class QueryStatsAccumulator:
     """Streaming sums of pre-RoPE queries per (layer, query head, pair), in float64.
 
     ``update(layer, queries [T, H_q, D])`` any number of times (each layer sees the same tokens);
-    ``finalize(omega, fingerprint)`` -> :class:`TriAttentionStats`.
+    ``finalize(omega, fingerprint)`` -> :class:`TriAttentionStats`; ``layer_stats(layer, omega)`` -> the
+    statistics of one layer so far (``[1, H_q, F]``), e.g. to score that layer's keys before the later
+    layers have seen their queries (the exact prefill derives stats from the prompt this way).
+    device: where the sums live (float64, ``3 x L x H_q x D/2`` elements; see :attr:`device_bytes`);
+    queries on another device are reduced there first and only the ``[H_q, D/2]`` sums move.
     """
 
-    def __init__(self, num_layers: int, num_q_heads: int, head_dim: int) -> None:
+    def __init__(
+        self, num_layers: int, num_q_heads: int, head_dim: int, *, device: torch.device | str = "cpu"
+    ) -> None:
         for name, value in (("num_layers", num_layers), ("num_q_heads", num_q_heads), ("head_dim", head_dim)):
             check_int("QueryStatsAccumulator", name, value, 1)
         if head_dim % 2:
@@ -172,10 +178,19 @@ class QueryStatsAccumulator:
         self.head_dim = head_dim
         half = head_dim // 2
         shape = (num_layers, num_q_heads, half)
-        self._sum_real = torch.zeros(shape, dtype=torch.float64)
-        self._sum_imag = torch.zeros(shape, dtype=torch.float64)
-        self._sum_abs = torch.zeros(shape, dtype=torch.float64)
+        self._sum_real = torch.zeros(shape, dtype=torch.float64, device=device)
+        self._sum_imag = torch.zeros(shape, dtype=torch.float64, device=device)
+        self._sum_abs = torch.zeros(shape, dtype=torch.float64, device=device)
         self._count = [0] * num_layers
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of the three float64 sums (on :attr:`device`)."""
+        return 3 * self._sum_real.numel() * self._sum_real.element_size()
+
+    @property
+    def device(self) -> torch.device:
+        return self._sum_real.device
 
     def update(self, layer: int, queries: torch.Tensor) -> None:
         """Add pre-RoPE queries of one layer: queries [T, H_q, D] (any float dtype/device)."""
@@ -186,17 +201,42 @@ class QueryStatsAccumulator:
             raise ValueError(
                 f"queries must be [T, H_q, D] with (H_q, D) = {expected}, got {tuple(queries.shape)}"
             )
-        q = queries.detach().to(torch.float64)
+        q = queries.detach()
+        q = q.to(torch.promote_types(q.dtype, torch.float32))  # no fp64 copy of a large tile
         half = self.head_dim // 2
         real, imag = q[..., :half], q[..., half:]  # [T, H_q, F]
-        self._sum_real[layer] += real.sum(dim=0).cpu()
-        self._sum_imag[layer] += imag.sum(dim=0).cpu()
-        self._sum_abs[layer] += torch.sqrt(real * real + imag * imag).sum(dim=0).cpu()
+        device = self.device
+        self._sum_real[layer] += real.sum(dim=0, dtype=torch.float64).to(device)
+        self._sum_imag[layer] += imag.sum(dim=0, dtype=torch.float64).to(device)
+        self._sum_abs[layer] += torch.hypot(real, imag).sum(dim=0, dtype=torch.float64).to(device)
         self._count[layer] += q.shape[0]
 
     @property
     def num_tokens(self) -> int:
         return min(self._count)
+
+    def _means(self, layers: slice, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(
+            (s[layers] / float(n)).float().cpu() for s in (self._sum_real, self._sum_imag, self._sum_abs)
+        )
+
+    def layer_stats(
+        self, layer: int, omega: torch.Tensor, fingerprint: dict | None = None, source: str = ""
+    ) -> TriAttentionStats:
+        """The statistics of layer ``layer`` alone (``[1, H_q, F]``), over the tokens it has seen; the
+        same values :meth:`finalize` gives for that layer when every layer has seen those tokens."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} out of range [0, {self.num_layers})")
+        n = self._count[layer]
+        if n == 0:
+            raise ValueError(f"layer {layer} has seen no queries yet")
+        return TriAttentionStats(
+            *self._means(slice(layer, layer + 1), n),
+            omega.detach().to("cpu", torch.float32).reshape(-1).clone(),
+            n,
+            dict(fingerprint or {}),
+            source,
+        )
 
     def finalize(
         self, omega: torch.Tensor, fingerprint: dict | None = None, source: str = ""
@@ -204,11 +244,8 @@ class QueryStatsAccumulator:
         """Means over the tokens seen. omega: [D/2] rotary frequencies."""
         if len(set(self._count)) != 1 or self._count[0] == 0:
             raise ValueError(f"every layer must see the same, non-zero number of tokens; got {self._count}")
-        n = float(self._count[0])
         return TriAttentionStats(
-            (self._sum_real / n).float(),
-            (self._sum_imag / n).float(),
-            (self._sum_abs / n).float(),
+            *self._means(slice(None), self._count[0]),
             omega.detach().to("cpu", torch.float32).reshape(-1).clone(),
             self._count[0],
             dict(fingerprint or {}),

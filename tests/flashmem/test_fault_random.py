@@ -186,8 +186,8 @@ def wrap_error(kw: dict) -> bool:
         return True
     if kw["attention_backend"] == "triton" and not INTERPRET:
         return True  # a CPU model
-    if kw["budget_tokens"] is not None and kw["stats_path"] is None:
-        return True  # the shipped stats are for the default model
+    if kw["budget_tokens"] is not None and kw["stats_path"] is None and kw["prefill"] == "sparse":
+        return True  # no stats fit this model, and only the exact prefill derives them from the prompt
     return recall_enabled(kw) and kw["indexer"] == "lookahead"  # shipped checkpoint: another model
 
 
