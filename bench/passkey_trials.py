@@ -6,8 +6,9 @@ Trial i hides the key at depth (i + 0.5) / trials with seed 100 + i (a plain, no
 :func:`flashmem.prompts.passkey_prompt`) and decodes 8 tokens greedily. ``--config`` is a
 ``FlashMemConfig`` as JSON (``{}`` = no budget, i.e. exact full attention through the paged cache,
 which the test suite checks token for token against Hugging Face's ``DynamicCache``). Each trial
-records the answer, whether the key is in it, and the peak and average device share of the full KV
-(prefill included), from the allocator. Run it once with ``{}`` and once per budget on the same
+records the answer, whether the key is in it, the peak and average device share of the full KV
+(every device byte flashmem holds; prefill included) and the KV-only shares, and where the
+TriAttention statistics came from. Run it once with ``{}`` and once per budget on the same
 machine to compare; ``python -m bench.run passkey`` is the heat-map entry over lengths and depths.
 """
 
@@ -45,6 +46,10 @@ def run(length: int, trials: int, config: dict, new_tokens: int = ANSWER_TOKENS)
                 "correct": prompt.key in answer,
                 "peak_device_share": report["peak_device_share"],
                 "avg_device_share": report["avg_device_share"],
+                "peak_device_kv_share": report["peak_device_kv_share"],
+                "avg_device_kv_share": report["avg_device_kv_share"],
+                "device_bytes": report["device_bytes"],
+                "triattention_stats": report.get("triattention_stats"),
                 "generated": out[0, ids.shape[1] :].tolist(),
                 "seconds": time.perf_counter() - t0,
             }
@@ -64,6 +69,8 @@ def run(length: int, trials: int, config: dict, new_tokens: int = ANSWER_TOKENS)
         "trials": len(records),
         "max_peak_device_share": max(r["peak_device_share"] for r in records),
         "mean_avg_device_share": sum(r["avg_device_share"] for r in records) / len(records),
+        "max_peak_device_kv_share": max(r["peak_device_kv_share"] for r in records),
+        "mean_avg_device_kv_share": sum(r["avg_device_kv_share"] for r in records) / len(records),
         "records": records,
     }
 

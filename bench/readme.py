@@ -121,10 +121,22 @@ def long_context(results: Path) -> str:
         return _missing("long_context_tiny_500000.json")
     short = _load("long_context_tiny_4096.json", results)
     rep = d["report"]
+    parts = d.get("device_bytes")
+    if parts is not None:  # runs with the complete accounting: every device byte, KV alone beside it
+        peak = (
+            f"{_pct(d['peak_device_share'], 2)} ({_mib(parts['peak_total'])} of {_mib(d['full_kv_bytes'])})"
+        )
+        extra = [_pct(d["peak_device_kv_share"], 2)]
+        headers = ["peak device (all bytes)", "peak KV alone", "avg device (all bytes)"]
+    else:
+        peak = f"{_pct(d['peak_device_share'], 2)} ({_mib(d['peak_device_kv_bytes'])} of {_mib(d['full_kv_bytes'])})"
+        extra = []
+        headers = ["peak device KV", "avg device KV"]
     row = [
         _int(d["context_tokens"]),
         _int(d["new_tokens"]),
-        f"{_pct(d['peak_device_share'], 2)} ({_mib(d['peak_device_kv_bytes'])} of {_mib(d['full_kv_bytes'])})",
+        peak,
+        *extra,
         _pct(d["avg_device_share"], 2),
         ("= full KV" if d["host_equals_full"] else "!= full KV") + f" ({_mib(d['host_kv_bytes'])})",
         _int(d["blocks_freed"]),
@@ -133,19 +145,24 @@ def long_context(results: Path) -> str:
         f"{d['wall_s']:.0f} s",
     ]
     out = _table(
-        [
-            "context",
-            "new tokens",
-            "peak device KV",
-            "avg device KV",
-            "host mirror",
-            "blocks freed",
-            "prefill",
-            "decode",
-            "wall",
-        ],
+        ["context", "new tokens", *headers, "host mirror", "blocks freed", "prefill", "decode", "wall"],
         [row],
     )
+    if parts is not None:
+        listed = ", ".join(
+            f"{k} {_mib(parts[k])}"
+            for k in (
+                "kv",
+                "kv_reserved",
+                "index",
+                "staging_peak",
+                "outputs",
+                "scratch_peak",
+                "total",
+                "peak_total",
+            )
+        )
+        out += f"\nDevice bytes at the end of the run (peaks where named): {listed}.\n"
     if short is not None:
         long_ms = 1000 * rep["timings"]["decode_s"] / rep["decode_steps"]
         s_rep = short["report"]
@@ -189,6 +206,74 @@ def long_context(results: Path) -> str:
                 rows,
             )
     return out
+
+
+def prefill_cost(results: Path) -> str:
+    d = _load("prefill_cost.json", results)
+    if d is None:
+        return _missing("prefill_cost.json")
+    a = d["part_a"]
+    rows = [
+        [
+            _int(r["tokens"]),
+            f"{r['dense_prefill_s']:.2f} s",
+            f"{r['flashmem_prefill_s']:.2f} s",
+            f"**{r['ratio']:.2f}x**",
+            f"{r['first_token_logits_rel_diff']:.1e}",
+            _mib(r["prefill_h2d_bytes"]),
+            _mib(r["prefill_d2h_bytes"]) + f" (= full KV {_mib(r['full_kv_bytes'])})",
+        ]
+        for r in a["rows"]
+    ]
+    return (
+        f"{a['model']}, `budget_tokens={a['budget_tokens']}` and every other setting at its default; "
+        f"median of {d['settings']['repeats']} runs each, interleaved in one process. {_stamp(d)}\n\n"
+        + _table(
+            [
+                "prompt tokens",
+                "dense prefill",
+                "flashmem prefill",
+                "ratio",
+                "first-token logits (rel. diff)",
+                "host-to-device",
+                "device-to-host",
+            ],
+            rows,
+        )
+    )
+
+
+def stats_source(results: Path) -> str:
+    rows = []
+    for name, what in (
+        ("passkey_trials_4k_default_budget256.json", "shipped (calibrated on local text)"),
+        ("passkey_trials_4k_prompt_stats_budget256.json", "the prompt's own queries"),
+    ):
+        d = _load(name, results)
+        if d is None:
+            rows.append([what, "not run", "", "", "", f"`{name}`"])
+            continue
+        rows.append(
+            [
+                what,
+                f"`{json.dumps(d['config'])}`",
+                f"{d['correct']}/{d['trials']}",
+                _pct(d["max_peak_device_share"]),
+                _pct(d.get("max_peak_device_kv_share")),
+                f"`{name}`",
+            ]
+        )
+    return _table(
+        [
+            "TriAttention stats",
+            "config",
+            "correct",
+            "peak device share (all bytes)",
+            "peak KV share",
+            "results",
+        ],
+        rows,
+    )
 
 
 def freed_blocks(results: Path) -> str:
@@ -558,6 +643,8 @@ SECTIONS: dict[str, Callable[[Path], str]] = {
     "freed-blocks": freed_blocks,
     "indexer": indexer,
     "bandwidth": bandwidth,
+    "prefill-cost": prefill_cost,
+    "stats-source": stats_source,
 }
 
 
