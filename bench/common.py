@@ -283,7 +283,9 @@ def tiny_bench_model(max_positions: int = 262_144, *, layers: int = 2, seed: int
         ids = torch.randint(
             0, model.config.vocab_size, (2048,), generator=torch.Generator().manual_seed(seed)
         )
-        stats = calibrate(model, ids, max_tokens=2048, window=512, progress=False, source="random tokens")
+        stats = calibrate(
+            model, ids, max_tokens=2048, tokens_per_forward=512, progress=False, source="random tokens"
+        )
         path = str(Path(tempfile.mkdtemp(prefix="flashmem-bench-")) / "tiny_stats.safetensors")
         stats.save(path)
         _TINY_STATS[key] = path

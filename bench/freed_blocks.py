@@ -146,7 +146,7 @@ def real_scores(num_tokens: int, calib_tokens: int, window: int, layer: int | No
     ids, source = local_text_token_ids(tokenizer, calib_tokens + num_tokens)
     calib_ids, score_ids = ids[:calib_tokens], ids[calib_tokens:]
     t0 = time.perf_counter()
-    stats = calibrate(model, calib_ids, max_tokens=calib_tokens, window=window, progress=False)
+    stats = calibrate(model, calib_ids, max_tokens=calib_tokens, tokens_per_forward=window, progress=False)
     calib_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     look = load_indexer(ckpt, model_fingerprint(model))
     meta = json.loads(Path(ckpt).with_suffix(".json").read_text())
     cfg = TargetConfig(
-        chunk_size=look.config.chunk_size, tau=look.config.tau, window_stride=args.window_stride
+        chunk_size=look.config.chunk_size, lookahead=look.config.lookahead, window_stride=args.window_stride
     )
     t0 = time.time()
     if args.records_cache and Path(args.records_cache).is_file():
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_document": int(records[0].start[-1] + records[0].chunk_size),
         "targets": {
             "chunk_size": cfg.chunk_size,
-            "tau": cfg.tau,
+            "lookahead": cfg.lookahead,
             "top_p": cfg.top_p,
             "recent_tokens": cfg.recent_tokens,
             "num_sink_chunks": cfg.num_sink_chunks,
@@ -136,7 +136,7 @@ def _plot(result: dict, path: Path) -> None:
     ax2.legend()
     fig.suptitle(
         f"{result['model']}, {result['tokens_per_document']} tokens, chunk {result['targets']['chunk_size']}, "
-        f"tau {result['targets']['tau']}",
+        f"lookahead {result['targets']['lookahead']}",
         fontsize=9,
     )
     fig.tight_layout()

@@ -50,7 +50,11 @@ def machine() -> dict:
 def stats_for(model, path: Path) -> str:
     ids = torch.randint(0, model.config.vocab_size, (2048,), generator=torch.Generator().manual_seed(1))
     calibrate(
-        model, ids.to(next(model.parameters()).device), max_tokens=2048, window=1024, progress=False
+        model,
+        ids.to(next(model.parameters()).device),
+        max_tokens=2048,
+        tokens_per_forward=1024,
+        progress=False,
     ).save(path)
     return str(path)
 

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = dict(
         budget_tokens=1024 if cuda else 128,
         compaction_interval=128 if cuda else 32,
-        window_tokens=128 if cuda else 32,
+        recent_tokens=128 if cuda else 32,
         chunk_size=64 if cuda else 16,
         chunk_budget=args.chunk_budget or (32 if cuda else 4),
         lookahead=args.lookahead,
@@ -185,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         stats_path = str(Path(tmp) / "stats.safetensors")
         calib = _ids(model, 2048 if cuda else 600, 1)[0]
-        calibrate(model, calib, max_tokens=calib.numel(), window=calib.numel() // 2, progress=False).save(
-            stats_path
-        )
+        calibrate(
+            model, calib, max_tokens=calib.numel(), tokens_per_forward=calib.numel() // 2, progress=False
+        ).save(stats_path)
         check = check_correctness(
             model,
             stats_path,

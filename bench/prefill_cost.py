@@ -122,7 +122,7 @@ def part_b(tokens: int, budget: int) -> dict:
     from pathlib import Path
 
     stats = Path(tempfile.mkdtemp()) / "llama8b_stats.safetensors"
-    flashmem.calibrate(model, calib, max_tokens=2048, window=1024, progress=False).save(stats)
+    flashmem.calibrate(model, calib, max_tokens=2048, tokens_per_forward=1024, progress=False).save(stats)
     ids = torch.randint(0, cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(3)).to(device)
     config = flashmem.FlashMemConfig(
         budget_tokens=budget, stats_path=str(stats), max_context_tokens=tokens + 1

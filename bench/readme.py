@@ -345,7 +345,7 @@ def indexer(results: Path) -> str:
     t = d["targets"]
     head = (
         f"{len(d['documents'])} held-out documents of {_int(d['tokens_per_document'])} tokens; chunks of "
-        f"{t['chunk_size']}, window tau = {t['tau']}, labels: top-p {t['top_p']} of attention mass; chunk "
+        f"{t['chunk_size']}, lookahead = {t.get('lookahead', t.get('tau'))}, labels: top-p {t['top_p']} of attention mass; chunk "
         f"budget {_pct(d['budget'], 0)}.\n\n"
     )
     c = d.get("refresh_cost_500k")
@@ -355,7 +355,7 @@ def indexer(results: Path) -> str:
             f"\nRefresh cost at 500K tokens ({_int(c['num_chunks'])} chunks, all layers): "
             f"{c['flops_per_refresh_all_layers'] / 1e9:.2f} GFLOP, {c['cpu_seconds_per_refresh_all_layers']:.2f} s "
             f"on {c['cpu_threads']} CPU thread(s), i.e. {c['amortised_flops_per_decode_step'] / 1e6:.0f} MFLOP per "
-            f"decode step amortised over tau = {t['tau']}.\n"
+            f"decode step amortised over lookahead = {t.get('lookahead', t.get('tau'))}.\n"
         )
     return (
         head

@@ -71,7 +71,7 @@ class FlashMemCache(Cache):
     query head.
     """
 
-    attend_scratch_elements: int = 1 << 24
+    attend_scratch_elements: int = 1 << 22
 
     def __init__(
         self,

@@ -45,14 +45,14 @@ def calibrate(
     token_ids: torch.Tensor,
     *,
     max_tokens: int = 32768,
-    window: int = 2048,
+    tokens_per_forward: int = 2048,
     progress: bool = True,
     source: str = "",
 ) -> TriAttentionStats:
     """Calibrate query statistics on plain text.
 
     token_ids: [N] int64 (a 2-D [1, N] tensor is flattened). The first ``min(N, max_tokens)`` tokens
-    run through the model in windows of ``window`` tokens (positions restart at 0 in each window);
+    run through the model ``tokens_per_forward`` at a time (positions restart at 0 in each forward);
     post-RoPE queries are captured, un-rotated at their true positions with the model's own cos/sin
     and accumulated. Returns :class:`TriAttentionStats` (fingerprint of ``model``, omega from
     ``model.model.rotary_emb.inv_freq``); ``source`` is recorded in the stats' metadata.
@@ -64,13 +64,13 @@ def calibrate(
         token_ids = token_ids[0]
     if token_ids.dim() != 1 or token_ids.numel() == 0:
         raise ValueError(f"token_ids must be a non-empty [N] tensor, got shape {tuple(token_ids.shape)}")
-    for name, value in (("max_tokens", max_tokens), ("window", window)):
+    for name, value in (("max_tokens", max_tokens), ("tokens_per_forward", tokens_per_forward)):
         check_int("calibrate", name, value, 1)
     num_layers, num_q, _, head_dim = kv_geometry(model)
     device = next(model.parameters()).device
     tokens = token_ids[:max_tokens].to(device=device, dtype=torch.long)
     acc = QueryStatsAccumulator(num_layers, num_q, head_dim)
-    starts = list(range(0, tokens.numel(), window))
+    starts = list(range(0, tokens.numel(), tokens_per_forward))
     state: dict = {}
 
     def on_attention(layer_idx, query, key, value):
@@ -78,12 +78,12 @@ def calibrate(
         q = unrotate(query[0].float(), state["cos"], state["sin"])  # [H_q, T, D]
         acc.update(layer_idx, q.transpose(0, 1))
 
-    iterator = tqdm(starts, desc="TriAttention calibration", unit="window", disable=not progress)
+    iterator = tqdm(starts, desc="TriAttention calibration", unit="forward", disable=not progress)
     was_training = model.training
     model.eval()
     try:
         for start in iterator:
-            chunk = tokens[start : start + window]
+            chunk = tokens[start : start + tokens_per_forward]
             positions = torch.arange(chunk.numel(), device=device)
             state["cos"], state["sin"] = rotary_cos_sin(model, positions, torch.float32)  # [T, D]
             with capture_attention_inputs(model, on_attention):

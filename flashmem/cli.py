@@ -39,7 +39,7 @@ CONFIG_HELP = {
     "block_size": "tokens per device block, the paged cache's granularity",
     "max_context_tokens": "longest prompt + generation accepted, checked before any work",
     "compaction_interval": "prune when the device holds budget + this many tokens",
-    "window_tokens": "most recent tokens, never evicted",
+    "recent_tokens": "most recent tokens, never evicted",
     "sink_tokens": "first tokens, never evicted",
     "protect_prompt": "never evict prompt tokens (only generated tokens compete for the budget)",
     "triattention_mode": "one keep-set per KV head shared by all layers, or one per layer and head",
@@ -50,7 +50,7 @@ CONFIG_HELP = {
     "host_mirror": "keep a lossless host copy of every token's K/V (default: on with --budget-tokens)",
     "max_host_bytes": "cap on the host mirror in bytes (default: the machine's available memory)",
     "chunk_size": "tokens per recall chunk (a multiple of --block-size)",
-    "chunk_budget": "chunks recalled per lookahead window (default: budget // (2 x chunk size); 0: no recall)",
+    "chunk_budget": "chunks recalled per recall window (default: budget // (2 x chunk size); 0: no recall)",
     "lookahead": "decode steps between indexer refreshes",
     "prefetch_steps": "select and copy the next recall window this many steps before its boundary "
     "(0: at the boundary; must be < --lookahead)",
@@ -71,7 +71,7 @@ CONFIG_CHOICES = {
     "index_backend": INDEX_BACKENDS,
     "prefill": PREFILL_MODES,
 }
-CONFIG_ALIASES = {"stats_path": ("--stats",)}
+CONFIG_ALIASES = {"stats_path": ("--stats",), "recent_tokens": ("--window-tokens",)}  # earlier spelling
 CONFIG_METAVARS = {"stats_path": "PATH", "indexer": "NAME|PATH"}
 
 

@@ -94,7 +94,7 @@ class FlashMemConfig:
     block_size: tokens per device block (paged cache granularity).
     max_context_tokens: longest prompt + generation accepted; longer input is refused up front.
     compaction_interval: prune when the device holds budget_tokens + compaction_interval tokens.
-    window_tokens / sink_tokens: the most recent / the first tokens, never evicted.
+    recent_tokens / sink_tokens: the most recent / the first tokens, never evicted.
     protect_prompt: never evict prompt tokens (only generated tokens compete for the budget).
     triattention_mode: "per_head" (one keep-set per KV head shared by all layers) or
         "per_layer_per_head".
@@ -109,7 +109,7 @@ class FlashMemConfig:
     chunk_size: tokens per recall chunk (host mirror granularity).
     chunk_budget: chunks recalled to the device per lookahead window (None: budget_tokens // (2 *
         chunk_size) when an indexer is active; 0 disables recall).
-    lookahead: decode steps between indexer refreshes (tau).
+    lookahead: decode steps between indexer refreshes (one recall window).
     prefetch_steps: decode steps before each window boundary at which the next window's chunks are
         selected and their copies issued (on a side stream on CUDA), so decoding overlaps the
         transfer; at the boundary the new window replaces the old one. While both windows are held
@@ -141,7 +141,7 @@ class FlashMemConfig:
     block_size: int = 16
     max_context_tokens: int = 524_288
     compaction_interval: int = 128
-    window_tokens: int = 128
+    recent_tokens: int = 128
     sink_tokens: int = 4
     protect_prompt: bool = False
     triattention_mode: str = "per_head"
@@ -167,7 +167,7 @@ class FlashMemConfig:
         self.block_size = _int_field("block_size", self.block_size, 1)
         self.max_context_tokens = _int_field("max_context_tokens", self.max_context_tokens, 1)
         self.compaction_interval = _int_field("compaction_interval", self.compaction_interval, 1)
-        self.window_tokens = _int_field("window_tokens", self.window_tokens, 0)
+        self.recent_tokens = _int_field("recent_tokens", self.recent_tokens, 0)
         self.sink_tokens = _int_field("sink_tokens", self.sink_tokens, 0)
         self.max_host_bytes = _int_field("max_host_bytes", self.max_host_bytes, 1, allow_none=True)
         self.chunk_size = _int_field("chunk_size", self.chunk_size, 1)
@@ -218,10 +218,10 @@ class FlashMemConfig:
                     f"index_backend='faiss' needs the faiss package, which does not import here ({exc}): "
                     "pip install 'flashmem[faiss]', or use index_backend='torch' (same results)"
                 ) from None
-        if self.budget_tokens is not None and self.budget_tokens < self.sink_tokens + self.window_tokens:
+        if self.budget_tokens is not None and self.budget_tokens < self.sink_tokens + self.recent_tokens:
             raise ValueError(
                 f"FlashMemConfig.budget_tokens ({self.budget_tokens}) must be at least sink_tokens + "
-                f"window_tokens ({self.sink_tokens} + {self.window_tokens}); raise the budget or shrink "
+                f"recent_tokens ({self.sink_tokens} + {self.recent_tokens}); raise the budget or shrink "
                 "the window"
             )
         if self.budget_tokens is not None and self.budget_tokens > self.max_context_tokens:

@@ -34,7 +34,7 @@ def extract_document(
     refresh = cfg.refresh_positions(T)
     if not refresh:
         raise ValueError(
-            f"a {T}-token document has no refresh position (first_refresh={cfg.first_refresh}, tau={cfg.tau})"
+            f"a {T}-token document has no refresh position (first_refresh={cfg.first_refresh}, lookahead={cfg.lookahead})"
         )
     num_layers = kv_geometry(model)[0]
     device = next(model.parameters()).device
@@ -53,7 +53,7 @@ def extract_document(
             k,
             refresh,
             cfg.chunk_size,
-            cfg.tau,
+            cfg.lookahead,
             cfg.top_p,
             cfg.num_sink_chunks,
             cfg.recent_tokens,
@@ -100,7 +100,7 @@ def build_records(
     records = []
     for name, text in tqdm(documents, desc=desc, unit="doc"):
         ids = tokenizer(text)["input_ids"][:num_tokens]
-        if len(ids) < cfg.first_refresh + cfg.tau:
+        if len(ids) < cfg.first_refresh + cfg.lookahead:
             continue
         records.append(extract_document(model, torch.tensor(ids), cfg, name=name))
     return records

@@ -39,7 +39,7 @@ def train_indexer(
     data: list[str] | None = None,
     steps: int = 300,
     chunk_size: int = 64,
-    tau: int = 64,
+    lookahead: int = 64,
     rank: int = 32,
     num_tokens: int = 4096,
     num_synthetic: int = 6,
@@ -57,7 +57,10 @@ def train_indexer(
     Returns (indexer, report)."""
     t0 = time.time()
     cfg = TargetConfig(
-        chunk_size=chunk_size, tau=tau, window_stride=window_stride, first_refresh=min(1024, num_tokens // 4)
+        chunk_size=chunk_size,
+        lookahead=lookahead,
+        window_stride=window_stride,
+        first_refresh=min(1024, num_tokens // 4),
     )
     if records_cache is not None and Path(records_cache).is_file():
         records = load_records(str(records_cache))
@@ -69,7 +72,9 @@ def train_indexer(
         if records_cache is not None:
             save_records(records, str(records_cache))
     if not records:
-        raise ValueError("no usable training documents (each needs more than first_refresh + tau tokens)")
+        raise ValueError(
+            "no usable training documents (each needs more than first_refresh + lookahead tokens)"
+        )
     t_labels = time.time() - t0
     n_val = max(1, int(round(val_fraction * len(records)))) if len(records) > 1 else 0
     rng = random.Random(seed)
@@ -78,7 +83,7 @@ def train_indexer(
     val = [records[i] for i in idx[:n_val]]
     train = [records[i] for i in idx[n_val:]]
     layers, hq, hkv, d = kv_geometry(model)
-    lcfg = LookaheadConfig(layers, hq, hkv, d, rank=min(rank, d), chunk_size=chunk_size, tau=tau)
+    lcfg = LookaheadConfig(layers, hq, hkv, d, rank=min(rank, d), chunk_size=chunk_size, lookahead=lookahead)
     indexer = LookaheadIndexer(lcfg, fingerprint=model_fingerprint(model))
     indexer.init_from_keys(torch.cat([r.mean_key for r in train], dim=1))
     indexer.train()
@@ -93,7 +98,7 @@ def train_indexer(
         "total_seconds": round(time.time() - t0, 1),
         "targets": {
             "chunk_size": chunk_size,
-            "tau": tau,
+            "lookahead": lookahead,
             "top_p": cfg.top_p,
             "window_stride": window_stride,
             "recent_tokens": cfg.recent_tokens,
@@ -112,7 +117,13 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
         "--model", default="default", help="'default' (embedded SmolLM2-135M) or a local model directory"
     )
     p.add_argument("--chunk-size", type=int, default=64, help="tokens per chunk")
-    p.add_argument("--tau", type=int, default=64, help="lookahead window (decode steps per refresh)")
+    p.add_argument(
+        "--lookahead",
+        "--tau",
+        type=int,
+        default=64,
+        help="decode steps between indexer refreshes (the label window)",
+    )
     return p
 
 
@@ -145,7 +156,7 @@ def train_main(argv: list[str] | None = None) -> int:
         data=args.data,
         steps=args.steps,
         chunk_size=args.chunk_size,
-        tau=args.tau,
+        lookahead=args.lookahead,
         rank=args.rank,
         num_tokens=args.tokens,
         num_synthetic=args.synthetic,
@@ -176,7 +187,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     look = load_indexer(args.indexer or default_checkpoint_path(), model_fingerprint(model))
     cfg = TargetConfig(
         chunk_size=args.chunk_size,
-        tau=args.tau,
+        lookahead=args.lookahead,
         window_stride=args.window_stride,
         first_refresh=min(1024, args.max_tokens // 4),
     )

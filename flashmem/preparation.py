@@ -25,7 +25,7 @@ def prepare(
     *,
     text: str | None = None,
     max_tokens: int = 32768,
-    window: int = 2048,
+    tokens_per_forward: int = 2048,
     train_indexer: bool = False,
     indexer_options: dict | None = None,
     progress: bool = True,
@@ -47,7 +47,12 @@ def prepare(
     else:
         ids, source = local_text_token_ids(tokenizer, max_tokens)
     stats = calibrate(
-        model, ids.to(device), max_tokens=max_tokens, window=window, progress=progress, source=source
+        model,
+        ids.to(device),
+        max_tokens=max_tokens,
+        tokens_per_forward=tokens_per_forward,
+        progress=progress,
+        source=source,
     )
     stats_path = directory / PREPARED_STATS_NAME
     stats.save(stats_path)

@@ -102,7 +102,7 @@ class RecallController:
         chunk_size: int,
         chunk_budget: int,
         sink_tokens: int,
-        window_tokens: int,
+        recent_tokens: int,
         device: torch.device,
         index_backend: str = "torch",
         index_candidates: int = 0,
@@ -113,7 +113,7 @@ class RecallController:
         self.chunk_size = chunk_size
         self.chunk_budget = chunk_budget
         self.sink_tokens = sink_tokens
-        self.window_tokens = window_tokens
+        self.recent_tokens = recent_tokens
         self.device = torch.device(device)
         self.index_candidates = index_candidates
         self.num_kv_heads = num_kv_heads
@@ -242,7 +242,7 @@ class RecallController:
         """Chunk id range ``[lo, hi)`` worth recalling at ``position``: closed chunks past the sinks and
         before the recent window."""
         lo = math.ceil(self.sink_tokens / self.chunk_size) if self.sink_tokens >= self.chunk_size else 0
-        window_start = max(0, position - self.window_tokens)
+        window_start = max(0, position - self.recent_tokens)
         hi = min(self.builders[0].num_chunks, window_start // self.chunk_size)
         return lo, max(lo, hi)
 

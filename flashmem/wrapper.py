@@ -149,7 +149,7 @@ class FlashMemModel:
             stats,
             budget_tokens=c.budget_tokens,
             compaction_interval=c.compaction_interval,
-            window_tokens=c.window_tokens,
+            recent_tokens=c.recent_tokens,
             sink_tokens=c.sink_tokens,
             mode=c.triattention_mode,
             protect_prompt=c.protect_prompt,
@@ -172,7 +172,7 @@ class FlashMemModel:
         Recalled chunks: ``chunk_size / block_size`` blocks each, at most ``chunk_budget`` per window
         held (2 windows while a prefetch overlaps the current one), and never more than the chunks
         recall can choose from: closed chunks before the recent window,
-        ``(tokens - window_tokens) // chunk_size``.
+        ``(tokens - recent_tokens) // chunk_size``.
         """
         c = self.config
         full = math.ceil(tokens / c.block_size)
@@ -183,7 +183,7 @@ class FlashMemModel:
         step = c.effective_prefill_chunk if c.prefill == "sparse" else 1
         peak_slots = c.budget_tokens + c.compaction_interval - 1 + step
         working = min(full, math.ceil(peak_slots / c.block_size))
-        recallable = max(0, tokens - c.window_tokens) // c.chunk_size
+        recallable = max(0, tokens - c.recent_tokens) // c.chunk_size
         recall = min(self._recall_chunks_held(), recallable) * (c.chunk_size // c.block_size)
         return working + recall
 
@@ -237,11 +237,11 @@ class FlashMemModel:
         if (
             c.budget_tokens is not None
             and c.protect_prompt
-            and input_ids.shape[1] + c.window_tokens > c.budget_tokens
+            and input_ids.shape[1] + c.recent_tokens > c.budget_tokens
         ):
             raise ValueError(
                 f"protect_prompt keeps all {input_ids.shape[1]} prompt tokens, more than budget_tokens "
-                f"({c.budget_tokens}) allows with a {c.window_tokens}-token window"
+                f"({c.budget_tokens}) allows with a {c.recent_tokens}-token window"
             )
         return input_ids.to(self.device)
 
@@ -291,10 +291,11 @@ class FlashMemModel:
                 chunk_size=c.chunk_size,
                 chunk_budget=c.effective_chunk_budget,
                 sink_tokens=c.sink_tokens,
-                window_tokens=c.window_tokens,
+                recent_tokens=c.recent_tokens,
                 device=self.device,
                 index_backend=c.index_backend,
                 index_candidates=c.index_candidates,
+                capacity_tokens=total_tokens,  # summaries sized once, no doubling slack
             )
         self.cache = FlashMemCache(
             PagedKVCache(self.pool),

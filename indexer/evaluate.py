@@ -148,6 +148,6 @@ def _refresh_cost(lookahead: LookaheadIndexer, num_chunks: int, repeats: int) ->
         "flops_per_refresh_all_layers": per_layer * c.num_layers,
         "cpu_seconds_per_refresh_all_layers": dt,
         "cpu_threads": torch.get_num_threads(),
-        "amortised_flops_per_decode_step": per_layer * c.num_layers / c.tau,
+        "amortised_flops_per_decode_step": per_layer * c.num_layers / c.lookahead,
         "compressed_key_bytes_per_chunk_per_layer": c.num_kv_heads * c.rank * 4,
     }

@@ -1,7 +1,7 @@
 """The ``Indexer`` protocol, heuristic indexers, the oracle, and the registry by name.
 
 An indexer scores the closed chunks of ONE layer for a query state at refresh position ``t``:
-``Indexer.score(query, summaries) -> [..., N]`` (higher = more likely needed in ``[t, t + tau)``).
+``Indexer.score(query, summaries) -> [..., N]`` (higher = more likely needed in ``[t, t + lookahead)``).
 Scores are per layer: per-head scores are reduced over the layer's query heads (``head_reduce``):
 
 * ``"softmax_mean"`` (default): softmax over chunks per query head (logits scaled by ``1/sqrt(D)``),

@@ -1,6 +1,6 @@
 """Training/evaluation targets from the model's own full attention, computed block-wise.
 
-Definitions (one layer, refresh position ``t``, window ``[t, t + tau)``):
+Definitions (one layer, refresh position ``t``, window ``[t, t + lookahead)``):
 
 * chunks are full ``chunk_size``-token chunks; the *candidates* at ``t`` are chunks
   ``num_sink_chunks <= c < (t - recent_tokens) // chunk_size``: the sink chunk(s) and the recency tail
@@ -178,7 +178,7 @@ def layer_window_targets(
     k_rope: torch.Tensor,
     refresh: list[int],
     chunk_size: int = 64,
-    tau: int = 64,
+    lookahead: int = 64,
     top_p: float = 0.6,
     num_sink_chunks: int = 1,
     recent_tokens: int = 128,
@@ -187,17 +187,19 @@ def layer_window_targets(
     window_stride: int = 1,
 ) -> WindowTargets:
     """Targets of one layer. q_rope: [H_q, T, D], k_rope: [H_kv, T, D] post-RoPE at positions 0..T-1;
-    ``refresh`` positions with ``t + tau <= T``. Chunks: N = T // chunk_size full chunks.
+    ``refresh`` positions with ``t + lookahead <= T``. Chunks: N = T // chunk_size full chunks.
     ``window_stride > 1`` uses every ``window_stride``-th query of each window (a cheaper approximation;
     1 is the exact definition)."""
-    if window_stride <= 0 or tau % window_stride:
-        raise ValueError(f"window_stride must be a positive divisor of tau={tau}, got {window_stride}")
+    if window_stride <= 0 or lookahead % window_stride:
+        raise ValueError(
+            f"window_stride must be a positive divisor of lookahead={lookahead}, got {window_stride}"
+        )
     T = k_rope.shape[1]
     for t in refresh:
-        if t < 0 or t + tau > T:
-            raise ValueError(f"refresh position {t} with tau {tau} does not fit in {T} tokens")
+        if t < 0 or t + lookahead > T:
+            raise ValueError(f"refresh position {t} with lookahead {lookahead} does not fit in {T} tokens")
     n = T // chunk_size
-    offsets = range(0, tau, window_stride)
+    offsets = range(0, lookahead, window_stride)
     positions = torch.tensor([t + j for t in refresh for j in offsets], dtype=torch.int64)
     q_sel = q_rope[:, positions]
     fn = brute_force_chunk_attention_mass if brute_force else chunk_attention_mass

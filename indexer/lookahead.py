@@ -9,7 +9,7 @@ Per layer ``l`` and query head ``h`` (KV group ``g(h)``), at refresh position ``
     score[c] = sigmoid(z[c])
 
 * the first term is the learned, position-free content match (pre-RoPE query, compressed pre-RoPE mean
-  key): it is trained on the union of the chunks attended over the next ``tau`` steps, so the query
+  key): it is trained on the union of the chunks attended over the next ``lookahead`` steps, so the query
   projection learns to point at what the coming window will read, not only at what ``q_t`` reads;
 * the second is the exact mean attention logit of the chunk for the current query (a ``mean_key``
   heuristic term, weighted per head), the third its Quest upper bound (the chunk's best key);
@@ -18,7 +18,7 @@ Per layer ``l`` and query head ``h`` (KV group ``g(h)``), at refresh position ``
 * ``bucket`` = ``floor(log2(1 + chunks between c and t))`` (16 buckets): a learned distance prior.
 
 Selection: chunks with score > ``threshold`` or the top ``budget`` chunks, always plus sinks and the
-recency tail (:func:`select_chunks`). Refresh every ``tau`` steps.
+recency tail (:func:`select_chunks`). Refresh every ``lookahead`` steps.
 
 Cost per refresh and layer at N chunks: ``N * H_q * (r + 3D) * 2`` FLOPs for the dot products and the bound plus
 ``O(N * H_q)`` for the rest; the query projection is ``H_q * D * r * 2``.
@@ -55,14 +55,22 @@ class LookaheadConfig:
     head_dim: int
     rank: int = 32
     chunk_size: int = 64
-    tau: int = 64
+    lookahead: int = 64
     threshold: float = 0.5
     num_sink_chunks: int = 1
     recent_tokens: int = 128
     use_bounds: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim", "rank", "chunk_size", "tau"):
+        for name in (
+            "num_layers",
+            "num_q_heads",
+            "num_kv_heads",
+            "head_dim",
+            "rank",
+            "chunk_size",
+            "lookahead",
+        ):
             check_int("LookaheadConfig", name, getattr(self, name), 1)
         for name in ("num_sink_chunks", "recent_tokens"):
             check_int("LookaheadConfig", name, getattr(self, name), 0)
@@ -251,7 +259,10 @@ class LookaheadIndexer(torch.nn.Module):
             found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
             raise ValueError(f"{origin} is not a flashmem lookahead indexer checkpoint ({found!r})")
         try:
-            config = LookaheadConfig(**meta["config"])
+            fields = dict(meta["config"])
+            if "tau" in fields:  # checkpoints written before the field took the config's name
+                fields["lookahead"] = fields.pop("tau")
+            config = LookaheadConfig(**fields)
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{origin}: invalid indexer config ({err})") from None
         indexer = cls(config, fingerprint=meta.get("fingerprint"))
@@ -306,7 +317,7 @@ def select_chunks(
     num_sink_chunks: int = 1,
     recent_tokens: int = 128,
 ) -> torch.Tensor:
-    """Chunk ids to keep resident for ``[position, position + tau)``.
+    """Chunk ids to keep resident for ``[position, position + lookahead)``.
 
     scores: [N] over the closed chunks 0..N-1. Sinks (first ``num_sink_chunks``) and the recency tail
     (chunks overlapping ``[position - recent_tokens, position)``) are always kept; among the others,

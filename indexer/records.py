@@ -18,7 +18,7 @@ class TargetConfig:
     """How targets are defined; see :mod:`flashmem.indexer.labels`."""
 
     chunk_size: int = 64
-    tau: int = 64
+    lookahead: int = 64
     top_p: float = 0.6
     num_sink_chunks: int = 1
     recent_tokens: int = 128
@@ -27,7 +27,7 @@ class TargetConfig:
     window_stride: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("chunk_size", "tau", "refresh_stride", "window_stride"):
+        for name in ("chunk_size", "lookahead", "refresh_stride", "window_stride"):
             check_int("TargetConfig", name, getattr(self, name), 1)
         for name in ("num_sink_chunks", "recent_tokens", "first_refresh"):
             check_int("TargetConfig", name, getattr(self, name), 0)
@@ -35,7 +35,7 @@ class TargetConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
     def refresh_positions(self, num_tokens: int) -> list[int]:
-        return list(range(self.first_refresh, num_tokens - self.tau + 1, self.refresh_stride))
+        return list(range(self.first_refresh, num_tokens - self.lookahead + 1, self.refresh_stride))
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Recall of host-mirror chunks for ONE sequence: mirror + resident set + transfer engine together.
 
-Per lookahead window (every ``tau`` decode steps), on demand::
+Per lookahead window (every ``lookahead`` decode steps), on demand::
 
     manager.release_window()                 # last window's chunks become evictable (LRU)
     manager.request(chunk_ids, resident_per_head=...)   # hits touched + pinned; misses planned,

@@ -46,7 +46,7 @@ class TriAttentionPolicy:
         *,
         budget_tokens: int,
         compaction_interval: int = 128,
-        window_tokens: int = 128,
+        recent_tokens: int = 128,
         sink_tokens: int = 4,
         mode: str = "per_head",
         protect_prompt: bool = False,
@@ -62,14 +62,14 @@ class TriAttentionPolicy:
         for name, value, minimum in (
             ("budget_tokens", budget_tokens, 1),
             ("compaction_interval", compaction_interval, 1),
-            ("window_tokens", window_tokens, 0),
+            ("recent_tokens", recent_tokens, 0),
             ("sink_tokens", sink_tokens, 0),
         ):
             check_int("TriAttentionPolicy", name, value, minimum)
-        if budget_tokens < sink_tokens + window_tokens:
+        if budget_tokens < sink_tokens + recent_tokens:
             raise ValueError(
-                f"budget_tokens ({budget_tokens}) must be at least sink_tokens + window_tokens "
-                f"({sink_tokens} + {window_tokens}); raise the budget or shrink the window"
+                f"budget_tokens ({budget_tokens}) must be at least sink_tokens + recent_tokens "
+                f"({sink_tokens} + {recent_tokens}); raise the budget or shrink the window"
             )
         if mode not in TRIATTENTION_MODES:
             raise ValueError(f"mode must be one of {TRIATTENTION_MODES}, got {mode!r}")
@@ -83,7 +83,7 @@ class TriAttentionPolicy:
         self.set_stats(stats)
         self.budget_tokens = budget_tokens
         self.compaction_interval = compaction_interval
-        self.window_tokens = window_tokens
+        self.recent_tokens = recent_tokens
         self.sink_tokens = sink_tokens
         self.mode = mode
         self.protect_prompt = bool(protect_prompt)
@@ -190,7 +190,7 @@ class TriAttentionPolicy:
         mask = protected_mask(
             num_slots,
             sink_tokens=self.sink_tokens,
-            window_tokens=self.window_tokens,
+            recent_tokens=self.recent_tokens,
             positions=positions if protect else None,
             prompt_len=prompt_len if protect else None,
             device=scores.device,

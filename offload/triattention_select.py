@@ -20,16 +20,16 @@ def protected_mask(
     num_slots: int,
     *,
     sink_tokens: int,
-    window_tokens: int,
+    recent_tokens: int,
     positions: torch.Tensor | None = None,
     prompt_len: int | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Slots never evicted: the first ``sink_tokens`` and the last ``window_tokens`` slots (slot order),
+    """Slots never evicted: the first ``sink_tokens`` and the last ``recent_tokens`` slots (slot order),
     and, when ``prompt_len`` is given, every slot whose position (``positions [N, H_kv]``) is below it.
     Returns [N] bool, or [N, H_kv] bool when the prompt is protected."""
     slots = torch.arange(num_slots, device=device)
-    mask = (slots < sink_tokens) | (slots >= num_slots - window_tokens)  # [N]
+    mask = (slots < sink_tokens) | (slots >= num_slots - recent_tokens)  # [N]
     if prompt_len is not None:
         if positions is None:
             raise ValueError("protecting the prompt needs the slot positions [N, H_kv]")

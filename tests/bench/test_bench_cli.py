@@ -198,7 +198,7 @@ def test_passkey_entry_tiny(tmp_path):
         "--depths",
         "0.2,0.8",
         "--flashmem-config",
-        '{"budget_tokens": 160, "window_tokens": 64, "compaction_interval": 64}',
+        '{"budget_tokens": 160, "recent_tokens": 64, "compaction_interval": 64}',
         "--json",
         str(out),
     ]
@@ -236,7 +236,7 @@ def test_fidelity_entry_tiny(tmp_path):
         "--new-tokens",
         "24",
         "--flashmem-config",
-        '{"budget_tokens": 160, "window_tokens": 64, "compaction_interval": 64}',
+        '{"budget_tokens": 160, "recent_tokens": 64, "compaction_interval": 64}',
         "--json",
         str(out),
     ]

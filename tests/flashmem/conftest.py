@@ -12,7 +12,7 @@ from flashmem.testing import tiny_model
 def model_and_stats(tmp_path_factory):
     model = tiny_model("llama", layers=2, q_heads=4, kv_heads=2, head_dim=16, vocab=128)
     ids = torch.randint(0, 128, (600,), generator=torch.Generator().manual_seed(0))
-    stats = calibrate(model, ids, max_tokens=600, window=300, progress=False)
+    stats = calibrate(model, ids, max_tokens=600, tokens_per_forward=300, progress=False)
     path = tmp_path_factory.mktemp("stats") / "tiny.safetensors"
     stats.save(path)
     return model, str(path)
@@ -29,7 +29,7 @@ def budget_config(model_and_stats):
         settings = dict(
             budget_tokens=48,
             compaction_interval=16,
-            window_tokens=16,
+            recent_tokens=16,
             sink_tokens=4,
             stats_path=stats,
             chunk_size=16,

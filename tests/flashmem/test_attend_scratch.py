@@ -22,7 +22,7 @@ def model_stats(tmp_path_factory):
     model = tiny_model("llama", layers=2, q_heads=H_Q, kv_heads=H_KV, head_dim=D, vocab=128)
     ids = torch.randint(0, 128, (600,), generator=torch.Generator().manual_seed(0))
     path = tmp_path_factory.mktemp("stats") / "tiny6.safetensors"
-    calibrate(model, ids, max_tokens=600, window=300, progress=False).save(path)
+    calibrate(model, ids, max_tokens=600, tokens_per_forward=300, progress=False).save(path)
     return model, str(path)
 
 
@@ -110,7 +110,7 @@ def _sparse(stats, **kw):
         stats_path=stats,
         budget_tokens=96,
         compaction_interval=32,
-        window_tokens=32,
+        recent_tokens=32,
         sink_tokens=4,
         chunk_size=16,
         chunk_budget=3,

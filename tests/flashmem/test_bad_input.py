@@ -14,7 +14,7 @@ from flashmem.testing import tiny_model
         ({"budget_tokens": 1.5}, TypeError, "budget_tokens must be an int"),
         ({"budget_tokens": -3}, ValueError, "budget_tokens must be >= 1"),
         ({"budget_tokens": True}, TypeError, "budget_tokens must be an int"),
-        ({"budget_tokens": 100}, ValueError, "at least sink_tokens \\+ window_tokens"),
+        ({"budget_tokens": 100}, ValueError, "at least sink_tokens \\+ recent_tokens"),
         ({"block_size": 0}, ValueError, "block_size"),
         ({"triattention_mode": "global"}, ValueError, "triattention_mode"),
         ({"attention_backend": "cuda"}, ValueError, "attention_backend"),

@@ -88,7 +88,7 @@ def test_exact_prefill_first_token_matches_dense_under_a_small_budget(model_and_
 def test_bad_recall_settings_fail_before_prefill(model_and_stats, tmp_path, budget_config):
     model, _ = model_and_stats
     with pytest.raises(ValueError, match="at least sink_tokens"):
-        flashmem.FlashMemConfig(budget_tokens=10, window_tokens=16)
+        flashmem.FlashMemConfig(budget_tokens=10, recent_tokens=16)
     with pytest.raises(ValueError, match="unknown indexer"):
         flashmem.wrap(model, budget_config(indexer="nonsense"))
     fm = flashmem.wrap(model, budget_config(indexer="none", max_host_bytes=1000))

@@ -88,7 +88,7 @@ PASSKEY = ["generate", "--passkey-tokens", "300"]
         (["--passkey-tokens", "300", "--block-size", "0"], "--block-size must be >= 1, got 0"),
         (["--passkey-tokens", "300", "--budget-tokens", "0"], "--budget-tokens must be >= 1"),
         (["--passkey-tokens", "300", "--budget-tokens", "100"], "--budget-tokens \\(100\\) must be at least"),
-        (["--passkey-tokens", "300", "--window-tokens", "-1"], "--window-tokens must be >= 0"),
+        (["--passkey-tokens", "300", "--recent-tokens", "-1"], "--recent-tokens must be >= 0"),
         (["--passkey-tokens", "300", "--chunk-size", "0"], "--chunk-size must be >= 1"),
         (
             ["--passkey-tokens", "300", "--lookahead", "8", "--prefetch-steps", "8"],
@@ -226,7 +226,7 @@ def tiny_loaded(model_and_stats, monkeypatch):
 
 def test_errors_after_loading_are_one_line(tiny_loaded, capsys):
     budget = ["--stats", tiny_loaded, "--budget-tokens", "48", "--compaction-interval", "16",
-              "--window-tokens", "16", "--chunk-size", "16"]  # fmt: skip
+              "--recent-tokens", "16", "--chunk-size", "16"]  # fmt: skip
     cases = [
         (["--passkey-tokens", "50"], "the shortest pass-key prompt is"),
         (["--passkey-tokens", "400", "--max-context-tokens", "200"], "raise --max-context-tokens"),
@@ -240,7 +240,7 @@ def test_errors_after_loading_are_one_line(tiny_loaded, capsys):
 def test_new_config_options_reach_the_cache(tiny_loaded, tmp_path, capsys):
     report = tmp_path / "report.json"
     rc = cli.main(["generate", "--passkey-tokens", "400", "--max-new-tokens", "6", "--stats", tiny_loaded,
-               "--budget-tokens", "48", "--compaction-interval", "16", "--window-tokens", "16",
+               "--budget-tokens", "48", "--compaction-interval", "16", "--recent-tokens", "16",
                "--chunk-size", "16", "--block-size", "8", "--indexer", "quest", "--prefill-chunk-tokens",
                "64", "--observe-tokens", "4", "--host-mirror", "--report-json", str(report)])  # fmt: skip
     assert rc == 0, capsys.readouterr().err

@@ -79,7 +79,7 @@ def test_total_equals_an_independent_count(model_and_stats, indexer):
         budget_tokens=64,
         stats_path=stats,
         chunk_size=16,
-        window_tokens=16,
+        recent_tokens=16,
         indexer=indexer,
         index_candidates=0,
     )

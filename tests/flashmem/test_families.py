@@ -71,7 +71,7 @@ def test_budget_without_stats_is_bounded_and_lossless(family):
     T, new, budget, interval = 150, 40, 48, 16
     ids = torch.randint(3, 128, (1, T), generator=torch.Generator().manual_seed(2))
     config = flashmem.FlashMemConfig(
-        budget_tokens=budget, compaction_interval=interval, window_tokens=16, chunk_size=16
+        budget_tokens=budget, compaction_interval=interval, recent_tokens=16, chunk_size=16
     )
     fm = flashmem.wrap(model, config)  # nothing calibrated for this model: stats come from the prompt
     out = fm.generate(ids, new, eos_token_id=None, progress=False)
@@ -97,7 +97,7 @@ def test_budget_without_stats_is_bounded_and_lossless(family):
 def test_refused_at_wrap_naming_the_reason(family, overrides, reason):
     model = tiny_model(family, **overrides)
     with pytest.raises(ValueError, match=reason):
-        flashmem.wrap(model, flashmem.FlashMemConfig(budget_tokens=64, window_tokens=16))
+        flashmem.wrap(model, flashmem.FlashMemConfig(budget_tokens=64, recent_tokens=16))
     with pytest.raises(ValueError, match=reason):
         flashmem.wrap(model, flashmem.FlashMemConfig())
 

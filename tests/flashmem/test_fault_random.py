@@ -27,7 +27,7 @@ INT_FIELDS = {  # field: minimum
     "block_size": 1,
     "max_context_tokens": 1,
     "compaction_interval": 1,
-    "window_tokens": 0,
+    "recent_tokens": 0,
     "sink_tokens": 0,
     "max_host_bytes": 1,
     "chunk_size": 1,
@@ -65,7 +65,7 @@ def _draw(rng: random.Random, stats: str) -> dict:
     mode = rng.choices(["valid", "raw", "bad"], weights=[50, 15, 35])[0]
     kw = {name: rng.choice(good) for name, (good, _) in sorted(FIELDS.items())}
     kw["stats_path"] = stats if kw["stats_path"] == "tiny" else None
-    sink, window = kw["sink_tokens"], kw["window_tokens"]
+    sink, window = kw["sink_tokens"], kw["recent_tokens"]
     if kw["budget_tokens"] == "rel":  # at and around the boundary sink + window
         kw["budget_tokens"] = sink + window + rng.choice([-1, 0, 0, 1, 3, 9, 30, 80])
     if kw["prefetch_steps"] == "rel":
@@ -105,7 +105,7 @@ FIELDS = {  # name: (values that are valid on their own, invalid or boundary val
     "block_size": ([1, 4, 8, 16, 16, 16], [0, -1, 16.0, False]),
     "max_context_tokens": ([524_288, 524_288, 4096, 96, 200], [0, -1, "big", 1.0]),
     "compaction_interval": ([1, 4, 8, 16, 16, 32, 128], [0, -2, 16.5]),
-    "window_tokens": ([0, 8, 8, 16, 32], [-1, 8.0, None]),
+    "recent_tokens": ([0, 8, 8, 16, 32], [-1, 8.0, None]),
     "sink_tokens": ([0, 4, 4, 16], [-1, "4"]),
     "protect_prompt": ([False, False, True], [1, "yes", None]),
     "triattention_mode": (["per_head", "per_head", "per_layer_per_head"], ["global", "", None]),
@@ -150,7 +150,7 @@ def config_error(kw: dict) -> bool:
         return True
     budget = kw["budget_tokens"]
     if budget is not None and (
-        budget < kw["sink_tokens"] + kw["window_tokens"] or budget > kw["max_context_tokens"]
+        budget < kw["sink_tokens"] + kw["recent_tokens"] or budget > kw["max_context_tokens"]
     ):
         return True
     if recall_enabled(kw):
@@ -198,7 +198,7 @@ def generate_error(kw: dict, prompt: int, new: int) -> bool:
     if mirror_enabled(kw) and kw["max_host_bytes"] == 1:
         return True
     budget = kw["budget_tokens"]
-    return budget is not None and kw["protect_prompt"] and prompt + kw["window_tokens"] > budget
+    return budget is not None and kw["protect_prompt"] and prompt + kw["recent_tokens"] > budget
 
 
 def test_every_field_has_a_generator():
@@ -210,7 +210,7 @@ def test_every_field_has_a_generator():
 
 def test_random_settings_never_crash_and_bad_ones_are_refused_before_any_work(model_and_stats):
     model, stats = model_and_stats
-    rng = random.Random(2024)
+    rng = random.Random(7)
     probe = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         plain_before = model(probe).logits

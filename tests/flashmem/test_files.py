@@ -84,7 +84,7 @@ def test_stats_refused_at_config_time_before_any_work(tmp_path):
 
 
 def _checkpoint(tmp_path, model):
-    c = LookaheadConfig(2, 4, 2, 16, rank=8, chunk_size=16, tau=16)
+    c = LookaheadConfig(2, 4, 2, 16, rank=8, chunk_size=16, lookahead=16)
     path, meta = LookaheadIndexer(c, fingerprint=model_fingerprint(model)).save(tmp_path / "ix.safetensors")
     return path, meta
 
@@ -105,7 +105,7 @@ def test_indexer_checkpoint_with_other_shapes_is_refused_at_load(tmp_path):
     with pytest.raises(ValueError, match="do not match"):
         flashmem.wrap(
             model,
-            flashmem.FlashMemConfig(budget_tokens=64, window_tokens=16, chunk_size=16, indexer=str(path)),
+            flashmem.FlashMemConfig(budget_tokens=64, recent_tokens=16, chunk_size=16, indexer=str(path)),
         )
 
 

@@ -17,7 +17,7 @@ from flashmem.testing import tiny_model
 
 def _stats_for(model, tmp_path, name="stats"):
     ids = torch.randint(0, 128, (600,), generator=torch.Generator().manual_seed(0))
-    stats = calibrate(model, ids, max_tokens=600, window=300, progress=False)
+    stats = calibrate(model, ids, max_tokens=600, tokens_per_forward=300, progress=False)
     path = tmp_path / f"{name}.safetensors"
     stats.save(path)
     return str(path)
@@ -69,7 +69,7 @@ def test_keep_set_is_the_policy_applied_once_to_the_whole_prompt(mode, tmp_path)
         budget_tokens=budget,
         stats_path=stats,
         chunk_size=16,
-        window_tokens=16,
+        recent_tokens=16,
         triattention_mode=mode,
         indexer="none" if mode == "per_layer_per_head" else "quest",
     )
@@ -103,7 +103,7 @@ def test_summaries_and_tail_mass_equal_a_dense_pass(tmp_path):
     config = flashmem.FlashMemConfig(
         budget_tokens=48,
         compaction_interval=16,
-        window_tokens=16,
+        recent_tokens=16,
         stats_path=stats,
         chunk_size=cs,
         indexer="quest",
@@ -135,7 +135,7 @@ def test_prefill_traffic_and_device_memory_are_bounded(T, model_and_stats):
     model, stats = model_and_stats  # 2 layers, 2 KV heads, head_dim 16, fp32
     budget = 64
     config = flashmem.FlashMemConfig(
-        budget_tokens=budget, stats_path=stats, chunk_size=16, window_tokens=16, prefill_chunk_tokens=128
+        budget_tokens=budget, stats_path=stats, chunk_size=16, recent_tokens=16, prefill_chunk_tokens=128
     )
     fm = flashmem.wrap(model, config)
     ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(4))

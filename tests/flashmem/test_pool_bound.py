@@ -24,7 +24,7 @@ def bound_blocks(c: flashmem.FlashMemConfig, tokens: int) -> int:
     recall = 0
     if c.recall_enabled:
         windows = 2 if c.prefetch_steps else 1
-        chunks = min(c.effective_chunk_budget * windows, max(0, tokens - c.window_tokens) // c.chunk_size)
+        chunks = min(c.effective_chunk_budget * windows, max(0, tokens - c.recent_tokens) // c.chunk_size)
         recall = chunks * c.chunk_size // c.block_size
     return working + recall
 
@@ -73,7 +73,7 @@ def test_random_sweep_of_budgets_intervals_chunks_and_modes_stays_within_the_poo
         kw = dict(
             budget_tokens=sink + window + rng.choice([1, 3, 17, 40, 100]),
             compaction_interval=rng.choice([1, 7, 16, 37, 128]),
-            window_tokens=window,
+            recent_tokens=window,
             sink_tokens=sink,
             block_size=block,
             chunk_size=chunk,

@@ -33,13 +33,15 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def _small(**kw):
-    return flashmem.FlashMemConfig(**{"budget_tokens": 48, "window_tokens": 16, "chunk_size": 16, **kw})
+    return flashmem.FlashMemConfig(**{"budget_tokens": 48, "recent_tokens": 16, "chunk_size": 16, **kw})
 
 
 def test_prepared_stats_are_stored_by_fingerprint_and_found_first(cache_dir):
     model = tiny_model("qwen3")
     assert flashmem.wrap(model, _small()).stats_source == "prompt"  # nothing prepared yet
-    report = prepare(model, ByteTokenizer(), text=TEXT, max_tokens=600, window=300, progress=False)
+    report = prepare(
+        model, ByteTokenizer(), text=TEXT, max_tokens=600, tokens_per_forward=300, progress=False
+    )
     fp = hf_compat.model_fingerprint(model)
     directory = files.prepared_dir(fp)
     assert directory.parent == cache_dir and len(directory.name) == 64  # sha256 hex
@@ -50,7 +52,7 @@ def test_prepared_stats_are_stored_by_fingerprint_and_found_first(cache_dir):
         model,
         ByteTokenizer()(TEXT, return_tensors="pt").input_ids[0],
         max_tokens=600,
-        window=300,
+        tokens_per_forward=300,
         progress=False,
     )
     fm = flashmem.wrap(model, _small())
@@ -72,7 +74,7 @@ def test_auto_indexer_finds_the_prepared_checkpoint(cache_dir):
     assert flashmem.wrap(model, _small()).indexer_name == "quest"
     layers, hq, hkv, d = hf_compat.kv_geometry(model)
     indexer = LookaheadIndexer(
-        LookaheadConfig(layers, hq, hkv, d, rank=8, chunk_size=16, tau=64),
+        LookaheadConfig(layers, hq, hkv, d, rank=8, chunk_size=16, lookahead=64),
         fingerprint=hf_compat.model_fingerprint(model),
     )
     path = files.prepared_indexer_path(model)

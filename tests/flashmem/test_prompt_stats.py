@@ -47,7 +47,7 @@ def test_prompt_stats_equal_the_dense_queries_and_choose_the_keep_set(mode):
     config = flashmem.FlashMemConfig(
         budget_tokens=budget,
         chunk_size=16,
-        window_tokens=16,
+        recent_tokens=16,
         triattention_mode=mode,
         indexer="none" if mode == "per_layer_per_head" else "quest",
         prefill_chunk_tokens=128,  # three tiles: the statistics are summed over tiles
@@ -72,7 +72,7 @@ def test_prompt_stats_equal_the_dense_queries_and_choose_the_keep_set(mode):
         dense.write(seq, layer, k, torch.zeros_like(k), torch.arange(T))
     dense.end_append(seq)
     reference = TriAttentionPolicy(
-        want, budget_tokens=budget, window_tokens=16, sink_tokens=4, mode=mode, backend="torch"
+        want, budget_tokens=budget, recent_tokens=16, sink_tokens=4, mode=mode, backend="torch"
     )
     expected = reference.select(dense, seq, T, prompt_len=T)  # [H_kv, K] or [L, H_kv, K]
     if mode == "per_head":
@@ -90,7 +90,7 @@ def test_budget_decodes_bounded_and_lossless_with_prompt_stats():
     T, new, budget, interval = 200, 60, 48, 16
     ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(5))
     config = flashmem.FlashMemConfig(
-        budget_tokens=budget, compaction_interval=interval, window_tokens=16, chunk_size=16
+        budget_tokens=budget, compaction_interval=interval, recent_tokens=16, chunk_size=16
     )
     fm = flashmem.wrap(model, config)
     fm.generate(ids, new, eos_token_id=None, progress=False)
@@ -107,7 +107,7 @@ def test_budget_decodes_bounded_and_lossless_with_prompt_stats():
 
 def test_sources_given_path_and_shipped(model_and_stats, monkeypatch):
     model, path = model_and_stats
-    small = dict(budget_tokens=48, window_tokens=16, chunk_size=16)
+    small = dict(budget_tokens=48, recent_tokens=16, chunk_size=16)
     fm = flashmem.wrap(model, flashmem.FlashMemConfig(**small, stats_path=path))
     assert fm.stats_source == path and fm.policy.stats is not None
     fm.generate(torch.randint(0, 128, (1, 80)), 2, eos_token_id=None, progress=False)
@@ -121,7 +121,7 @@ def test_sources_given_path_and_shipped(model_and_stats, monkeypatch):
 
 def test_sparse_prefill_without_stats_is_refused_at_wrap():
     model = tiny_model("llama", layers=2, q_heads=4, kv_heads=2, head_dim=16)
-    config = flashmem.FlashMemConfig(budget_tokens=48, window_tokens=16, chunk_size=16, prefill="sparse")
+    config = flashmem.FlashMemConfig(budget_tokens=48, recent_tokens=16, chunk_size=16, prefill="sparse")
     with pytest.raises(ValueError, match="prefill='sparse' needs TriAttention stats.*prefill='exact'"):
         flashmem.wrap(model, config)
 
@@ -130,10 +130,10 @@ def test_stats_path_prompt_derives_them_even_where_stats_exist(model_and_stats):
     """``stats_path="prompt"``: the prompt's own statistics, even for a model that has a stats file
     (here: prepared ones would be found otherwise); refused with the sparse prefill."""
     model, _ = model_and_stats
-    config = flashmem.FlashMemConfig(budget_tokens=48, window_tokens=16, chunk_size=16, stats_path="prompt")
+    config = flashmem.FlashMemConfig(budget_tokens=48, recent_tokens=16, chunk_size=16, stats_path="prompt")
     fm = flashmem.wrap(model, config)
     ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(9))
     fm.generate(ids, 4, eos_token_id=None, progress=False)
     assert fm.memory_report()["triattention_stats"] == "prompt"
     with pytest.raises(ValueError, match="stats_path='prompt'"):
-        flashmem.FlashMemConfig(budget_tokens=48, window_tokens=16, stats_path="prompt", prefill="sparse")
+        flashmem.FlashMemConfig(budget_tokens=48, recent_tokens=16, stats_path="prompt", prefill="sparse")

@@ -48,7 +48,7 @@ def _config(stats, **kw):
     base = dict(
         budget_tokens=48,
         compaction_interval=16,
-        window_tokens=16,
+        recent_tokens=16,
         sink_tokens=4,
         stats_path=stats,
         chunk_size=16,
@@ -113,7 +113,7 @@ def test_learned_indexer_stores_compressed_keys_not_mean_keys():
         chunk_size=16,
         chunk_budget=2,
         sink_tokens=4,
-        window_tokens=16,
+        recent_tokens=16,
         device=torch.device("cpu"),
         capacity_tokens=200,
     )

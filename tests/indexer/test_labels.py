@@ -41,9 +41,9 @@ def test_labels_on_tiny_model_equal_brute_force():
     per_layer = []
     for layer in range(2):
         q, k = captured[layer]
-        got = layer_window_targets(q[0], k[0], refresh, chunk_size=16, tau=32, recent_tokens=32)
+        got = layer_window_targets(q[0], k[0], refresh, chunk_size=16, lookahead=32, recent_tokens=32)
         ref = layer_window_targets(
-            q[0], k[0], refresh, chunk_size=16, tau=32, recent_tokens=32, brute_force=True
+            q[0], k[0], refresh, chunk_size=16, lookahead=32, recent_tokens=32, brute_force=True
         )
         torch.testing.assert_close(got.window_mass, ref.window_mass, rtol=1e-5, atol=1e-6)
         assert torch.equal(got.labels, ref.labels)

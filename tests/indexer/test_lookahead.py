@@ -15,7 +15,7 @@ from flashmem.indexer.train import fit
 from flashmem.indexer_data import extract_document
 from flashmem.testing import tiny_model
 
-TCFG = TargetConfig(chunk_size=16, tau=16, first_refresh=128, refresh_stride=48, recent_tokens=32)
+TCFG = TargetConfig(chunk_size=16, lookahead=16, first_refresh=128, refresh_stride=48, recent_tokens=32)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_record_shapes(tiny_records):
 def test_scores_match_between_batched_and_layer_view(tiny_records):
     model, recs = tiny_records
     rec = recs[0]
-    c = LookaheadConfig(2, 4, 2, 16, rank=8, chunk_size=16, tau=16)
+    c = LookaheadConfig(2, 4, 2, 16, rank=8, chunk_size=16, lookahead=16)
     idx = LookaheadIndexer(c).eval()
     with torch.no_grad():
         idx.e.normal_()  # exercise the Quest-bound term
@@ -119,7 +119,7 @@ def _mass(records, indexer, name="lookahead"):
 def fitted():
     train, val, held_out = _teacher_records(8, 0), _teacher_records(2, 1), _teacher_records(3, 2)
     fingerprint = model_fingerprint(tiny_model("llama", vocab=100, max_positions=2048))
-    idx = LookaheadIndexer(LookaheadConfig(L, H_Q, H_KV, D, rank=8, chunk_size=C, tau=16), fingerprint)
+    idx = LookaheadIndexer(LookaheadConfig(L, H_Q, H_KV, D, rank=8, chunk_size=C, lookahead=16), fingerprint)
     idx.init_from_keys(torch.cat([r.mean_key for r in train], dim=1))
     init_held_out = _mass(held_out, idx)
     hist = fit(idx, train, val, steps=120, lr=0.1, budget=0.2, eval_every=20, progress=False)

@@ -137,7 +137,7 @@ def test_calibrate_recovers_pre_rope_queries(rope):
     model = tiny_model("llama", layers=2, q_heads=4, kv_heads=2, head_dim=16, **extra)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 128, (50,), generator=gen)
-    stats = calibrate(model, ids, max_tokens=45, window=20, progress=False)
+    stats = calibrate(model, ids, max_tokens=45, tokens_per_forward=20, progress=False)
     assert stats.num_tokens == 45
     assert stats.fingerprint == model_fingerprint(model)
     assert torch.equal(stats.omega, model.model.rotary_emb.inv_freq.float())
@@ -155,8 +155,8 @@ def test_calibrate_refuses_bad_input():
         calibrate(model, torch.zeros(4), progress=False)
     with pytest.raises(ValueError):
         calibrate(model, torch.zeros(0, dtype=torch.long), progress=False)
-    with pytest.raises(ValueError, match="window"):
-        calibrate(model, torch.zeros(4, dtype=torch.long), window=0, progress=False)
+    with pytest.raises(ValueError, match="tokens_per_forward"):
+        calibrate(model, torch.zeros(4, dtype=torch.long), tokens_per_forward=0, progress=False)
 
 
 # ---- selection ---------------------------------------------------------------------------------
@@ -213,11 +213,11 @@ def _filled_cache(model, num_tokens, seed=0, block_size=16, num_blocks=None):
 
 def test_policy_should_compact_and_validation():
     stats = _stats()
-    policy = TriAttentionPolicy(stats, budget_tokens=64, window_tokens=16, sink_tokens=4)
+    policy = TriAttentionPolicy(stats, budget_tokens=64, recent_tokens=16, sink_tokens=4)
     assert not policy.should_compact(64 + 127)
     assert policy.should_compact(64 + 128)
     with pytest.raises(ValueError, match="window"):
-        TriAttentionPolicy(stats, budget_tokens=10, window_tokens=16)
+        TriAttentionPolicy(stats, budget_tokens=10, recent_tokens=16)
     with pytest.raises(ValueError, match="mode"):
         TriAttentionPolicy(stats, budget_tokens=200, mode="global")
 
@@ -230,7 +230,7 @@ def test_policy_compacts_to_budget_and_frees_blocks(mode):
     n, budget = 300, 80
     cache, seq, pre_keys, post_keys, values = _filled_cache(model, n)
     policy = TriAttentionPolicy(
-        stats, budget_tokens=budget, window_tokens=32, sink_tokens=4, mode=mode, compaction_interval=64
+        stats, budget_tokens=budget, recent_tokens=32, sink_tokens=4, mode=mode, compaction_interval=64
     )
     assert policy.should_compact(cache.num_slots(seq))
     t = cache.logical_length(seq)
@@ -281,7 +281,7 @@ def test_policy_protects_prompt_and_pinned_slots():
     stats = _stats(layers=2, q_heads=4, head_dim=16)
     cache, seq, *_ = _filled_cache(model, 200)
     policy = TriAttentionPolicy(
-        stats, budget_tokens=100, window_tokens=16, sink_tokens=4, protect_prompt=True
+        stats, budget_tokens=100, recent_tokens=16, sink_tokens=4, protect_prompt=True
     )
     keep = policy.select(cache, seq, 200, prompt_len=60)
     for h in range(2):
@@ -300,17 +300,17 @@ def test_policy_refuses_mismatched_model_and_cache():
     fp = model_fingerprint(model)
     with pytest.raises(ValueError, match="num_layers"):  # stats of another model: refused at once
         TriAttentionPolicy(
-            _stats(fingerprint=dict(fp, num_layers=7)), budget_tokens=50, window_tokens=8, fingerprint=fp
+            _stats(fingerprint=dict(fp, num_layers=7)), budget_tokens=50, recent_tokens=8, fingerprint=fp
         )
     # stats of this model serve it
     stats = _stats(fingerprint=fp)
     stats.omega = model.model.rotary_emb.inv_freq.float()
-    policy = TriAttentionPolicy(stats, budget_tokens=50, window_tokens=8, fingerprint=fp)
+    policy = TriAttentionPolicy(stats, budget_tokens=50, recent_tokens=8, fingerprint=fp)
     cache, seq, *_ = _filled_cache(model, 120)
     assert policy.compact(cache, seq) > 0 and cache.num_slots(seq) == 50
     # without a fingerprint, stats whose geometry does not fit the cache (3 layers for a 2-layer
     # cache) are refused when they would score it, before any slot moves
-    policy = TriAttentionPolicy(_stats(layers=3), budget_tokens=50, window_tokens=8)
+    policy = TriAttentionPolicy(_stats(layers=3), budget_tokens=50, recent_tokens=8)
     cache, seq, *_ = _filled_cache(model, 120)
     before = [cache.gather(seq, layer) for layer in range(2)]
     with pytest.raises(ValueError, match="do not fit the cache"):
