@@ -277,19 +277,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def print_memory_report(report: dict, out=None) -> None:
-    """Human-readable memory report (figures from the block allocator)."""
+    """Human-readable memory report: every device byte flashmem holds, and the KV alone."""
     from .wrapper import format_bytes
 
     out = out if out is not None else sys.stdout
+    parts = report["device_bytes"]
     rows = [
         ("tokens (logical / on device)", f"{report['logical_tokens']} / {report['device_slots']}"),
         ("budget tokens", str(report["budget_tokens"])),
-        ("device KV now", format_bytes(report["device_kv_bytes"])),
-        ("device KV peak", format_bytes(report["peak_device_kv_bytes"])),
+        ("device bytes now / peak", "{} / {} (pool {}, index {}, prefill scratch peak {})".format(
+            format_bytes(parts["total"]), format_bytes(parts["peak_total"]), format_bytes(parts["kv_reserved"]),
+            format_bytes(parts["index"]), format_bytes(parts["scratch_peak"]))),
+        ("device KV now / peak", "{} / {}".format(
+            format_bytes(report["device_kv_bytes"]), format_bytes(report["peak_device_kv_bytes"]))),
         ("full (dense) KV", format_bytes(report["full_kv_bytes"])),
         ("host mirror KV", format_bytes(report["host_kv_bytes"])),
-        ("device share now / peak / avg", "{:.1%} / {:.1%} / {:.1%}".format(
+        ("device share now / peak / avg", "{:.1%} / {:.1%} / {:.1%} (every device byte)".format(
             report["device_share"], report["peak_device_share"], report["avg_device_share"])),
+        ("KV alone now / peak / avg", "{:.1%} / {:.1%} / {:.1%}".format(
+            report["device_kv_share"], report["peak_device_kv_share"], report["avg_device_kv_share"])),
         ("blocks in use / peak / freed", "{} / {} / {}".format(
             report["blocks_in_use"], report["peak_blocks_in_use"], report["blocks_freed"])),
         ("block size / block bytes", f"{report['block_size']} tokens / {format_bytes(report['kv_block_bytes'])}"),

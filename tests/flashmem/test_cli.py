@@ -11,7 +11,8 @@ def test_generate_prints_answer_and_memory_report(tmp_path, capsys):
                "--budget-tokens", "256", "--report-json", str(report)])  # fmt: skip
     assert rc == 0
     out = capsys.readouterr().out
-    assert "answer:" in out and "memory report" in out and "device KV peak" in out
+    assert "answer:" in out and "memory report" in out and "device KV now / peak" in out
+    assert "device bytes now / peak" in out and "KV alone now / peak / avg" in out
     data = json.loads(report.read_text())
     r = data["report"]
     assert r["budget_tokens"] == 256 and r["host_kv_bytes"] == r["full_kv_bytes"]
