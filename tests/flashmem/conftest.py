@@ -40,3 +40,25 @@ def budget_config(model_and_stats):
         return flashmem.FlashMemConfig(**settings)
 
     return make
+
+
+def _dense_generate(model, ids, n):
+    """Hugging Face greedy generate with its default ``DynamicCache``: (sequences ``[1, T + n]``,
+    logits ``[n, vocab]``)."""
+    out = model.generate(
+        ids,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out.sequences, torch.stack([lg[0] for lg in out.logits])
+
+
+@pytest.fixture
+def dense_generate():
+    """The reference every exactness test compares flashmem with (see :func:`_dense_generate`)."""
+    return _dense_generate

@@ -9,27 +9,12 @@ import flashmem
 from flashmem.testing import tiny_model
 
 
-def _dense_reference(model, ids, n):
-    """Hugging Face generate with its default DynamicCache."""
-    out = model.generate(
-        ids,
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out.sequences, torch.stack([lg[0] for lg in out.logits])
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_greedy_64_tokens_match_dynamic_cache(family, backend):
+def test_greedy_64_tokens_match_dynamic_cache(family, backend, dense_generate):
     model = tiny_model(family, kv_heads=2 if family != "llama" else 1)
     ids = torch.randint(0, 128, (1, 45), generator=torch.Generator().manual_seed(1))
-    ref_ids, ref_logits = _dense_reference(model, ids, 64)
+    ref_ids, ref_logits = dense_generate(model, ids, 64)
     fm = flashmem.wrap(model, flashmem.FlashMemConfig(attention_backend=backend, prefill_chunk_tokens=16))
     out = fm.generate(ids, 64, eos_token_id=None, collect_logits=True)
     assert torch.equal(out, ref_ids)

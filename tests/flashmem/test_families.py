@@ -29,25 +29,11 @@ REFUSED = [
 ]
 
 
-def _dense(model, ids, n):
-    out = model.generate(
-        ids,
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out.sequences, torch.stack([lg[0] for lg in out.logits])
-
-
 @pytest.mark.parametrize("family", WORKING)
-def test_no_budget_equals_dynamic_cache(family):
+def test_no_budget_equals_dynamic_cache(family, dense_generate):
     model = tiny_model(family)
     ids = torch.randint(3, 128, (1, 45), generator=torch.Generator().manual_seed(1))
-    ref_ids, ref_logits = _dense(model, ids, 32)
+    ref_ids, ref_logits = dense_generate(model, ids, 32)
     fm = flashmem.wrap(model, flashmem.FlashMemConfig(prefill_chunk_tokens=16))  # three prefill tiles
     out = fm.generate(ids, 32, eos_token_id=None, collect_logits=True)
     assert torch.equal(out, ref_ids)
@@ -102,12 +88,12 @@ def test_refused_at_wrap_naming_the_reason(family, overrides, reason):
         flashmem.wrap(model, flashmem.FlashMemConfig())
 
 
-def test_sliding_window_mistral_is_exact_when_the_context_fits_the_window():
+def test_sliding_window_mistral_is_exact_when_the_context_fits_the_window(dense_generate):
     """A window that the whole context fits never binds: accepted, and equal to DynamicCache (whose
     mask applies the window); one shorter than max_context_tokens is refused (above)."""
     model = tiny_model("mistral", sliding_window=64)
     ids = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(3))
-    ref_ids, ref_logits = _dense(model, ids, 34)  # 64 tokens in all
+    ref_ids, ref_logits = dense_generate(model, ids, 34)  # 64 tokens in all
     fm = flashmem.wrap(model, flashmem.FlashMemConfig(max_context_tokens=64, prefill_chunk_tokens=16))
     out = fm.generate(ids, 34, eos_token_id=None, collect_logits=True)
     assert torch.equal(out, ref_ids)
