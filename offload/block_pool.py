@@ -67,6 +67,7 @@ class BlockPool:
         ]
         self._free: deque[int] = deque(range(num_blocks))
         self._in_use: set[int] = set()
+        self._reserved_bytes = self._count_reserved_bytes()
         self.peak_blocks_in_use = 0
         self.blocks_allocated_total = 0
         self.blocks_freed_total = 0
@@ -99,7 +100,10 @@ class BlockPool:
     @property
     def reserved_bytes(self) -> int:
         """Every byte the pool's tensors hold on its device: K, V and the int32 slot positions of all
-        ``num_blocks`` blocks, in use or free."""
+        ``num_blocks`` blocks, in use or free (counted from the tensors when they are made or grown)."""
+        return self._reserved_bytes
+
+    def _count_reserved_bytes(self) -> int:
         return device_tensor_bytes([*self.keys, *self.values, *self.positions], self.device)
 
     # ---- allocation --------------------------------------------------------------------------
@@ -160,6 +164,7 @@ class BlockPool:
                 tensors[layer] = bigger
                 del current
         self._free.extend(range(old, num_blocks))
+        self._reserved_bytes = self._count_reserved_bytes()
         self.num_blocks = num_blocks
 
     def free(self, ids: list[int]) -> None:
