@@ -134,12 +134,27 @@ def plot_trace(result: dict, png: Path) -> None:
     steps = range(len(trace))
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     ax.plot(steps, [(T + k) * per_token / 2**20 for k in steps], "k--", label="full KV cache (= host mirror)")
-    ax.plot(steps, [b / 2**20 for b in trace], label="flashmem device KV (allocator)")
+    total = result["report"].get("device_total_trace") or []
+    if total:
+        ax.plot(
+            range(len(total)), [b / 2**20 for b in total], label="flashmem, every device byte (held tensors)"
+        )
+    ax.plot(steps, [b / 2**20 for b in trace], label="flashmem device KV blocks in use (allocator)")
+    if result.get("device_bytes"):
+        peak = result["device_bytes"]["peak_total"] / 2**20
+        ax.axhline(
+            peak,
+            color="tab:red",
+            lw=0.8,
+            ls=":",
+            label=f"peak of every device byte ({peak:.1f} MiB, prefill)",
+        )
     ax.set_yscale("log")
     ax.set_xlabel("decode step (0 = after prefill)")
     ax.set_ylabel("MiB (log scale)")
     ax.set_title(
-        f"{result['model']}, {T:,} tokens; peak share {result['peak_device_share']:.2%} (prefill included)",
+        f"{result['model']}, {T:,} tokens\npeak {result['peak_device_share']:.2%} of the full KV "
+        "(every device byte, prefill included)",
         fontsize=8,
     )
     ax.legend(fontsize=7)
