@@ -13,6 +13,7 @@ from .models import (
     default_model_path,
     load_default_model,
     load_default_tokenizer,
+    load_gguf,
     load_model,
 )
 from .wrapper import FlashMemModel, format_bytes, wrap
@@ -33,6 +34,7 @@ __all__ = [
     "default_model_path",
     "format_bytes",
     "load_default_model",
+    "load_gguf",
     "load_default_tokenizer",
     "load_indexer",
     "load_model",

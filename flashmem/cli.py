@@ -193,10 +193,20 @@ def check_model(name: str) -> None:
         except FileNotFoundError as exc:
             raise UsageError(str(exc)) from None
         return
+    if name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise UsageError(f"--model {name}: no such GGUF file")
+        from .hf_compat import gguf_architecture
+
+        try:
+            gguf_architecture(name)
+        except ValueError as exc:
+            raise UsageError(f"--model {exc}") from None
+        return
     if not Path(name).is_dir():
         raise UsageError(
-            f"--model {name}: not a local directory; flashmem never downloads weights (use 'default' for "
-            "the embedded model, or the path of a saved checkpoint)"
+            f"--model {name}: not a local directory or .gguf file; flashmem never downloads weights (use "
+            "'default' for the embedded model, or the path of a saved checkpoint)"
         )
     if not (Path(name) / "config.json").is_file():
         raise UsageError(f"--model {name}: no config.json there; give a directory written by save_pretrained")

