@@ -333,6 +333,6 @@ def test_console_entry_exits_2_with_one_line(tmp_path):
     )  # fmt: skip
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip().splitlines() == [
-        f"flashmem: error: --model {tmp_path / 'gone'}: not a local directory; flashmem never downloads "
-        "weights (use 'default' for the embedded model, or the path of a saved checkpoint)"
+        f"flashmem: error: --model {tmp_path / 'gone'}: not a local directory or .gguf file; flashmem never "
+        "downloads weights (use 'default' for the embedded model, or the path of a saved checkpoint)"
     ]
