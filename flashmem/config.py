@@ -127,9 +127,10 @@ class FlashMemConfig:
         to the device-resident tokens only: approximate, compacting as it goes).
     prefill_chunk_tokens: prompt tokens per forward: the exact prefill's tile (None: 8192) or the
         sparse prefill's chunk (None: compaction_interval).
-    observe_tokens: exact prefill measures the attention mass of the prompt's last observe_tokens
-        queries on every chunk; the first recall after the prompt uses it instead of the indexer
-        (0: always ask the indexer).
+    observe_tokens: exact prefill measures the peak attention (largest share of one query head's
+        attention, sinks left out) of the prompt's last observe_tokens queries on every chunk; the
+        first recall after the prompt ranks chunks by it instead of asking the indexer (0: always ask
+        the indexer).
 
     Integer fields take any ``numbers.Integral`` (numpy integers included) and store it as a plain
     int; bool, float and str are refused with TypeError. ``stats_path`` and an indexer checkpoint

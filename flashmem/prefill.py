@@ -249,12 +249,18 @@ class LayerMajorPrefill:
         self._query_stats.update(layer_idx, pre.transpose(0, 1))
 
     def _tail_mass(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
-        """Attention mass of the prompt's last ``observe_tokens`` queries on every chunk, summed over
-        query heads and queries: ``[ceil(T / chunk_size)]`` fp32. query: ``[H_q, t, D]`` (the last tile).
+        """Peak attention mass of the prompt's last ``observe_tokens`` queries on every chunk: for each
+        chunk, the largest share of one query's attention (over query heads and queries) that falls
+        on it, the sink tokens' share left out: ``[ceil(T / chunk_size)]`` fp32. query: ``[H_q, t, D]``
+        (the last tile).
 
-        Keys are read in segments of whole chunks, so the fp32 logits stay ``[H_q, W, segment]``."""
+        The peak, not the sum: a few retrieval heads look hard at the chunk a question is about, while
+        the sum over all heads is dominated by broad attention to nearby text. Sinks are always
+        resident, so their mass must not make the chunk holding them look worth recalling. Keys are
+        read in segments of whole chunks, so the fp32 logits stay ``[H_q, W, segment]``."""
         total = self._total
         cs = self.cache.recall.chunk_size
+        sinks = min(self.cache.recall.sink_tokens, total)
         h_kv = self.num_kv_heads
         w = min(self.observe_tokens, query.shape[1])
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -262,21 +268,27 @@ class LayerMajorPrefill:
         q = query[:, -w:].float().reshape(h_kv, group * w, -1)  # [H_kv, G*W, D] (query heads grouped)
         qpos = torch.arange(total - w, total, device=self.device).repeat(group)  # [G*W]
         seg = max(cs, self.tile_tokens // cs * cs)
-        parts = []
+        every, others = [], []  # per-chunk log-sum-exp over all keys / over the keys but the sinks
         for s in range(0, total, seg):
             e = min(total, s + seg)
             logits = torch.matmul(q, self._keys[:, s:e].float().transpose(1, 2)) * scale  # [H_kv, G*W, S]
+            kpos = torch.arange(s, e, device=self.device)
             if e > total - w:
-                kpos = torch.arange(s, e, device=self.device)
                 logits = logits.masked_fill(kpos[None, None, :] > qpos[None, :, None], float("-inf"))
             pad = (-(e - s)) % cs
             if pad:
                 logits = F.pad(logits, (0, pad), value=float("-inf"))
-            self._tail_bytes = max(self._tail_bytes, logits.numel() * logits.element_size())
-            parts.append(torch.logsumexp(logits.unflatten(-1, (-1, cs)), dim=-1))  # [H_kv, G*W, n]
-        chunk_lse = torch.cat(parts, dim=-1)
-        lse = torch.logsumexp(chunk_lse, dim=-1, keepdim=True)
-        return torch.exp(chunk_lse - lse).sum(dim=(0, 1))
+            self._tail_bytes = max(self._tail_bytes, 2 * logits.numel() * logits.element_size())
+            every.append(torch.logsumexp(logits.unflatten(-1, (-1, cs)), dim=-1))  # [H_kv, G*W, n]
+            if s < sinks:
+                is_sink = F.pad(kpos < sinks, (0, pad))
+                logits = logits.masked_fill(is_sink[None, None, :], float("-inf"))
+                others.append(torch.logsumexp(logits.unflatten(-1, (-1, cs)), dim=-1))
+            else:
+                others.append(every[-1])
+        lse = torch.logsumexp(torch.cat(every, dim=-1), dim=-1, keepdim=True)  # [H_kv, G*W, 1]
+        mass = torch.exp(torch.cat(others, dim=-1) - lse)  # [H_kv, G*W, n]: each query's share per chunk
+        return mass.amax(dim=(0, 1))
 
     # ---- the working set ---------------------------------------------------------------------
     def _finish_layer(self, layer: int, keep: int, from_buffer: bool) -> None:

@@ -230,12 +230,13 @@ class RecallController:
         return torch.unique(torch.cat(found))
 
     def observe_mass(self, layer: int, mass: torch.Tensor) -> None:
-        """True attention mass ``[N]`` of the prompt's last queries on history chunks ``0..N-1`` (one
-        layer, measured by exact prefill). The next refresh ranks chunks by its sum over layers
-        instead of asking the indexer: at the end of the prompt the real attention is known."""
+        """Peak attention mass ``[N]`` of the prompt's last queries on history chunks ``0..N-1`` (one
+        layer, measured by exact prefill: the largest share of one query head's attention on each
+        chunk). The next refresh ranks chunks by its maximum over layers instead of asking the
+        indexer: at the end of the prompt the real attention is known."""
         if self._observed is None or self._observed.shape[0] != mass.shape[0] or layer == 0:
             self._observed = torch.zeros_like(mass, dtype=torch.float32)
-        self._observed += mass.float()
+        torch.maximum(self._observed, mass.float(), out=self._observed)
 
     # ---- refresh -------------------------------------------------------------------------------
     def candidates(self, position: int) -> tuple[int, int]:
