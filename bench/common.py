@@ -215,6 +215,12 @@ def load_default():
     return _DEFAULT_MODEL[0], _DEFAULT_MODEL[1], DEFAULT_MODEL_NAME
 
 
+class _Encoding(dict):
+    """A tokenizer's output: ``enc.input_ids`` and ``enc["input_ids"]`` alike."""
+
+    __getattr__ = dict.__getitem__
+
+
 class ByteTokenizer:
     """Text <-> ids as bytes modulo the vocabulary: lets the entries run end to end on a tiny
     random-init model (smoke tests; its answers mean nothing)."""
@@ -224,9 +230,7 @@ class ByteTokenizer:
 
     def __call__(self, text: str, add_special_tokens: bool = False, return_tensors=None):
         ids = [b % self.vocab for b in text.encode("utf-8")]
-        from types import SimpleNamespace
-
-        return SimpleNamespace(input_ids=torch.tensor([ids]) if return_tensors == "pt" else ids)
+        return _Encoding(input_ids=torch.tensor([ids]) if return_tensors == "pt" else ids)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return bytes(int(i) % 128 for i in ids).decode("ascii", errors="replace")

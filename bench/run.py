@@ -60,6 +60,12 @@ ENTRIES: dict[str, tuple[str, str, list[str], list[str]]] = {
         ["--quick"],
         [],
     ),
+    "prepare-cost": (
+        "bench.prepare_cost",
+        "flashmem prepare --train-indexer: seconds here; an 8B model on one GPU (estimated from FLOPs)",
+        ["--quick"],
+        [],
+    ),
     "paged-decode": ("bench.paged_decode_timing", "paged decode kernel vs torch SDPA (CUDA only)", [], []),
     "prefetch-overlap": (
         "bench.prefetch_overlap",

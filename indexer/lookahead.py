@@ -124,10 +124,13 @@ class LookaheadIndexer(torch.nn.Module):
             for g in range(c.num_kv_heads):
                 x = keys_pre[layer, :, g].float()
                 _, _, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
-                basis = vh[: c.rank].T * scale  # [D, r]
-                self.Wk[layer, g] = basis
+                # [D, r'] with r' = min(rank, D, keys): a rank above what the keys span keeps its
+                # remaining columns as initialised
+                basis = vh[: c.rank].T * scale
+                r = basis.shape[1]
+                self.Wk[layer, g, :, :r] = basis
                 group = c.num_q_heads // c.num_kv_heads
-                self.Wq[layer, g * group : (g + 1) * group] = basis
+                self.Wq[layer, g * group : (g + 1) * group, :, :r] = basis
 
     # ---- scoring -------------------------------------------------------------------------------
     def compress(self, layer: int, mean_key: torch.Tensor) -> torch.Tensor:

@@ -199,3 +199,18 @@ def test_compressed_key_in_summaries():
     s = idx.for_layer(0).compress(summarize_chunks(kr, kr, 16))
     assert s.compressed.shape == (4, 2, 8)
     torch.testing.assert_close(s.compressed[2, 1], s.mean_key[2, 1] @ idx.Wk[0, 1].detach())
+
+
+@pytest.mark.parametrize("rank, chunks", [(32, 40), (8, 5)])
+def test_init_from_keys_with_rank_above_what_the_keys_span(rank, chunks):
+    """A rank above head_dim (32 > 16) or above the number of key vectors (8 > 5) initialises the
+    directions the keys span and keeps the other columns as they were."""
+    L, H_Q, H_KV, D = 2, 4, 2, 16
+    idx = LookaheadIndexer(LookaheadConfig(L, H_Q, H_KV, D, rank=rank), {"model": "x"})
+    before = idx.Wk.detach().clone()
+    keys = torch.randn(L, chunks, H_KV, D, generator=torch.Generator().manual_seed(0))
+    idx.init_from_keys(keys)
+    spanned = min(rank, D, chunks)
+    assert not torch.equal(idx.Wk[:, :, :, :spanned], before[:, :, :, :spanned])
+    torch.testing.assert_close(idx.Wk[:, :, :, spanned:], before[:, :, :, spanned:])
+    torch.testing.assert_close(idx.Wq[:, :2, :, :spanned], idx.Wk[:, :1, :, :spanned].expand(-1, 2, -1, -1))
