@@ -631,6 +631,52 @@ def suite(results: Path) -> str:
     return _table(["suite", "entries ok", "wall", "per entry", "machine"], rows)
 
 
+def fidelity_choices(results: Path) -> str:
+    """Next-token fidelity at one budget by indexer and by TriAttention statistics source."""
+    name = "fidelity_indexers_stats.json"
+    d = _load(name, results)
+    if d is None:
+        return _missing(name)
+    st = d["settings"]
+    rows = []
+    for s in d["summary"]:
+        cfg = s["flashmem_config"]
+        rows.append(
+            [
+                f"`{cfg.get('indexer', 'auto')}`",
+                "the prompt's own queries" if cfg.get("stats_path") == "prompt" else "shipped",
+                f"{s['top1_agreement']:.3f}",
+                f"{s['mean_kl']:.4f}",
+                _pct(s["mean_avg_device_share"]),
+            ]
+        )
+    return (
+        f"`budget_tokens={d['summary'][0]['flashmem_config']['budget_tokens']}`; {len(st['docs'])} documents "
+        f"of {_int(st['context_tokens'])} tokens, {st['new_tokens']} teacher-forced steps each "
+        f"(`{name}`). Machine: {_stamp(d)}.\n\n"
+        + _table(["indexer", "TriAttention stats", "top-1 agreement", "mean KL (nats)", "avg device share"], rows)
+    )
+
+
+def prepare_cost(results: Path) -> str:
+    name = "prepare_cost.json"
+    d = _load(name, results)
+    if d is None:
+        return _missing(name)
+    m, e, st = d["measured"], d["estimate_llama8b_h100"], d["settings"]
+    return (
+        f"Measured on {d['model']} ({_stamp(d)}): **{m['wall_s']:.0f} s** in all, TriAttention stats "
+        f"{m['stats_s']:.0f} s ({_int(st['stats_tokens'])} tokens), lookahead indexer {m['indexer_s']:.0f} s "
+        f"({st['indexer_documents']} documents of {_int(st['indexer_document_tokens'])} tokens, labels and "
+        f"training); afterwards a plain budget config used both files ({d['check']['auto_indexer']}).\n\n"
+        f"Llama-3.1-8B on one H100, **an estimate from FLOPs, not a measurement**: the same stats pass is "
+        f"{e['stats_forward_flops']:.1e} FLOP (~{e['stats_s']:.0f} s at 40% of bf16 peak) and the indexer's "
+        f"forward passes {e['indexer_forward_flops']:.1e} FLOP (~{e['indexer_forward_s']:.0f} s), plus label "
+        f"building and training of the small indexer (here {m['indexer_s']:.0f} s in all on a CPU), plus "
+        f"loading the model: a few minutes at most (`{name}`)."
+    )
+
+
 SECTIONS: dict[str, Callable[[Path], str]] = {
     "suite": suite,
     "memory": memory,
@@ -645,6 +691,8 @@ SECTIONS: dict[str, Callable[[Path], str]] = {
     "bandwidth": bandwidth,
     "prefill-cost": prefill_cost,
     "stats-source": stats_source,
+    "fidelity-choices": fidelity_choices,
+    "prepare-cost": prepare_cost,
 }
 
 
