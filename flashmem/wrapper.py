@@ -187,6 +187,20 @@ class FlashMemModel:
         recall = min(self._recall_chunks_held(), recallable) * (c.chunk_size // c.block_size)
         return working + recall
 
+    def _table_blocks(self, tokens: int) -> tuple[int, int]:
+        """Entries of the decode step's static block table for a run of ``tokens`` tokens: (working
+        blocks, recalled blocks), the two parts of :meth:`_pool_blocks`' bound."""
+        c = self.config
+        recall = self._recall_chunks_held() * (c.chunk_size // c.block_size)
+        return max(1, self._pool_blocks(tokens) - self._pool_blocks_recall(tokens)), recall
+
+    def _pool_blocks_recall(self, tokens: int) -> int:
+        c = self.config
+        if c.budget_tokens is None:
+            return 0
+        recallable = max(0, tokens - c.recent_tokens) // c.chunk_size
+        return min(self._recall_chunks_held(), recallable) * (c.chunk_size // c.block_size)
+
     def _ensure_pool(self, tokens: int) -> None:
         """Grow the pool (block-aligned, geometrically: amortised O(1) copying per token) so that it
         holds :meth:`_pool_blocks` for ``tokens``; never beyond the bound for prompt + max_new_tokens.
@@ -297,6 +311,9 @@ class FlashMemModel:
                 index_candidates=c.index_candidates,
                 capacity_tokens=total_tokens,  # summaries sized once, no doubling slack
             )
+        # decode tokens reach the mirror and the summaries in batches: never more than the recent
+        # window (recall only reads chunks before it), so a refresh always finds them there
+        flush = c.chunk_size if not c.recall_enabled else max(1, min(c.chunk_size, c.recent_tokens))
         self.cache = FlashMemCache(
             PagedKVCache(self.pool),
             self.num_q_heads,
@@ -304,7 +321,11 @@ class FlashMemModel:
             mirror=self.mirror,
             recall=self.recall,
             offload=self.offload,
+            table_blocks=self._table_blocks(max(prompt_tokens, total_tokens - 1)),
+            flush_tokens=flush,
         )
+        # the forward's keyword arguments (cache argument name, empty 4D mask), made once per call
+        self._forward_kwargs = hf_compat.paged_forward_kwargs(self.model, self.cache, self.device)
         self._device_trace = []
         self._total_trace = []
         self._share_sum = 0.0
@@ -335,7 +356,25 @@ class FlashMemModel:
                     input_ids=ids,
                     position_ids=positions.unsqueeze(0),
                     logits_to_keep=1,
-                    **hf_compat.paged_forward_kwargs(self.model, cache, self.device),
+                    **self._forward_kwargs,
+                )
+        except BaseException:
+            cache.abort_step()
+            raise
+        cache.end_step()
+        return out.logits[0, -1].float()
+
+    def _decode_forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """One decode step: ``ids`` ``[1, 1]`` (on the device) at the next position; returns the
+        logits ``[vocab]``. The slot, position and tables are updated in place (static shapes, no
+        host sync, no tensor made from Python data)."""
+        cache = self.cache
+        self._ensure_pool(cache.logical_length + 1)
+        position = cache.begin_decode_step()
+        try:
+            with hf_compat.attention_runner(self.model, cache):
+                out = self.model(
+                    input_ids=ids, position_ids=position, logits_to_keep=1, **self._forward_kwargs
                 )
         except BaseException:
             cache.abort_step()
@@ -349,12 +388,13 @@ class FlashMemModel:
         cache = self.cache
         if self.policy.should_compact(cache.num_slots):
             t0 = time.perf_counter()
+            cache.flush()  # the journaled tokens reach the mirror before their slots move
             self.policy.compact(cache.paged, cache.seq_id, cache.logical_length, prompt_len=self._prompt_len)
             self._compactions += 1
             if self.offload is not None and len(self.offload.resident):
                 # ready chunks get new duplicate masks now; a pending prefetch's are marked outdated
                 # and rewritten at the window swap
-                self.offload.refresh_positions(self._working_positions())
+                self.offload.refresh_positions(self._working_positions(on_device=True))
             self._timings["compaction_s"] += time.perf_counter() - t0
 
     def _working_positions(self, on_device: bool = False) -> list[torch.Tensor]:
@@ -378,12 +418,12 @@ class FlashMemModel:
         if self.config.prefetch_steps == 0:
             self.offload.release_window()
             if chunk_ids:
-                self.offload.request(chunk_ids, resident_per_head=self._working_positions())
+                self.offload.request(chunk_ids, resident_per_head=self._working_positions(on_device=True))
                 self.offload.ensure_ready(chunk_ids)
         else:
             # the same outcome as a prefetch swapped in at once: exactly these chunks are the window
             self.offload.cancel_prefetch()
-            self.offload.load_window(chunk_ids, resident_per_head=self._working_positions())
+            self.offload.load_window(chunk_ids, resident_per_head=self._working_positions(on_device=True))
         self._timings["recall_s"] += time.perf_counter() - t0
 
     def _prefetch_recall(self) -> None:
@@ -393,7 +433,7 @@ class FlashMemModel:
             return
         t0 = time.perf_counter()
         chunk_ids = self.recall.select(self.cache.logical_length)
-        self.offload.prefetch(chunk_ids, resident_per_head=self._working_positions())
+        self.offload.prefetch(chunk_ids, resident_per_head=self._working_positions(on_device=True))
         self._timings["recall_s"] += time.perf_counter() - t0
 
     def _swap_recall(self) -> None:
@@ -535,15 +575,38 @@ class FlashMemModel:
         generated: list[int] = []
         step_logits = []
         lookahead, ahead = self.config.lookahead, self.config.prefetch_steps
+        cache = self.cache
+        # the sampled id stays on the device and is the next step's input; the host reads it once per
+        # step where it must (an end-of-sequence check or a stream), else once at the end
+        read_each = bool(eos_set) or stream is not None
+        pending: list[torch.Tensor] = []
+        forced_ids = None
+        if forced is not None:  # copied to the device once, not one id per step
+            forced_ids = torch.tensor(forced[:max_new_tokens], dtype=torch.int64, device=self.device)
         t0 = time.perf_counter()
         for step in range(max_new_tokens):
             if collect:
                 step_logits.append(logits)
-            token = sampler(logits) if forced is None else forced[step]
-            generated.append(token)
-            if stream is not None:
-                stream(token)
-            if token in eos_set or step == max_new_tokens - 1:
+            if forced is None:
+                token_ids = sampler.sample(logits).view(1, 1)  # [1, 1] on the device
+                if read_each:
+                    token = int(token_ids)  # the step's one host sync
+                    generated.append(token)
+                    if stream is not None:
+                        stream(token)
+                    if token in eos_set:
+                        break
+                else:
+                    pending.append(token_ids)
+            else:
+                token = forced[step]
+                token_ids = forced_ids[step : step + 1].view(1, 1)
+                generated.append(token)
+                if stream is not None:
+                    stream(token)
+                if token in eos_set:
+                    break
+            if step == max_new_tokens - 1:
                 break
             if step == 0 or (step % lookahead == 0 and not ahead):
                 self._refresh_recall()  # the first window uses the prompt's measured attention
@@ -551,18 +614,33 @@ class FlashMemModel:
                 self._swap_recall()
             elif ahead and (step + ahead) % lookahead == 0:
                 self._prefetch_recall()
-            ids = torch.tensor([[token]], device=self.device)
-            logits = self._forward(ids, self.cache.logical_length)
+            # recall reads the queries of the step before a refresh or prefetch only
+            cache.note_query = self._selects_after(step + 1)
+            logits = self._decode_forward(token_ids)
             self._decode_steps += 1
             self._record_share()
             self._maybe_compact()
+        cache.note_query = True
+        cache.flush()  # the mirror and the summaries hold every token again
         if self.offload is not None:
             self.offload.cancel_prefetch()  # generation ended inside a window: its successor is unused
+        if pending:
+            generated = torch.cat(pending).view(-1).tolist()  # one read for the whole run
         self._timings["decode_s"] += time.perf_counter() - t0
         self.last_logits = logits
         self.step_logits = torch.stack(step_logits) if collect and step_logits else None
         new = torch.tensor([generated], dtype=input_ids.dtype, device=input_ids.device)
         return torch.cat([input_ids, new], dim=1)
+
+    def _selects_after(self, step: int) -> bool:
+        """Whether the decode loop asks recall for chunks at ``step`` (a refresh or a prefetch), so
+        the forward before it must hand its queries to recall."""
+        if self.recall is None:
+            return False
+        lookahead, ahead = self.config.lookahead, self.config.prefetch_steps
+        if step % lookahead == 0:
+            return not ahead
+        return bool(ahead) and (step + ahead) % lookahead == 0
 
     def _prefill(self, input_ids: torch.Tensor, progress: bool | None) -> torch.Tensor:
         """Prefill the prompt ``[1, T]``: exact and layer by layer (:mod:`flashmem.prefill`), or the
@@ -778,8 +856,13 @@ class _Sampler:
                 self.generator.manual_seed(int(seed))
 
     def __call__(self, logits: torch.Tensor) -> int:
+        return int(self.sample(logits))
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token id of ``logits`` ``[vocab]`` as a ``[1]`` int64 tensor on their device (no
+        host sync)."""
         if not self.do_sample:
-            return int(logits.argmax())
+            return logits.argmax().view(1)
         logits = logits / self.temperature
         if self.top_k is not None:
             kth = torch.topk(logits, min(self.top_k, logits.shape[-1])).values[-1]
@@ -790,7 +873,7 @@ class _Sampler:
             drop = sorted_p.cumsum(0) - sorted_p > self.top_p
             sorted_p[drop] = 0
             probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return torch.multinomial(probs, 1, generator=self.generator)
 
 
 def format_bytes(n: float) -> str:
