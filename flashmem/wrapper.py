@@ -110,6 +110,11 @@ class FlashMemModel:
                 f"CUDA device (this one is on {self.device}; TRITON_INTERPRET=1, set before triton is "
                 "imported, runs them on a CPU for testing): use 'auto' or 'torch'"
             )
+        if config.cuda_graph and self.device.type != "cuda":
+            raise ValueError(
+                f"FlashMemConfig.cuda_graph=True captures the decode step in a CUDA graph, which needs the "
+                f"model on a CUDA device (this one is on {self.device}): set cuda_graph=False"
+            )
         self.policy = self._make_policy() if config.budget_tokens is not None else None
         self.indexer_name, self._indexers = None, None
         if config.recall_enabled:
@@ -284,9 +289,10 @@ class FlashMemModel:
         # sized for the prompt; grown before each decode step, never past the bound of the whole run
         # (the last generated token is never fed back)
         self._max_pool_blocks = self._pool_blocks(max(prompt_tokens, total_tokens - 1))
+        # a captured decode step reads the pool at fixed addresses: reserve its bound up front
         self.pool = BlockPool(
             self.num_layers,
-            self._pool_blocks(prompt_tokens),
+            self._max_pool_blocks if c.cuda_graph else self._pool_blocks(prompt_tokens),
             self.num_kv_heads,
             self.head_dim,
             block_size=self.config.block_size,
@@ -326,6 +332,8 @@ class FlashMemModel:
         )
         # the forward's keyword arguments (cache argument name, empty 4D mask), made once per call
         self._forward_kwargs = hf_compat.paged_forward_kwargs(self.model, self.cache, self.device)
+        self._graph = None  # the captured decode step of this call (cuda_graph)
+        self._graph_io: tuple[torch.Tensor, torch.Tensor] | None = None  # its input ids, logits
         self._device_trace = []
         self._total_trace = []
         self._share_sum = 0.0
@@ -367,10 +375,14 @@ class FlashMemModel:
     def _decode_forward(self, ids: torch.Tensor) -> torch.Tensor:
         """One decode step: ``ids`` ``[1, 1]`` (on the device) at the next position; returns the
         logits ``[vocab]``. The slot, position and tables are updated in place (static shapes, no
-        host sync, no tensor made from Python data)."""
+        host sync, no tensor made from Python data). With ``cuda_graph`` the step is captured once
+        (after an eager run of the same step) and replayed; a step that hands its queries to recall
+        runs eagerly."""
         cache = self.cache
         self._ensure_pool(cache.logical_length + 1)
         position = cache.begin_decode_step()
+        if self.config.cuda_graph and not cache.note_query:
+            return self._graph_step(ids, position)
         try:
             with hf_compat.attention_runner(self.model, cache):
                 out = self.model(
@@ -381,6 +393,55 @@ class FlashMemModel:
             raise
         cache.end_step()
         return out.logits[0, -1].float()
+
+    def _graph_step(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The decode step through the captured graph (the slot, position and tables were updated in
+        place by ``begin_decode_step``, outside the graph)."""
+        cache = self.cache
+        try:
+            if self._graph is None:
+                # run this step eagerly on a side stream (it also warms up kernels and libraries), then
+                # capture the same step: its writes are idempotent (same slot, same K/V)
+                stream = torch.cuda.Stream(self.device)
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                static_ids = ids.clone()
+                with torch.cuda.stream(stream), hf_compat.attention_runner(self.model, cache):
+                    eager = (
+                        self.model(
+                            input_ids=static_ids,
+                            position_ids=position,
+                            logits_to_keep=1,
+                            **self._forward_kwargs,
+                        )
+                        .logits[0, -1]
+                        .float()
+                    )
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph), hf_compat.attention_runner(self.model, cache):
+                    logits = (
+                        self.model(
+                            input_ids=static_ids,
+                            position_ids=position,
+                            logits_to_keep=1,
+                            **self._forward_kwargs,
+                        )
+                        .logits[0, -1]
+                        .float()
+                    )
+                self._graph, self._graph_io = graph, (static_ids, logits)
+                out = eager
+            else:
+                static_ids, logits = self._graph_io
+                static_ids.copy_(ids)
+                self._graph.replay()
+                out = logits.clone()  # the graph's output buffer is rewritten by the next replay
+        except BaseException:
+            cache.abort_step()
+            raise
+        cache.paged.mark_written(cache.seq_id)
+        cache.end_step()
+        return out
 
     def _maybe_compact(self) -> None:
         if self.policy is None:

@@ -128,6 +128,11 @@ class PagedKVCache:
         p_flat.index_copy_(0, slot, positions)
         self._seqs[seq_id].pending_written.add(layer)
 
+    def mark_written(self, seq_id: int) -> None:
+        """Record that every layer wrote the pending slots (a replayed CUDA graph wrote them; no
+        Python ran per layer)."""
+        self._state(seq_id).pending_written = set(range(self.pool.num_layers))
+
     def block_table_tensor(self, seq_id: int) -> torch.Tensor:
         """``[num_blocks_of_seq]`` int32 on the pool's device; cached until the table changes."""
         state = self._state(seq_id)

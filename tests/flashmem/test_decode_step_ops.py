@@ -134,3 +134,27 @@ def test_the_counter_catches_a_read_back_per_layer(model_stats, monkeypatch):
     prompt = torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(1))
     _, syncs, _ = flashmem_step_counts(model, _config(stats), prompt, steps=32)
     assert syncs > 1.1
+
+
+def test_cuda_graph_is_refused_off_cuda(model_stats):
+    model, stats = model_stats
+    config = _config(stats, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph=True .* needs the model on a CUDA device"):
+        flashmem.wrap(model, config)
+
+
+def test_decode_step_bench_skips_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: bench/gpu_check.sh runs the bench")
+    from bench import decode_step
+
+    assert decode_step.main([]) == 0
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_default_prefetch_steps_fit_short_windows():
+    assert flashmem.FlashMemConfig().prefetch_steps == 8
+    assert flashmem.FlashMemConfig(lookahead=8).prefetch_steps == 4
+    assert flashmem.FlashMemConfig(lookahead=1).prefetch_steps == 0
+    with pytest.raises(ValueError, match="prefetch_steps"):
+        flashmem.FlashMemConfig(lookahead=8, prefetch_steps=8)

@@ -126,6 +126,7 @@ FIELDS = {  # name: (values that are valid on their own, invalid or boundary val
     "prefill": (["exact", "exact", "sparse"], ["dense", None]),
     "prefill_chunk_tokens": ([None, None, 1, 7, 64], [0, -7, 7.5]),
     "observe_tokens": ([16, 0, 1, 1000], [-1, 1.5]),
+    "cuda_graph": ([False] * 9 + [True], [1, "yes", None]),
 }
 
 
@@ -143,6 +144,8 @@ def config_error(kw: dict) -> bool:
         if kw[name] not in choices:
             return True
     if not isinstance(kw["protect_prompt"], bool) or not isinstance(kw["host_mirror"], (bool, type(None))):
+        return True
+    if not isinstance(kw["cuda_graph"], bool):
         return True
     if not isinstance(kw["indexer"], str) or not kw["indexer"]:
         return True
@@ -186,6 +189,8 @@ def wrap_error(kw: dict) -> bool:
         return True
     if kw["attention_backend"] == "triton" and not INTERPRET:
         return True  # a CPU model
+    if kw["cuda_graph"]:
+        return True  # a CPU model: no CUDA graph
     if kw["budget_tokens"] is not None and kw["stats_path"] is None and kw["prefill"] == "sparse":
         return True  # no stats fit this model, and only the exact prefill derives them from the prompt
     return recall_enabled(kw) and kw["indexer"] == "lookahead"  # shipped checkpoint: another model
