@@ -61,7 +61,9 @@ OFFSETS: tuple[int, ...] = tuple(2**i for i in range(17))
 # ---------------------------------------------------------------------------------------------
 # Triton kernel
 # ---------------------------------------------------------------------------------------------
-@triton.jit
+# runtime sizes change during a decode (table length, splits, positions): not specialised on
+# (== 1, divisible by 16), so a new value never recompiles the kernel mid-decode
+@triton.jit(do_not_specialize=["t_step", "num_tokens"])
 def _triattention_score_kernel(
     k_ptr,
     pos_ptr,
