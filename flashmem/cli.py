@@ -53,7 +53,7 @@ CONFIG_HELP = {
     "chunk_budget": "chunks recalled per recall window (default: budget // (2 x chunk size); 0: no recall)",
     "lookahead": "decode steps between indexer refreshes",
     "prefetch_steps": "select and copy the next recall window this many steps before its boundary "
-    "(0: at the boundary; must be < --lookahead)",
+    "(0: at the boundary; must be < --lookahead; left at its default, at most lookahead // 2)",
     "indexer": "auto, quest, mean_key, mean_key_prerope, recency, lookahead, none, or an indexer "
     "checkpoint path",
     "index_backend": "chunk index used for candidate retrieval (faiss needs flashmem[faiss])",
@@ -64,6 +64,7 @@ CONFIG_HELP = {
     "sparse prefill's chunk (default: --compaction-interval)",
     "observe_tokens": "prompt-tail queries whose attention picks the first recalled chunks "
     "(0: ask the indexer)",
+    "cuda_graph": "capture the decode step in a CUDA graph and replay it (CUDA only)",
 }
 CONFIG_CHOICES = {
     "triattention_mode": TRIATTENTION_MODES,

@@ -78,6 +78,13 @@ def _path_field(name: str, value) -> str:
     return value
 
 
+class _DefaultInt(int):
+    """An int default that remembers it was not given (its identity tells, its value is the int)."""
+
+
+_DEFAULT_PREFETCH_STEPS = _DefaultInt(8)
+
+
 def known_indexers() -> tuple[str, ...]:
     """Indexer names the config accepts besides a checkpoint path: the keywords and the registry."""
     from flashmem.indexer.heuristics import INDEXERS
@@ -114,7 +121,8 @@ class FlashMemConfig:
         selected and their copies issued (on a side stream on CUDA), so decoding overlaps the
         transfer; at the boundary the new window replaces the old one. While both windows are held
         the device may hold up to 2 x chunk_budget recalled chunks (the pool is sized for it).
-        0: select, copy and wait at the boundary. Must be < lookahead.
+        0: select, copy and wait at the boundary. Must be < lookahead. Default 8; left at its
+        default with a lookahead of 8 or less it becomes lookahead // 2.
     indexer: "auto" (the shipped learned indexer when it matches the model, else "quest"), a
         heuristic ("quest", "mean_key", "mean_key_prerope", "recency"), "lookahead", a checkpoint
         path, or "none" (no recall).
@@ -127,6 +135,10 @@ class FlashMemConfig:
         to the device-resident tokens only: approximate, compacting as it goes).
     prefill_chunk_tokens: prompt tokens per forward: the exact prefill's tile (None: 8192) or the
         sparse prefill's chunk (None: compaction_interval).
+    cuda_graph: capture the decode step (one token through every layer) in a CUDA graph and replay
+        it (recall refreshes, compaction and the table updates run outside the graph); needs the
+        model on a CUDA device (refused elsewhere when the model is wrapped). The block pool is then
+        reserved at its bound for the whole call up front (a graph reads fixed addresses).
     observe_tokens: exact prefill measures the peak attention (largest share of one query head's
         attention, sinks left out) of the prompt's last observe_tokens queries on every chunk; the
         first recall after the prompt ranks chunks by it instead of asking the indexer (0: always ask
@@ -153,13 +165,14 @@ class FlashMemConfig:
     chunk_size: int = 64
     chunk_budget: int | None = None
     lookahead: int = 64
-    prefetch_steps: int = 0
+    prefetch_steps: int = _DEFAULT_PREFETCH_STEPS
     indexer: str = "auto"
     index_backend: str = "torch"
     index_candidates: int = 0
     prefill: str = "exact"
     prefill_chunk_tokens: int | None = None
     observe_tokens: int = 16
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         # Types first, converting numpy integers (and other numbers.Integral) to plain int, so that a
@@ -174,6 +187,8 @@ class FlashMemConfig:
         self.chunk_size = _int_field("chunk_size", self.chunk_size, 1)
         self.chunk_budget = _int_field("chunk_budget", self.chunk_budget, 0, allow_none=True)
         self.lookahead = _int_field("lookahead", self.lookahead, 1)
+        if self.prefetch_steps is _DEFAULT_PREFETCH_STEPS:
+            self.prefetch_steps = min(int(self.prefetch_steps), self.lookahead // 2)
         self.prefetch_steps = _int_field("prefetch_steps", self.prefetch_steps, 0)
         self.index_candidates = _int_field("index_candidates", self.index_candidates, 0)
         self.prefill_chunk_tokens = _int_field(
@@ -182,6 +197,7 @@ class FlashMemConfig:
         self.observe_tokens = _int_field("observe_tokens", self.observe_tokens, 0)
         self.protect_prompt = _bool_field("protect_prompt", self.protect_prompt)
         self.host_mirror = _bool_field("host_mirror", self.host_mirror, allow_none=True)
+        self.cuda_graph = _bool_field("cuda_graph", self.cuda_graph)
         _check_choice("triattention_mode", self.triattention_mode, TRIATTENTION_MODES)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_choice("index_backend", self.index_backend, INDEX_BACKENDS)

@@ -260,8 +260,10 @@ class RecallController:
             self.refreshes += 1
             self.observed_refreshes += 1
             return sorted(int(c) for c in top.tolist())
-        cos = self._cos[-1:]
-        sin = self._sin[-1:]
+        # the queries are those of the token at position - 1 (the last one decoded)
+        cos, sin = hf_compat.rotary_cos_sin(
+            self.model, torch.arange(position - 1, position, device=self._queries.device)
+        )
         candidates = self._retrieve(lo, hi) if self.indexes else None
         total = None
         for layer, indexer in enumerate(self.indexers):

@@ -166,3 +166,104 @@ def pre_rope_keys(
         with capture_attention_inputs(model, grab):
             model(input_ids=chunk[None], use_cache=False)
     return torch.cat(keys)
+
+
+# ---- counting what a decode step dispatches ------------------------------------------------------
+# aten ops that block the host on an accelerator: a scalar read-back and the ops whose output size
+# depends on the data (the host must wait for the count)
+SYNC_OPS = frozenset(
+    {
+        "aten._local_scalar_dense",
+        "aten.nonzero",
+        "aten.nonzero_static",
+        "aten.masked_select",
+        "aten.unique",
+        "aten._unique",
+        "aten._unique2",
+        "aten.unique_consecutive",
+        "aten.unique_dim",
+        "aten.is_nonzero",
+        "aten.equal",
+    }
+)
+
+
+class OpCounter:
+    """Counts the aten ops dispatched and the host syncs they imply while active (a context manager
+    around :class:`torch.utils._python_dispatch.TorchDispatchMode`).
+
+    A host sync is an op that would block the host on an accelerator: the ops in :data:`SYNC_OPS`
+    (``item()``, ``int(t)``, ``nonzero``, ``unique``, ...), and every copy between the host and the
+    device. With ``device`` an accelerator that is an ``aten._to_copy`` / ``aten.copy_`` with a CPU
+    source and a ``device`` destination or the reverse. On a CPU, where such copies do not exist, the
+    counter counts what would be one instead: every tensor made from Python data (``torch.tensor``,
+    indexing with a list: ``aten.lift_fresh``), an upload, and every ``Tensor.tolist()``,
+    ``Tensor.numpy()`` and ``Tensor.cpu()`` call, a read-back (those never dispatch an op on a CPU
+    tensor, so the methods are wrapped while the counter is active).
+
+    ``ops`` / ``syncs``: totals; ``by_op``: count per op name; ``sync_by_op``: the syncs per op name.
+    ``paused``: while True nothing is counted (e.g. around a prefill inside the counted block).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.ops = 0
+        self.syncs = 0
+        self.by_op: dict[str, int] = {}
+        self.sync_by_op: dict[str, int] = {}
+        self.paused = False
+        self._mode = None
+        self._saved: dict[str, object] = {}
+
+    def _sync(self, name: str) -> None:
+        if not self.paused:
+            self.syncs += 1
+            self.sync_by_op[name] = self.sync_by_op.get(name, 0) + 1
+
+    def _is_transfer(self, name: str, args, kwargs) -> bool:
+        if self.device.type == "cpu":
+            return name == "aten.lift_fresh"
+        if name not in ("aten._to_copy", "aten.copy_"):
+            return False
+        tensors = [a for a in args[:2] if isinstance(a, torch.Tensor)]
+        devices = {t.device.type for t in tensors}
+        target = kwargs.get("device")
+        if target is not None:
+            devices.add(torch.device(target).type)
+        return "cpu" in devices and len(devices) > 1
+
+    def __enter__(self) -> OpCounter:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if not counter.paused:
+                    name = func.overloadpacket._qualified_op_name.replace("::", ".")
+                    counter.ops += 1
+                    counter.by_op[name] = counter.by_op.get(name, 0) + 1
+                    if name in SYNC_OPS or counter._is_transfer(name, args, kwargs):
+                        counter._sync(name)
+                return func(*args, **kwargs)
+
+        if self.device.type == "cpu":
+            for method in ("tolist", "numpy", "cpu"):
+                original = getattr(torch.Tensor, method)
+                self._saved[method] = original
+
+                def wrapped(t, *a, _original=original, _name=method, **k):
+                    self._sync(f"Tensor.{_name}")
+                    return _original(t, *a, **k)
+
+                setattr(torch.Tensor, method, wrapped)
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+        for method, original in self._saved.items():
+            setattr(torch.Tensor, method, original)
+        self._saved = {}

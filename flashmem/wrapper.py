@@ -110,6 +110,11 @@ class FlashMemModel:
                 f"CUDA device (this one is on {self.device}; TRITON_INTERPRET=1, set before triton is "
                 "imported, runs them on a CPU for testing): use 'auto' or 'torch'"
             )
+        if config.cuda_graph and self.device.type != "cuda":
+            raise ValueError(
+                f"FlashMemConfig.cuda_graph=True captures the decode step in a CUDA graph, which needs the "
+                f"model on a CUDA device (this one is on {self.device}): set cuda_graph=False"
+            )
         self.policy = self._make_policy() if config.budget_tokens is not None else None
         self.indexer_name, self._indexers = None, None
         if config.recall_enabled:
@@ -186,6 +191,20 @@ class FlashMemModel:
         recallable = max(0, tokens - c.recent_tokens) // c.chunk_size
         recall = min(self._recall_chunks_held(), recallable) * (c.chunk_size // c.block_size)
         return working + recall
+
+    def _table_blocks(self, tokens: int) -> tuple[int, int]:
+        """Entries of the decode step's static block table for a run of ``tokens`` tokens: (working
+        blocks, recalled blocks), the two parts of :meth:`_pool_blocks`' bound."""
+        c = self.config
+        recall = self._recall_chunks_held() * (c.chunk_size // c.block_size)
+        return max(1, self._pool_blocks(tokens) - self._pool_blocks_recall(tokens)), recall
+
+    def _pool_blocks_recall(self, tokens: int) -> int:
+        c = self.config
+        if c.budget_tokens is None:
+            return 0
+        recallable = max(0, tokens - c.recent_tokens) // c.chunk_size
+        return min(self._recall_chunks_held(), recallable) * (c.chunk_size // c.block_size)
 
     def _ensure_pool(self, tokens: int) -> None:
         """Grow the pool (block-aligned, geometrically: amortised O(1) copying per token) so that it
@@ -270,9 +289,10 @@ class FlashMemModel:
         # sized for the prompt; grown before each decode step, never past the bound of the whole run
         # (the last generated token is never fed back)
         self._max_pool_blocks = self._pool_blocks(max(prompt_tokens, total_tokens - 1))
+        # a captured decode step reads the pool at fixed addresses: reserve its bound up front
         self.pool = BlockPool(
             self.num_layers,
-            self._pool_blocks(prompt_tokens),
+            self._max_pool_blocks if c.cuda_graph else self._pool_blocks(prompt_tokens),
             self.num_kv_heads,
             self.head_dim,
             block_size=self.config.block_size,
@@ -297,6 +317,9 @@ class FlashMemModel:
                 index_candidates=c.index_candidates,
                 capacity_tokens=total_tokens,  # summaries sized once, no doubling slack
             )
+        # decode tokens reach the mirror and the summaries in batches: never more than the recent
+        # window (recall only reads chunks before it), so a refresh always finds them there
+        flush = c.chunk_size if not c.recall_enabled else max(1, min(c.chunk_size, c.recent_tokens))
         self.cache = FlashMemCache(
             PagedKVCache(self.pool),
             self.num_q_heads,
@@ -304,7 +327,13 @@ class FlashMemModel:
             mirror=self.mirror,
             recall=self.recall,
             offload=self.offload,
+            table_blocks=self._table_blocks(max(prompt_tokens, total_tokens - 1)),
+            flush_tokens=flush,
         )
+        # the forward's keyword arguments (cache argument name, empty 4D mask), made once per call
+        self._forward_kwargs = hf_compat.paged_forward_kwargs(self.model, self.cache, self.device)
+        self._graph = None  # the captured decode step of this call (cuda_graph)
+        self._graph_io: tuple[torch.Tensor, torch.Tensor] | None = None  # its input ids, logits
         self._device_trace = []
         self._total_trace = []
         self._share_sum = 0.0
@@ -335,7 +364,7 @@ class FlashMemModel:
                     input_ids=ids,
                     position_ids=positions.unsqueeze(0),
                     logits_to_keep=1,
-                    **hf_compat.paged_forward_kwargs(self.model, cache, self.device),
+                    **self._forward_kwargs,
                 )
         except BaseException:
             cache.abort_step()
@@ -343,18 +372,90 @@ class FlashMemModel:
         cache.end_step()
         return out.logits[0, -1].float()
 
+    def _decode_forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """One decode step: ``ids`` ``[1, 1]`` (on the device) at the next position; returns the
+        logits ``[vocab]``. The slot, position and tables are updated in place (static shapes, no
+        host sync, no tensor made from Python data). With ``cuda_graph`` the step is captured once
+        (after an eager run of the same step) and replayed; a step that hands its queries to recall
+        runs eagerly."""
+        cache = self.cache
+        self._ensure_pool(cache.logical_length + 1)
+        position = cache.begin_decode_step()
+        if self.config.cuda_graph and not cache.note_query:
+            return self._graph_step(ids, position)
+        try:
+            with hf_compat.attention_runner(self.model, cache):
+                out = self.model(
+                    input_ids=ids, position_ids=position, logits_to_keep=1, **self._forward_kwargs
+                )
+        except BaseException:
+            cache.abort_step()
+            raise
+        cache.end_step()
+        return out.logits[0, -1].float()
+
+    def _graph_step(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The decode step through the captured graph (the slot, position and tables were updated in
+        place by ``begin_decode_step``, outside the graph)."""
+        cache = self.cache
+        try:
+            if self._graph is None:
+                # run this step eagerly on a side stream (it also warms up kernels and libraries), then
+                # capture the same step: its writes are idempotent (same slot, same K/V)
+                stream = torch.cuda.Stream(self.device)
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                static_ids = ids.clone()
+                with torch.cuda.stream(stream), hf_compat.attention_runner(self.model, cache):
+                    eager = (
+                        self.model(
+                            input_ids=static_ids,
+                            position_ids=position,
+                            logits_to_keep=1,
+                            **self._forward_kwargs,
+                        )
+                        .logits[0, -1]
+                        .float()
+                    )
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph), hf_compat.attention_runner(self.model, cache):
+                    logits = (
+                        self.model(
+                            input_ids=static_ids,
+                            position_ids=position,
+                            logits_to_keep=1,
+                            **self._forward_kwargs,
+                        )
+                        .logits[0, -1]
+                        .float()
+                    )
+                self._graph, self._graph_io = graph, (static_ids, logits)
+                out = eager
+            else:
+                static_ids, logits = self._graph_io
+                static_ids.copy_(ids)
+                self._graph.replay()
+                out = logits.clone()  # the graph's output buffer is rewritten by the next replay
+        except BaseException:
+            cache.abort_step()
+            raise
+        cache.paged.mark_written(cache.seq_id)
+        cache.end_step()
+        return out
+
     def _maybe_compact(self) -> None:
         if self.policy is None:
             return
         cache = self.cache
         if self.policy.should_compact(cache.num_slots):
             t0 = time.perf_counter()
+            cache.flush()  # the journaled tokens reach the mirror before their slots move
             self.policy.compact(cache.paged, cache.seq_id, cache.logical_length, prompt_len=self._prompt_len)
             self._compactions += 1
             if self.offload is not None and len(self.offload.resident):
                 # ready chunks get new duplicate masks now; a pending prefetch's are marked outdated
                 # and rewritten at the window swap
-                self.offload.refresh_positions(self._working_positions())
+                self.offload.refresh_positions(self._working_positions(on_device=True))
             self._timings["compaction_s"] += time.perf_counter() - t0
 
     def _working_positions(self, on_device: bool = False) -> list[torch.Tensor]:
@@ -378,12 +479,12 @@ class FlashMemModel:
         if self.config.prefetch_steps == 0:
             self.offload.release_window()
             if chunk_ids:
-                self.offload.request(chunk_ids, resident_per_head=self._working_positions())
+                self.offload.request(chunk_ids, resident_per_head=self._working_positions(on_device=True))
                 self.offload.ensure_ready(chunk_ids)
         else:
             # the same outcome as a prefetch swapped in at once: exactly these chunks are the window
             self.offload.cancel_prefetch()
-            self.offload.load_window(chunk_ids, resident_per_head=self._working_positions())
+            self.offload.load_window(chunk_ids, resident_per_head=self._working_positions(on_device=True))
         self._timings["recall_s"] += time.perf_counter() - t0
 
     def _prefetch_recall(self) -> None:
@@ -393,7 +494,7 @@ class FlashMemModel:
             return
         t0 = time.perf_counter()
         chunk_ids = self.recall.select(self.cache.logical_length)
-        self.offload.prefetch(chunk_ids, resident_per_head=self._working_positions())
+        self.offload.prefetch(chunk_ids, resident_per_head=self._working_positions(on_device=True))
         self._timings["recall_s"] += time.perf_counter() - t0
 
     def _swap_recall(self) -> None:
@@ -535,15 +636,38 @@ class FlashMemModel:
         generated: list[int] = []
         step_logits = []
         lookahead, ahead = self.config.lookahead, self.config.prefetch_steps
+        cache = self.cache
+        # the sampled id stays on the device and is the next step's input; the host reads it once per
+        # step where it must (an end-of-sequence check or a stream), else once at the end
+        read_each = bool(eos_set) or stream is not None
+        pending: list[torch.Tensor] = []
+        forced_ids = None
+        if forced is not None:  # copied to the device once, not one id per step
+            forced_ids = torch.tensor(forced[:max_new_tokens], dtype=torch.int64, device=self.device)
         t0 = time.perf_counter()
         for step in range(max_new_tokens):
             if collect:
                 step_logits.append(logits)
-            token = sampler(logits) if forced is None else forced[step]
-            generated.append(token)
-            if stream is not None:
-                stream(token)
-            if token in eos_set or step == max_new_tokens - 1:
+            if forced is None:
+                token_ids = sampler.sample(logits).view(1, 1)  # [1, 1] on the device
+                if read_each:
+                    token = int(token_ids)  # the step's one host sync
+                    generated.append(token)
+                    if stream is not None:
+                        stream(token)
+                    if token in eos_set:
+                        break
+                else:
+                    pending.append(token_ids)
+            else:
+                token = forced[step]
+                token_ids = forced_ids[step : step + 1].view(1, 1)
+                generated.append(token)
+                if stream is not None:
+                    stream(token)
+                if token in eos_set:
+                    break
+            if step == max_new_tokens - 1:
                 break
             if step == 0 or (step % lookahead == 0 and not ahead):
                 self._refresh_recall()  # the first window uses the prompt's measured attention
@@ -551,18 +675,33 @@ class FlashMemModel:
                 self._swap_recall()
             elif ahead and (step + ahead) % lookahead == 0:
                 self._prefetch_recall()
-            ids = torch.tensor([[token]], device=self.device)
-            logits = self._forward(ids, self.cache.logical_length)
+            # recall reads the queries of the step before a refresh or prefetch only
+            cache.note_query = self._selects_after(step + 1)
+            logits = self._decode_forward(token_ids)
             self._decode_steps += 1
             self._record_share()
             self._maybe_compact()
+        cache.note_query = True
+        cache.flush()  # the mirror and the summaries hold every token again
         if self.offload is not None:
             self.offload.cancel_prefetch()  # generation ended inside a window: its successor is unused
+        if pending:
+            generated = torch.cat(pending).view(-1).tolist()  # one read for the whole run
         self._timings["decode_s"] += time.perf_counter() - t0
         self.last_logits = logits
         self.step_logits = torch.stack(step_logits) if collect and step_logits else None
         new = torch.tensor([generated], dtype=input_ids.dtype, device=input_ids.device)
         return torch.cat([input_ids, new], dim=1)
+
+    def _selects_after(self, step: int) -> bool:
+        """Whether the decode loop asks recall for chunks at ``step`` (a refresh or a prefetch), so
+        the forward before it must hand its queries to recall."""
+        if self.recall is None:
+            return False
+        lookahead, ahead = self.config.lookahead, self.config.prefetch_steps
+        if step % lookahead == 0:
+            return not ahead
+        return bool(ahead) and (step + ahead) % lookahead == 0
 
     def _prefill(self, input_ids: torch.Tensor, progress: bool | None) -> torch.Tensor:
         """Prefill the prompt ``[1, T]``: exact and layer by layer (:mod:`flashmem.prefill`), or the
@@ -778,8 +917,13 @@ class _Sampler:
                 self.generator.manual_seed(int(seed))
 
     def __call__(self, logits: torch.Tensor) -> int:
+        return int(self.sample(logits))
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token id of ``logits`` ``[vocab]`` as a ``[1]`` int64 tensor on their device (no
+        host sync)."""
         if not self.do_sample:
-            return int(logits.argmax())
+            return logits.argmax().view(1)
         logits = logits / self.temperature
         if self.top_k is not None:
             kth = torch.topk(logits, min(self.top_k, logits.shape[-1])).values[-1]
@@ -790,7 +934,7 @@ class _Sampler:
             drop = sorted_p.cumsum(0) - sorted_p > self.top_p
             sorted_p[drop] = 0
             probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return torch.multinomial(probs, 1, generator=self.generator)
 
 
 def format_bytes(n: float) -> str:

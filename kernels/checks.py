@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 
@@ -49,6 +50,13 @@ def check_triton_device(kernel: str, device: torch.device, reference: str) -> No
         )
 
 
+@functools.lru_cache(maxsize=1)
+def _pinning_possible() -> bool:
+    """Page-locked host memory exists only where CUDA does (asked once: is_pinned() dispatches an op
+    per tensor, and the accounting runs every decode step)."""
+    return torch.cuda.is_available()
+
+
 def device_tensor_bytes(tensors, device: torch.device | str) -> int:
     """Bytes of the distinct storages behind ``tensors`` (an iterable; None entries skipped) that
     live on ``device``: what holding them costs there, views and repeats counted once."""
@@ -62,7 +70,7 @@ def device_tensor_bytes(tensors, device: torch.device | str) -> int:
             or (device.index is not None and t.device.index != device.index)
         ):
             continue
-        if t.device.type == "cpu" and t.is_pinned():
+        if t.device.type == "cpu" and _pinning_possible() and t.is_pinned():
             continue  # page-locked host memory: a host buffer, not the device's
         storage = t.untyped_storage()
         if storage.data_ptr() in seen:

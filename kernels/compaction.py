@@ -29,7 +29,9 @@ from .checks import check_float_tensor, check_triton_device
 __all__ = ["compaction", "reference_compaction"]
 
 
-@triton.jit
+# runtime sizes change during a decode (table length, splits, positions): not specialised on
+# (== 1, divisible by 16), so a new value never recompiles the kernel mid-decode
+@triton.jit(do_not_specialize=["num_rows", "stride_si_head", "stride_di_head"])
 def _copy_slots_kernel(
     src_k_ptr,
     src_v_ptr,

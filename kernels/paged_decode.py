@@ -50,7 +50,9 @@ _TILE_BYTES = 16384
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
-@triton.jit
+# runtime sizes change during a decode (table length, splits, positions): not specialised on
+# (== 1, divisible by 16), so a new value never recompiles the kernel mid-decode
+@triton.jit(do_not_specialize=["num_entries", "entries_per_split", "stride_tb", "stride_cb"])
 def _paged_decode_kernel(
     q_ptr,
     k_ptr,
@@ -176,7 +178,7 @@ def _paged_decode_kernel(
     tl.store(lse_ptrs, lse, mask=mask_h)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     part_out_ptr,
     part_lse_ptr,

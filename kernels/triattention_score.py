@@ -61,7 +61,9 @@ OFFSETS: tuple[int, ...] = tuple(2**i for i in range(17))
 # ---------------------------------------------------------------------------------------------
 # Triton kernel
 # ---------------------------------------------------------------------------------------------
-@triton.jit
+# runtime sizes change during a decode (table length, splits, positions): not specialised on
+# (== 1, divisible by 16), so a new value never recompiles the kernel mid-decode
+@triton.jit(do_not_specialize=["t_step", "num_tokens"])
 def _triattention_score_kernel(
     k_ptr,
     pos_ptr,
@@ -210,7 +212,8 @@ def _check_inputs(
 
 def _offset_mean(omega64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``mean_d cos(w_f d)``, ``mean_d sin(w_f d)`` over :data:`OFFSETS`, float64 ``[F]`` each."""
-    offsets = torch.tensor(OFFSETS, dtype=torch.float64, device=omega64.device)
+    # 2 ** i exactly (made on the device: no tensor from Python data, no host-to-device copy)
+    offsets = torch.exp2(torch.arange(len(OFFSETS), dtype=torch.float64, device=omega64.device))
     angles = omega64[:, None] * offsets[None, :]  # [F, 17]
     return torch.cos(angles).mean(dim=1), torch.sin(angles).mean(dim=1)
 

@@ -18,6 +18,17 @@ import torch
 from ..kernels.checks import device_tensor_bytes
 
 
+def id_runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive ints in ``ids`` (in the given order) as ``[start, stop)`` pairs."""
+    runs: list[tuple[int, int]] = []
+    for i in ids:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
 class BlockPoolExhausted(RuntimeError):
     """Raised when an allocation asks for more blocks than the pool has free."""
 
@@ -75,7 +86,7 @@ class BlockPool:
     # ---- sizes -------------------------------------------------------------------------------
     @property
     def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -173,10 +184,11 @@ class BlockPool:
         bad = [i for i in ids if i not in self._in_use]
         if bad or len(set(ids)) != len(ids):
             raise ValueError(f"freeing blocks that are not allocated (or twice): {bad or ids}")
-        if ids:
-            index = torch.tensor(ids, dtype=torch.long, device=self.device)
+        # runs of consecutive ids are reset by slice fills: no index tensor is made from Python data
+        # (on a GPU that would be a host-to-device copy), a scalar fill per run and layer
+        for start, stop in id_runs(sorted(ids)):
             for pos in self.positions:
-                pos.index_fill_(0, index, -1)
+                pos[start:stop].fill_(-1)
         for i in ids:
             self._in_use.remove(i)
             self._free.append(i)

@@ -85,6 +85,17 @@ def _copy_to_device(src: torch.Tensor, device: torch.device) -> torch.Tensor:
 _CUDA_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context
 
 
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive ints in ``ids`` (in order) as ``[start, stop)`` pairs."""
+    runs: list[tuple[int, int]] = []
+    for i in ids:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
 def page_size() -> int:
     """Bytes of one host memory page (the granularity of page-locking)."""
     return os.sysconf("SC_PAGE_SIZE")
@@ -580,16 +591,20 @@ class HostMirror:
             )
         return ids
 
-    def chunk_row_index(self, chunk_ids) -> torch.Tensor:
-        """Storage row of every slot of the given chunks, ``[len(chunk_ids) * chunk_size]`` int64 (CPU)."""
-        ids = torch.as_tensor(self._check_chunk_ids(chunk_ids), dtype=torch.int64)
-        offsets = torch.arange(self.chunk_size, dtype=torch.int64)
-        return (ids[:, None] * self.chunk_size + offsets[None, :]).reshape(-1)
+    def chunk_row_index(self, chunk_ids, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Storage row of every slot of the given chunks, ``[len(chunk_ids) * chunk_size]`` int64 (on
+        ``device``, default the host), made from ranges (no tensor from Python data)."""
+        ids = self._check_chunk_ids(chunk_ids)
+        c = self.chunk_size
+        parts = [torch.arange(a * c, b * c, dtype=torch.int64, device=device) for a, b in _runs(ids)]
+        if not parts:
+            return torch.empty(0, dtype=torch.int64, device=device)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def chunk_positions(self, chunk_ids) -> torch.Tensor:
-        """True token position of every slot of the chunks, ``[n * chunk_size]`` int32; -1 past the
-        committed tokens (the tail of a partial last chunk)."""
-        rows = self.chunk_row_index(chunk_ids)
+    def chunk_positions(self, chunk_ids, device: torch.device | str = "cpu") -> torch.Tensor:
+        """True token position of every slot of the chunks, ``[n * chunk_size]`` int32 (on ``device``);
+        -1 past the committed tokens (the tail of a partial last chunk)."""
+        rows = self.chunk_row_index(chunk_ids, device)
         return torch.where(rows < self._num_tokens, rows, -1).to(torch.int32)
 
     def chunk_rows(self, layer: int, chunk_ids) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

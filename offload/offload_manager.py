@@ -96,10 +96,11 @@ class OffloadManager:
                 f"resident_per_head needs one entry per KV head ({self.pool.num_kv_heads}), "
                 f"got {len(resident_per_head)}"
             )
-        for resident in resident_per_head:  # dedupe runs on the host: device tensors come back
-            if isinstance(resident, torch.Tensor) and resident.device.type != "cpu":
-                self.table_d2h_bytes += resident.numel() * 8  # moved as int64
-        return dedupe_positions(self.mirror.chunk_positions(chunk_ids), resident_per_head)
+        # dedupe runs where the resident positions live: device tensors stay on the device (the
+        # chunk positions are made there from ranges), so nothing comes back to the host
+        first = resident_per_head[0] if len(resident_per_head) else None
+        device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
+        return dedupe_positions(self.mirror.chunk_positions(chunk_ids, device), resident_per_head)
 
     def request(
         self,
@@ -313,24 +314,38 @@ class OffloadManager:
     def _write_masks(self, chunk_ids: list[int], resident_per_head) -> None:
         """Duplicate masks of ready chunks against ``resident_per_head``, written on the current
         stream. Computed where the given positions live (device tensors: no host round trip)."""
-        slot_positions = self.loaded_positions(chunk_ids)
         first = resident_per_head[0] if len(resident_per_head) else None
-        if isinstance(first, torch.Tensor):
-            if first.device.type != "cpu":
-                self.table_h2d_bytes += slot_positions.numel() * slot_positions.element_size()
-            slot_positions = slot_positions.to(first.device)
+        device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
+        slot_positions = self.loaded_positions(chunk_ids, device)
         positions = dedupe_positions(slot_positions, resident_per_head)
         self.engine.write_positions([self.resident.blocks(c) for c in chunk_ids], positions)
 
-    def loaded_positions(self, chunk_ids: Iterable[int]) -> torch.Tensor:
-        """True positions of the slots of resident chunks as loaded, ``[n * chunk_size]`` int32 (CPU):
-        -1 past the tokens the chunk held when it was copied (the mirror may have grown since)."""
+    def loaded_positions(self, chunk_ids: Iterable[int], device: torch.device | str = "cpu") -> torch.Tensor:
+        """True positions of the slots of resident chunks as loaded, ``[n * chunk_size]`` int32 (on
+        ``device``, made from ranges): -1 past the tokens the chunk held when it was copied (the
+        mirror may have grown since)."""
         cs = self.chunk_size
-        out = []
+        parts = []
         for c in chunk_ids:
             valid = self.resident.get(c).valid_tokens
-            out.extend(c * cs + r if r < valid else -1 for r in range(cs))
-        return torch.tensor(out, dtype=torch.int32)
+            rows = torch.arange(c * cs, (c + 1) * cs, dtype=torch.int32, device=device)
+            parts.append(rows if valid >= cs else torch.where(rows < c * cs + valid, rows, -1))
+        if not parts:
+            return torch.empty(0, dtype=torch.int32, device=device)
+        return torch.cat(parts)
+
+    def resident_block_lists(self) -> tuple[int, list[int], list[int]]:
+        """Host-side :meth:`resident_blocks`: ``(version, block_ids, valid)`` as Python lists (the version
+        changes whenever they do), for a caller that writes them into its own device tables."""
+        bs = self.pool.block_size
+        blocks: list[int] = []
+        valid: list[int] = []
+        for c in self.resident.resident_chunks():
+            entry = self.resident.get(c)
+            for j, b in enumerate(entry.blocks):
+                blocks.append(b)
+                valid.append(max(0, min(bs, entry.valid_tokens - j * bs)))
+        return self.resident.version, blocks, valid
 
     def resident_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks of the ready chunks in token order and their valid slot counts.
@@ -342,14 +357,7 @@ class OffloadManager:
         version = self.resident.version
         if self._blocks_cache is not None and self._blocks_cache[0] == version:
             return self._blocks_cache[1], self._blocks_cache[2]
-        bs = self.pool.block_size
-        blocks: list[int] = []
-        valid: list[int] = []
-        for c in self.resident.resident_chunks():
-            entry = self.resident.get(c)
-            for j, b in enumerate(entry.blocks):
-                blocks.append(b)
-                valid.append(max(0, min(bs, entry.valid_tokens - j * bs)))
+        _, blocks, valid = self.resident_block_lists()
         dev = self.pool.device
         out = (
             torch.tensor(blocks, dtype=torch.int32, device=dev),

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels.checks import device_tensor_bytes
-from .block_pool import BlockPool
+from .block_pool import BlockPool, id_runs
 
 
 @dataclass
@@ -36,6 +36,7 @@ class SequenceState:
     pending: int = 0
     pending_written: set[int] = field(default_factory=set)
     table_tensor: torch.Tensor | None = None
+    table_version: int = 0  # bumped whenever block_table changes
 
 
 class PagedKVCache:
@@ -45,6 +46,7 @@ class PagedKVCache:
         self.pool = pool
         self._seqs: dict[int, SequenceState] = {}
         self._next_id = 0
+        self._flat: list[tuple | None] = [None] * pool.num_layers
 
     # ---- sequences ---------------------------------------------------------------------------
     def add_sequence(self) -> int:
@@ -90,11 +92,62 @@ class PagedKVCache:
         """Bytes of the cached block-table tensors on the pool's device (the K/V live in the pool)."""
         return device_tensor_bytes((st.table_tensor for st in self._seqs.values()), self.pool.device)
 
+    def block_ids(self, seq_id: int) -> tuple[int, list[int]]:
+        """``(version, block ids in slot order)``: the live list (not a copy; do not modify it) and a
+        counter that changes whenever it does."""
+        state = self._state(seq_id)
+        return state.table_version, state.block_table
+
+    def slot_of(self, seq_id: int, slot: int) -> int:
+        """Flat pool slot index (``block_id * block_size + offset``) of the sequence's slot ``slot``."""
+        bs = self.block_size
+        return self._state(seq_id).block_table[slot // bs] * bs + slot % bs
+
+    def flat_views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values ``[num_blocks * block_size, H_kv, D]`` and positions ``[num_blocks * block_size,
+        H_kv]`` of ``layer`` as flat-slot views of the pool (made once per pool size, not per call)."""
+        pool = self.pool
+        cached = self._flat[layer]
+        if cached is None or cached[0] is not pool.keys[layer]:
+            flat = pool.num_blocks * pool.block_size
+            views = (
+                pool.keys[layer].view(flat, pool.num_kv_heads, pool.head_dim),
+                pool.values[layer].view(flat, pool.num_kv_heads, pool.head_dim),
+                pool.positions[layer].view(flat, pool.num_kv_heads),
+            )
+            cached = self._flat[layer] = (pool.keys[layer], *views)
+        return cached[1], cached[2], cached[3]
+
+    def write_one(self, seq_id: int, layer: int, keys: torch.Tensor, values: torch.Tensor, slot, positions):
+        """The decode step's write of one layer: ``keys, values [1, H_kv, D]`` (the pool's dtype) at the
+        flat slot ``slot`` (``[1]`` int64 on the pool's device) with ``positions`` ``[1, H_kv]`` int32;
+        no checks beyond :meth:`write`'s contract (three index copies, nothing else)."""
+        k_flat, v_flat, p_flat = self.flat_views(layer)
+        k_flat.index_copy_(0, slot, keys)
+        v_flat.index_copy_(0, slot, values)
+        p_flat.index_copy_(0, slot, positions)
+        self._seqs[seq_id].pending_written.add(layer)
+
+    def mark_written(self, seq_id: int) -> None:
+        """Record that every layer wrote the pending slots (a replayed CUDA graph wrote them; no
+        Python ran per layer)."""
+        self._state(seq_id).pending_written = set(range(self.pool.num_layers))
+
     def block_table_tensor(self, seq_id: int) -> torch.Tensor:
         """``[num_blocks_of_seq]`` int32 on the pool's device; cached until the table changes."""
         state = self._state(seq_id)
-        if state.table_tensor is None:
-            state.table_tensor = torch.tensor(state.block_table, dtype=torch.int32, device=self.pool.device)
+        if state.table_tensor is None:  # from ranges of consecutive ids: no tensor from Python data
+            device = self.pool.device
+            parts = [
+                torch.arange(a, b, dtype=torch.int32, device=device) for a, b in id_runs(state.block_table)
+            ]
+            state.table_tensor = (
+                torch.cat(parts)
+                if len(parts) > 1
+                else parts[0]
+                if parts
+                else torch.empty(0, dtype=torch.int32, device=device)
+            )
         return state.table_tensor
 
     def blocks_needed(self, num_slots: int) -> int:
@@ -112,6 +165,7 @@ class PagedKVCache:
         if extra > 0:
             state.block_table.extend(self.pool.allocate(extra))
             state.table_tensor = None
+            state.table_version += 1
         state.pending = n
         state.pending_written = set()
 
@@ -187,6 +241,7 @@ class PagedKVCache:
             self.pool.free(extra)
             del state.block_table[keep:]
             state.table_tensor = None
+            state.table_version += 1
         state.pending = 0
         state.pending_written = set()
 
@@ -234,5 +289,6 @@ class PagedKVCache:
             self.pool.free(tail)
             del state.block_table[keep:]
             state.table_tensor = None
+            state.table_version += 1
         state.num_slots = num_slots
         return len(tail)

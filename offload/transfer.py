@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .block_pool import BlockPool
+from .block_pool import BlockPool, id_runs
 from .host_mirror import HostMirror
 
 
@@ -180,9 +180,19 @@ class TransferEngine:
 
     def slot_index(self, blocks: list[list[int]]) -> torch.Tensor:
         """Flat pool slot of every chunk row, ``[n * chunk_size]`` int64 (CPU), rows in chunk order."""
+        return self.slot_index_on(blocks, "cpu")
+
+    def slot_index_on(self, blocks: list[list[int]], device: torch.device | str) -> torch.Tensor:
+        """:meth:`slot_index` made on ``device`` from ranges of consecutive blocks (no tensor from
+        Python data: on a GPU no host-to-device copy)."""
         bs = self.pool.block_size
-        ids = torch.tensor([b for bl in blocks for b in bl], dtype=torch.int64)
-        return (ids[:, None] * bs + torch.arange(bs, dtype=torch.int64)[None, :]).reshape(-1)
+        parts = [
+            torch.arange(a * bs, b * bs, dtype=torch.int64, device=device)
+            for a, b in id_runs([b for bl in blocks for b in bl])
+        ]
+        if not parts:
+            return torch.empty(0, dtype=torch.int64, device=device)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     # ---- load --------------------------------------------------------------------------------
     def load(
@@ -216,7 +226,7 @@ class TransferEngine:
 
         # 1. gather into one staging buffer: the host reads the pinned rows of every layer with the
         # CPU, so it blocks on those layers' pending device-to-host writes (event.synchronize)
-        m.wait_rows(range(m.num_layers), int(rows.max()) + 1)  # chunks may come in any order
+        m.wait_rows(range(m.num_layers), (max(chunk_ids) + 1) * m.chunk_size)  # any order
         nbytes = self._layout(n_rows)[3]
         staging_index, buf = self._take_staging(nbytes)
         s_slots, s_kv, s_pos = self._views(buf, n_rows)
@@ -224,9 +234,13 @@ class TransferEngine:
         for l in range(m.num_layers):
             torch.index_select(m.keys[l], 0, rows, out=s_kv[l, 0])
             torch.index_select(m.values[l], 0, rows, out=s_kv[l, 1])
+        device_positions = None
         if positions is None:
             true_pos = torch.where(rows < m.num_tokens, rows, -1).to(torch.int32)
             s_pos.copy_(true_pos[:, None].expand(n_rows, m.num_kv_heads))
+        elif positions.device.type != "cpu":
+            # computed on the device (duplicate masks): scattered from there, never read back
+            device_positions = positions.to(torch.int32)
         else:
             if positions.device.type != "cpu":
                 self.meta_d2h_bytes += positions.numel() * positions.element_size()
@@ -239,6 +253,8 @@ class TransferEngine:
 
         def scatter(dev_buf: torch.Tensor) -> None:
             d_slots, d_kv, d_pos = self._views(dev_buf, n_rows)
+            if device_positions is not None:
+                d_pos = device_positions
             for l in range(m.num_layers):
                 pool.keys[l].view(flat, H, D).index_copy_(0, d_slots, d_kv[l, 0])
                 pool.values[l].view(flat, H, D).index_copy_(0, d_slots, d_kv[l, 1])
@@ -253,6 +269,8 @@ class TransferEngine:
             batch.done = torch.cuda.Event()
             self.device_staging_peak_bytes = max(self.device_staging_peak_bytes, nbytes)
             self.device_staging_bytes_since_mark = max(self.device_staging_bytes_since_mark, nbytes)
+            if device_positions is not None:
+                device_positions.record_stream(stream)
             with torch.cuda.stream(stream):
                 dev_buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
                 batch.copy_start.record(stream)
@@ -287,7 +305,7 @@ class TransferEngine:
         the duplicate mask after the working tokens changed (e.g. after a compaction).
         """
         pool = self.pool
-        slots = self.slot_index(blocks)
+        slots = self.slot_index_on(blocks, self.device)
         if tuple(positions.shape) != (slots.numel(), pool.num_kv_heads):
             raise ValueError(
                 f"positions must be [{slots.numel()}, {pool.num_kv_heads}], got {tuple(positions.shape)}"
@@ -295,7 +313,6 @@ class TransferEngine:
         self.meta_h2d_bytes += slots.numel() * slots.element_size()
         if positions.device.type == "cpu":
             self.meta_h2d_bytes += positions.numel() * positions.element_size()
-        slots = slots.to(self.device, non_blocking=True)
         pos = positions.to(device=self.device, dtype=torch.int32, non_blocking=True)
         flat = pool.num_blocks * pool.block_size
         for l in range(pool.num_layers):

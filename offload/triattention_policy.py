@@ -202,7 +202,12 @@ class TriAttentionPolicy:
             elif mask.dim() == 2 and extra.dim() == 1:
                 extra = extra[:, None]
             mask = mask | extra
-        return select_keep(scores, keep, mask)
+        # sinks + window (+ the prompt when protected) bound the protected slots per head on the host
+        bound = None
+        if extra_protected is None:
+            prompt = (prompt_len or 0) if protect else 0
+            bound = min(num_slots, self.sink_tokens + self.recent_tokens + prompt)
+        return select_keep(scores, keep, mask, protected_bound=bound)
 
     def select(
         self,

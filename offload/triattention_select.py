@@ -37,13 +37,20 @@ def protected_mask(
     return mask
 
 
-def select_keep(scores: torch.Tensor, keep: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+def select_keep(
+    scores: torch.Tensor,
+    keep: int,
+    protected: torch.Tensor | None = None,
+    *,
+    protected_bound: int | None = None,
+) -> torch.Tensor:
     """Top-``keep`` slots per KV head, protected slots first; sorted ascending (slot order).
 
     scores: [N, H_kv] (higher = keep); protected: [N] or [N, H_kv] bool (or None).
     Returns keep_idx [H_kv, keep] int64. Raises ValueError if ``keep`` exceeds N or a head has more
     protected slots than ``keep`` (that check reads one count back from the device: compaction time
-    only, never per decode step).
+    only, never per decode step; a caller that knows a host-side bound on the protected slots per
+    head, ``protected_bound <= keep``, skips the read-back).
     """
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
         raise ValueError(f"scores must be a [N, H_kv] tensor, got {getattr(scores, 'shape', scores)}")
@@ -64,7 +71,10 @@ def select_keep(scores: torch.Tensor, keep: int, protected: torch.Tensor | None 
         ):
             raise ValueError(f"protected must be [N] or [N, H_kv] = {(num_slots, num_kv_heads)}")
         protected = protected.to(work.device).expand(num_slots, num_kv_heads)
-        most = int(protected.sum(dim=0).max()) if num_slots else 0
+        if protected_bound is not None and protected_bound <= keep:
+            most = 0  # bounded on the host: nothing to read back
+        else:
+            most = int(protected.sum(dim=0).max()) if num_slots else 0
         if most > keep:
             raise ValueError(
                 f"{most} protected slots (sinks + window + prompt) exceed the keep budget {keep}; raise the "

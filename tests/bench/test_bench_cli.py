@@ -143,7 +143,7 @@ def test_memory_entry_quick(tmp_path):
     cfg = flashmem.FlashMemConfig(budget_tokens=256)
     recalled = (
         getattr(cfg, "effective_chunk_budget", 0) * cfg.chunk_size if getattr(cfg, "recall_enabled", 0) else 0
-    )
+    ) * getattr(cfg, "recall_windows_held", 1)  # 2 windows while a prefetch overlaps the current one
     assert max(r["device_kv_trace"][2:]) <= (256 + 128 + 16 + recalled) * per_tok
     assert r["device_kv_trace"][-1] < r["full_kv_trace"][-1]
     assert out.with_suffix(".png").is_file()

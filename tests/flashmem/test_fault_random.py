@@ -63,7 +63,7 @@ def _draw(rng: random.Random, stats: str) -> dict:
     as drawn (conflicts between fields stay); "bad": a repaired valid setting with one or two fields
     then set to invalid or boundary values (so each bad value meets an otherwise valid setting)."""
     mode = rng.choices(["valid", "raw", "bad"], weights=[50, 15, 35])[0]
-    kw = {name: rng.choice(good) for name, (good, _) in sorted(FIELDS.items())}
+    kw = {name: rng.choice(good) for name, (good, _) in sorted(FIELDS.items()) if name not in OWN_DRAW}
     kw["stats_path"] = stats if kw["stats_path"] == "tiny" else None
     sink, window = kw["sink_tokens"], kw["recent_tokens"]
     if kw["budget_tokens"] == "rel":  # at and around the boundary sink + window
@@ -87,11 +87,20 @@ def _draw(rng: random.Random, stats: str) -> dict:
         if kw["index_backend"] == "faiss" and not kw["index_candidates"]:
             kw["index_candidates"] = 4
     if mode == "bad":
-        for name in rng.sample(sorted(f for f in FIELDS if FIELDS[f][1]), rng.choice([1, 1, 2])):
+        for name in rng.sample(
+            sorted(f for f in FIELDS if FIELDS[f][1] and f not in OWN_DRAW), rng.choice([1, 1, 2])
+        ):
             value = rng.choice(FIELDS[name][1])
             if value == "rel":  # prefetch_steps at the lookahead boundary
                 value = kw["lookahead"] + rng.choice([-1, 0])
             kw[name] = value
+    # fields added later draw from their own generator, so the main draw (and the coverage floors the
+    # seed gives) stays what it was
+    for name in OWN_DRAW:
+        good, bad = FIELDS[name]
+        kw[name] = (
+            _OWN_RNG.choice(bad) if mode == "bad" and _OWN_RNG.random() < 0.05 else _OWN_RNG.choice(good)
+        )
     if NUMPY_INTS and rng.random() < 0.1:
         ints = [k for k, v in kw.items() if k in INT_FIELDS and _is_int(v)]
         if ints:
@@ -126,7 +135,10 @@ FIELDS = {  # name: (values that are valid on their own, invalid or boundary val
     "prefill": (["exact", "exact", "sparse"], ["dense", None]),
     "prefill_chunk_tokens": ([None, None, 1, 7, 64], [0, -7, 7.5]),
     "observe_tokens": ([16, 0, 1, 1000], [-1, 1.5]),
+    "cuda_graph": ([False] * 19 + [True], [1, "yes", None]),
 }
+OWN_DRAW = ("cuda_graph",)
+_OWN_RNG = random.Random(11)
 
 
 def config_error(kw: dict) -> bool:
@@ -143,6 +155,8 @@ def config_error(kw: dict) -> bool:
         if kw[name] not in choices:
             return True
     if not isinstance(kw["protect_prompt"], bool) or not isinstance(kw["host_mirror"], (bool, type(None))):
+        return True
+    if not isinstance(kw["cuda_graph"], bool):
         return True
     if not isinstance(kw["indexer"], str) or not kw["indexer"]:
         return True
@@ -186,6 +200,8 @@ def wrap_error(kw: dict) -> bool:
         return True
     if kw["attention_backend"] == "triton" and not INTERPRET:
         return True  # a CPU model
+    if kw["cuda_graph"]:
+        return True  # a CPU model: no CUDA graph
     if kw["budget_tokens"] is not None and kw["stats_path"] is None and kw["prefill"] == "sparse":
         return True  # no stats fit this model, and only the exact prefill derives them from the prompt
     return recall_enabled(kw) and kw["indexer"] == "lookahead"  # shipped checkpoint: another model
@@ -211,6 +227,7 @@ def test_every_field_has_a_generator():
 def test_random_settings_never_crash_and_bad_ones_are_refused_before_any_work(model_and_stats):
     model, stats = model_and_stats
     rng = random.Random(7)
+    _OWN_RNG.seed(11)
     probe = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         plain_before = model(probe).logits

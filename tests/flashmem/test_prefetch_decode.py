@@ -25,7 +25,7 @@ def test_bad_prefetch_steps_are_refused_at_construction():
         flashmem.FlashMemConfig(budget_tokens=256, prefetch_steps=2.0)
     with pytest.raises(TypeError, match="prefetch_steps must be an int"):
         flashmem.FlashMemConfig(budget_tokens=256, prefetch_steps=True)
-    assert flashmem.FlashMemConfig().prefetch_steps == 0
+    assert flashmem.FlashMemConfig().prefetch_steps == 8  # the default: the next window prefetched
     assert flashmem.FlashMemConfig(lookahead=16, prefetch_steps=15).recall_windows_held == 2
 
 
@@ -40,16 +40,16 @@ class _Recorder:
         self.outdated_swaps = 0
         self.loading = False
         rec = self
-        forward = FlashMemModel._forward
+        forward = FlashMemModel._decode_forward
         swap, load, prefetch = OffloadManager.swap_window, OffloadManager.load_window, OffloadManager.prefetch
         request = OffloadManager.request
         copy, select = TransferEngine.load, RecallController.select
 
-        def _forward(fm, ids, start):
-            if ids.shape[1] == 1 and fm.offload is not None:
+        def _forward(fm, ids):
+            if fm.offload is not None:
                 rec.check(fm)
                 rec.steps += 1
-            return forward(fm, ids, start)
+            return forward(fm, ids)
 
         def swap_window(om, **kw):
             rec.outdated_swaps += om.prefetch_masks_outdated
@@ -89,7 +89,7 @@ class _Recorder:
 
         monkeypatch.setattr(TransferEngine, "load", copy_)
         monkeypatch.setattr(RecallController, "select", select_)
-        monkeypatch.setattr(FlashMemModel, "_forward", _forward)
+        monkeypatch.setattr(FlashMemModel, "_decode_forward", _forward)
         monkeypatch.setattr(OffloadManager, "request", request_)
         monkeypatch.setattr(OffloadManager, "swap_window", swap_window)
         monkeypatch.setattr(OffloadManager, "load_window", load_window)
@@ -98,6 +98,7 @@ class _Recorder:
     def check(self, fm):
         om, pool, cache, mirror = fm.offload, fm.pool, fm.cache, fm.mirror
         rs = om.resident
+        cache.flush()  # decode tokens reach the mirror in batches: compare against all of them
         # the kernel reads the working blocks + resident_blocks(): exactly the current window
         assert rs.resident_chunks() == sorted(self.window)
         blocks, valid = om.resident_blocks()

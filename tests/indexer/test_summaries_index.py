@@ -201,3 +201,24 @@ def test_builder_appends_in_place_and_grows_by_doubling():
         assert v.untyped_storage().nbytes() == 64 * 2 * 8 * 4
     torch.testing.assert_close(s.max_key, summarize_chunks(kr, kp, 16).max_key)
     torch.testing.assert_close(views_before.max_key, s.max_key[:3])
+
+
+@pytest.mark.parametrize("head_reduce", ["softmax_mean", "max"])
+def test_grouped_quest_equals_the_per_head_expanded_bound(head_reduce):
+    """Quest scores each query head against its KV head's bounds without copying the bounds per
+    query head; the scores equal the per-head formula ``sum_d max(q_d lo_d, q_d hi_d)`` over bounds
+    expanded to every query head (``repeat_interleave``), GQA 4 query heads per KV head."""
+    h_q, h_kv, d = 8, 2, 16
+    kr, kp = _keys(T=160, H=h_kv, D=d, seed=3)
+    s = summarize_chunks(kr.to(torch.bfloat16), kp.to(torch.bfloat16), 16)
+    q = torch.randn(h_q, d, generator=torch.Generator().manual_seed(4))
+    got = get_indexer("quest", head_reduce=head_reduce).score(QueryState(q_pre=q, q_rope=q, position=160), s)
+    group = h_q // h_kv
+    lo = s.min_key.float().repeat_interleave(group, dim=1)  # [N, H_q, D]
+    hi = s.max_key.float().repeat_interleave(group, dim=1)
+    per_head = torch.maximum(q[None] * lo, q[None] * hi).sum(-1).T  # [H_q, N]
+    if head_reduce == "max":
+        ref = per_head.amax(0)
+    else:
+        ref = torch.softmax(per_head / d**0.5, dim=-1).mean(0)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
