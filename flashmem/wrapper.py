@@ -135,6 +135,7 @@ class FlashMemModel:
         self._prompt_len = 0
         self._timings: dict[str, float] = {}
         self._max_pool_blocks = 0
+        self._windows_reached = 1  # recall windows the pool holds room for (see _ensure_pool)
         self._report_ready = False  # True while the state describes a generate() that did not fail
         self._lock = threading.Lock()  # held for the whole of generate(): one call at a time
         self._generating_thread: int | None = None
@@ -161,7 +162,7 @@ class FlashMemModel:
             backend=self.attention_backend,
         )
 
-    def _pool_blocks(self, tokens: int) -> int:
+    def _pool_blocks(self, tokens: int, windows: int | None = None) -> int:
         """Most blocks one sequence of ``tokens`` tokens (prompt + fed so far) can hold at once: the
         bound of the policy, derived here once; the pool is grown to it before every forward, so an
         allocation can never fail.
@@ -175,9 +176,9 @@ class FlashMemModel:
         front of the sequence's blocks (compaction slides survivors forward and frees the tail), and
         never more blocks than the tokens fill.
         Recalled chunks: ``chunk_size / block_size`` blocks each, at most ``chunk_budget`` per window
-        held (2 windows while a prefetch overlaps the current one), and never more than the chunks
-        recall can choose from: closed chunks before the recent window,
-        ``(tokens - recent_tokens) // chunk_size``.
+        held (2 windows while a prefetch overlaps the current one; ``windows`` counts fewer, for a
+        run that has not prefetched yet), and never more than the chunks recall can choose from:
+        closed chunks before the recent window, ``(tokens - recent_tokens) // chunk_size``.
         """
         c = self.config
         full = math.ceil(tokens / c.block_size)
@@ -189,7 +190,7 @@ class FlashMemModel:
         peak_slots = c.budget_tokens + c.compaction_interval - 1 + step
         working = min(full, math.ceil(peak_slots / c.block_size))
         recallable = max(0, tokens - c.recent_tokens) // c.chunk_size
-        recall = min(self._recall_chunks_held(), recallable) * (c.chunk_size // c.block_size)
+        recall = min(self._recall_chunks_held(windows), recallable) * (c.chunk_size // c.block_size)
         return working + recall
 
     def _table_blocks(self, tokens: int) -> tuple[int, int]:
@@ -209,16 +210,19 @@ class FlashMemModel:
     def _ensure_pool(self, tokens: int) -> None:
         """Grow the pool (block-aligned, geometrically: amortised O(1) copying per token) so that it
         holds :meth:`_pool_blocks` for ``tokens``; never beyond the bound for prompt + max_new_tokens.
-        Generation that stops early never reserved what it did not reach."""
-        need = self._pool_blocks(tokens)
+        Generation that stops early never reserved what it did not reach, and the second recall
+        window's blocks are reserved when the first prefetch is issued, not before."""
+        need = self._pool_blocks(tokens, self._windows_reached)
         pool = self.pool
         if need > pool.num_blocks:
             pool.grow(min(self._max_pool_blocks, max(need, pool.num_blocks + pool.num_blocks // 4)))
 
-    def _recall_chunks_held(self) -> int:
-        """Most recalled chunks on the device at once (resident + in flight)."""
+    def _recall_chunks_held(self, windows: int | None = None) -> int:
+        """Most recalled chunks on the device at once (resident + in flight), with ``windows`` recall
+        windows held (default: the most the config can hold)."""
         c = self.config
-        return c.effective_chunk_budget * c.recall_windows_held if c.recall_enabled else 0
+        held = c.recall_windows_held if windows is None else min(windows, c.recall_windows_held)
+        return c.effective_chunk_budget * held if c.recall_enabled else 0
 
     # ---- input checks (all before any work) --------------------------------------------------
     def _check_inputs(self, input_ids, max_new_tokens: int, kwargs: dict) -> torch.Tensor:
@@ -289,10 +293,11 @@ class FlashMemModel:
         # sized for the prompt; grown before each decode step, never past the bound of the whole run
         # (the last generated token is never fed back)
         self._max_pool_blocks = self._pool_blocks(max(prompt_tokens, total_tokens - 1))
+        self._windows_reached = 1  # recall windows held so far: 2 from the first prefetch on
         # a captured decode step reads the pool at fixed addresses: reserve its bound up front
         self.pool = BlockPool(
             self.num_layers,
-            self._max_pool_blocks if c.cuda_graph else self._pool_blocks(prompt_tokens),
+            self._max_pool_blocks if c.cuda_graph else self._pool_blocks(prompt_tokens, 1),
             self.num_kv_heads,
             self.head_dim,
             block_size=self.config.block_size,
@@ -493,6 +498,9 @@ class FlashMemModel:
         if self.recall is None:
             return
         t0 = time.perf_counter()
+        if self._windows_reached < 2:
+            self._windows_reached = 2  # the next window's chunks land beside the current one's
+            self._ensure_pool(self.cache.logical_length + 1)
         chunk_ids = self.recall.select(self.cache.logical_length)
         self.offload.prefetch(chunk_ids, resident_per_head=self._working_positions(on_device=True))
         self._timings["recall_s"] += time.perf_counter() - t0

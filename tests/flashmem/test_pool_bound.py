@@ -146,7 +146,7 @@ def test_an_exhausted_pool_is_reported_as_a_flashmem_bug_and_leaves_a_usable_wra
     model, stats = model_and_stats
     fm = flashmem.wrap(model, flashmem.FlashMemConfig(budget_tokens=160, stats_path=stats))
     ok = fm.generate(_prompt(300), 4, eos_token_id=None)
-    monkeypatch.setattr(type(fm), "_pool_blocks", lambda self, tokens: 2)
+    monkeypatch.setattr(type(fm), "_pool_blocks", lambda self, tokens, windows=None: 2)
     with pytest.raises(BlockPoolExhausted) as info:
         fm.generate(_prompt(300), 4, eos_token_id=None)
     message = str(info.value)
