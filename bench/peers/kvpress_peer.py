@@ -284,6 +284,101 @@ def run_fidelity(
 
 
 # ---------------------------------------------------------------------------------------------
+# RULER-style suite (bench/ruler.py)
+# ---------------------------------------------------------------------------------------------
+def ruler_methods(budgets: dict, length: int, presses: list[str] | None = None) -> list[dict]:
+    """The kvpress methods of ``bench/ruler.py`` at one length: every press x placement x target
+    share, each keeping flashmem's measured calibration share at that length and target
+    (``budgets[length][target]["share"]``). ``spec`` is what the suite's run key hashes."""
+    out = []
+    for target, cal in budgets[length].items():
+        keep = cal["share"]
+        for press in presses or PRESSES:
+            for placement in PLACEMENTS:
+                out.append(
+                    {
+                        "label": f"kvpress {press} ({placement}) (share {target:.0%})",
+                        "kind": "kvpress",
+                        "share": target,
+                        "press": press,
+                        "placement": placement,
+                        "keep_share": keep,
+                        "spec": {
+                            "kind": "kvpress",
+                            "press": press,
+                            "placement": placement,
+                            "keep_share": round(keep, 6),
+                        },
+                    }
+                )
+    return out
+
+
+def run_ruler(
+    prompts: list[dict],
+    budgets: dict,
+    log,
+    tok,
+    *,
+    presses: list[str] | None = None,
+    timeout: int = 48 * 3600,
+) -> tuple[list[str], dict]:
+    """The presses on the suite's prompts: jobs whose run key is in ``log`` (a ``bench.ruler.RunLog``)
+    are skipped; the others go to the worker, whose results (streamed to a JSONL as they finish, so
+    a run cut short keeps what it did) are scored here and appended to ``log``. Returns every run key
+    of the selection and the worker's status (why nothing ran, when it did not)."""
+    from bench import ruler
+
+    keys, task_prompts, methods_by_key = [], [], {}
+    for p in prompts:
+        jobs = []
+        for m in ruler_methods(budgets, p["target_tokens"], presses):
+            key = ruler.run_key(p, m)
+            keys.append(key)
+            if key in log:
+                continue
+            methods_by_key[key] = (p, m)
+            jobs.append(
+                {"key": key, "press": m["press"], "placement": m["placement"], "keep_share": m["keep_share"]}
+            )
+        if jobs:
+            full = next((r for r in log.records.values() if r["id"] == p["id"] and r["kind"] == "full"), None)
+            task_prompts.append(
+                {
+                    "id": p["id"],
+                    "context_ids": p["context_ids"],
+                    "question_ids": p["question_ids"],
+                    "new_tokens": p["max_new_tokens"],
+                    "full_tokens": full["output_tokens"] if full else None,
+                    "jobs": jobs,
+                }
+            )
+    if not task_prompts:
+        return keys, {"status": "ok", "reason": "every press result is in the log already"}
+    stream = Path(log.path).with_name(Path(log.path).stem + "_kvpress_stream.jsonl")
+    stream.unlink(missing_ok=True)
+    task = {"kind": "ruler", "prompts": task_prompts, "stream_path": str(stream.resolve())}
+    result = kvpress_env.run_worker(task, name="ruler", timeout=timeout)
+    done = 0
+    if stream.is_file():
+        for line in stream.read_text().splitlines():
+            try:
+                line = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if line.get("key") not in methods_by_key:
+                continue
+            p, m = methods_by_key[line["key"]]
+            log.append(ruler.record(p, m, line["key"], line, tok))
+            done += 1
+        stream.unlink()
+    status = {k: v for k, v in result.items() if k not in ("trials",)}
+    status.update(jobs=sum(len(tp["jobs"]) for tp in task_prompts), done=done)
+    print(f"kvpress: {done} of {status['jobs']} press runs done ({result.get('status')})")
+    return keys, status
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI (main process)
 # ---------------------------------------------------------------------------------------------
 QUICK_FIDELITY = {"tokens": 640, "docs": 1, "new_tokens": 16}
