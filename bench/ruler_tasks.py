@@ -210,9 +210,12 @@ def _needle_question(keys: list[str], kinds: str, multi: bool) -> str:
     )
 
 
+NOISE = tuple(s.strip() + "." for s in FILLER.split(".") if s.strip())  # the filler's 5 sentences
+
+
 def _haystack(kind: str, rng_start: int, n: int) -> list[str]:
     if kind == "noise":
-        return [FILLER.strip()] * n
+        return _window(NOISE, 0, n)
     pool = sentences()
     return _window(pool, rng_start % len(pool), n)
 
@@ -270,7 +273,7 @@ VT_INSTRUCTION = (
 
 
 def variable_tracking(hops: int = 4) -> Callable[[int, float, int], Built]:
-    """One chain ``VAR A = 12345``, ``VAR B = VAR A``, ... (``hops`` links) in repeated filler, its
+    """One chain ``VAR A = 12345``, ``VAR B = VAR A``, ... (``hops`` links) in filler sentences, its
     statements in order from ``depth / 2`` over half of the haystack; references: every name."""
 
     def build(n: int, depth: float, seed: int) -> Built:
@@ -282,7 +285,7 @@ def variable_tracking(hops: int = 4) -> Callable[[int, float, int], Built]:
             f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, len(names))
         ]
         at = [depth / 2 + 0.5 * i / max(1, len(lines) - 1) for i in range(len(lines))]
-        units = insert_at([FILLER.strip()] * n, list(zip(at, lines)))
+        units = insert_at(_haystack("noise", 0, n), list(zip(at, lines)))
         question = (
             f"\n\nQuestion: which variables hold the value {value}? "
             f"Answer: the variables that hold the value {value} are"
@@ -395,8 +398,10 @@ def qa(hops: int) -> Callable[[int, float, int], Built]:
             answer = countries[0]
             q = f"In which country was {people[0]} born?"
             facts = [f"{people[0]} was born in {towns[0]}.", f"{towns[0]} lies in the country of {answer}."]
-            facts += [f"{p} was born in {t}. {t} lies in the country of {c}." for p, t, c in
-                      zip(people[1:], towns[1:], countries[1:])]  # fmt: skip
+            facts += [
+                f"{p} was born in {t}. {t} lies in the country of {c}."
+                for p, t, c in zip(people[1:], towns[1:], countries[1:])
+            ]
         paras = paragraphs()
         start = rng.randrange(len(paras))
         docs = [[p if p[-1] in ".?!" else p + "."] for p in _window(paras, start, max(n, 1))]
