@@ -136,6 +136,7 @@ def test_calibrate_budget_finds_the_share_or_the_nearest_feasible():
     assert len(r["evaluations"]) <= 6
     r = ruler.calibrate_budget(measure, 4096, 0.03)
     assert r == {**r, "budget_tokens": ruler.MIN_BUDGET, "reached": False}
+    assert len(r["evaluations"]) == 1  # the minimum is over the target: no further runs
     assert r["share"] == pytest.approx(measure(ruler.MIN_BUDGET))
 
 
@@ -367,6 +368,8 @@ def test_kvpress_ruler_scores_the_stream_and_skips_what_is_done(monkeypatch, tmp
 STUB = """
 import contextlib
 
+SEEN = []  # tokens of each forward pass run under the press
+
 
 class KnormPress:
     def __init__(self, compression_ratio=0.0):
@@ -374,7 +377,14 @@ class KnormPress:
 
     @contextlib.contextmanager
     def __call__(self, model):
-        yield
+        def seen(module, args, kwargs):
+            SEEN.append(kwargs["input_ids"].shape[1])
+
+        hook = model.model.register_forward_pre_hook(seen, with_kwargs=True)
+        try:
+            yield
+        finally:
+            hook.remove()
 """
 
 
@@ -419,3 +429,5 @@ def test_kvpress_worker_ruler_kind_with_a_keep_all_press(monkeypatch, tmp_path):
     full = out["env_check"]["tokens"]
     assert len(full) == 4 and all(x["tokens"] == full for x in lines)
     assert all(x["kept_share_end"] == 1.0 for x in lines)
+    # the press saw the context alone (question outside), then context + question but its last token
+    assert stub.SEEN == [len(ctx), len(ctx) + len(q) - 1]
