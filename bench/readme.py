@@ -640,6 +640,9 @@ def ruler(results: Path) -> str:
         f"(QA: any reference). Machine: {_stamp(d)}. Full attention equals flashmem without a budget on "
         f"`{d['sanity']['prompt']}`: {d['sanity']['tokens_equal']}.\n"
     ]
+    kv = d.get("kvpress")
+    if kv and kv.get("status") != "ok":
+        out.append(f"\nkvpress presses: {kv.get('status')} ({str(kv.get('reason'))[:200]}).\n")
     for length in st["lengths"]:
         budgets = st.get("budgets", {}).get(str(length), {})
         notes = [

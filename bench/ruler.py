@@ -372,6 +372,7 @@ def record(p: dict, m: dict, key: str, run: dict, tok) -> dict:
         "kind": m["kind"],
         "share_target": m.get("share"),
         "id": p["id"],
+        "ids_sha": p["ids_sha"],
         "task": p["task"],
         "length": p["target_tokens"],
         "sample": p["sample"],
@@ -616,12 +617,12 @@ def main(argv: list[str] | None = None) -> int:
         tuned_budgets = budgets_for(model, tok, args.lengths, args.shares, args.tuned, where["budgets"])
     methods = method_list(args, budgets, tuned_budgets, args.tuned)
 
-    wanted: list[str] = []
+    wanted: list[tuple[str, str, float | None]] = []  # (run key, method label, target share)
     for p in prompts:
         for method in methods:
             m = bind(method, p["target_tokens"])
             key = run_key(p, m)
-            wanted.append(key)
+            wanted.append((key, m["label"], m.get("share")))
             if key in log:
                 continue
             ids = prompt_ids(p)
@@ -648,11 +649,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         wanted += kv_keys
 
-    records = [log.records[k] for k in wanted if k in log]
+    # two methods may share a run (two targets that both fall to the minimum budget): each keeps its label
+    records = [
+        {**log.records[k], "method": label, "share_target": share} for k, label, share in wanted if k in log
+    ]
     order = [m["label"] for m in methods if m.get("default")] + [
         m["label"] for m in methods if not m.get("default")
     ]
-    order += sorted({r["method"] for r in records} - set(order))
+    order += [x for x in dict.fromkeys(r["method"] for r in records) if x not in order]
     summary = summarize(records, order)
     data = common.header(
         "ruler",

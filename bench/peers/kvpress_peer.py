@@ -322,27 +322,57 @@ def run_ruler(
     *,
     presses: list[str] | None = None,
     timeout: int = 48 * 3600,
-) -> tuple[list[str], dict]:
+) -> tuple[list[tuple], dict]:
     """The presses on the suite's prompts: jobs whose run key is in ``log`` (a ``bench.ruler.RunLog``)
     are skipped; the others go to the worker, whose results (streamed to a JSONL as they finish, so
-    a run cut short keeps what it did) are scored here and appended to ``log``. Returns every run key
-    of the selection and the worker's status (why nothing ran, when it did not)."""
+    a run cut short keeps what it did) are scored here and appended to ``log``. Returns ``(run key,
+    method label, target share)`` of every job of the selection and the worker's status (why
+    nothing ran, when it did not)."""
     from bench import ruler
 
-    keys, task_prompts, methods_by_key = [], [], {}
+    stream = Path(log.path).with_name(Path(log.path).stem + "_kvpress_stream.jsonl")
+    keys, by_key = [], {}
     for p in prompts:
-        jobs = []
         for m in ruler_methods(budgets, p["target_tokens"], presses):
             key = ruler.run_key(p, m)
-            keys.append(key)
-            if key in log:
+            keys.append((key, m["label"], m["share"]))
+            by_key.setdefault(key, (p, m))
+
+    def ingest() -> int:
+        """Score and log the streamed results of a worker (this one, or one whose main process was
+        stopped before it could read them)."""
+        done = 0
+        if stream.is_file():
+            for text in stream.read_text().splitlines():
+                try:
+                    line = json.loads(text)
+                except json.JSONDecodeError:
+                    continue
+                key = line.get("key") if isinstance(line, dict) else None
+                if key in by_key and key not in log:
+                    p, m = by_key[key]
+                    log.append(ruler.record(p, m, key, line, tok))
+                    done += 1
+            stream.unlink()
+        return done
+
+    recovered = ingest()
+    task_prompts = []
+    for p in prompts:
+        jobs, seen = [], set()
+        for m in ruler_methods(budgets, p["target_tokens"], presses):
+            key = ruler.run_key(p, m)
+            if key in log or key in seen:
                 continue
-            methods_by_key[key] = (p, m)
+            seen.add(key)
             jobs.append(
                 {"key": key, "press": m["press"], "placement": m["placement"], "keep_share": m["keep_share"]}
             )
         if jobs:
-            full = next((r for r in log.records.values() if r["id"] == p["id"] and r["kind"] == "full"), None)
+            full = next(
+                (r for r in log.records.values() if r.get("ids_sha") == p["ids_sha"] and r["kind"] == "full"),
+                None,
+            )
             task_prompts.append(
                 {
                     "id": p["id"],
@@ -354,26 +384,16 @@ def run_ruler(
                 }
             )
     if not task_prompts:
-        return keys, {"status": "ok", "reason": "every press result is in the log already"}
-    stream = Path(log.path).with_name(Path(log.path).stem + "_kvpress_stream.jsonl")
-    stream.unlink(missing_ok=True)
+        return keys, {
+            "status": "ok",
+            "reason": "every press result is in the log already",
+            "recovered": recovered,
+        }
     task = {"kind": "ruler", "prompts": task_prompts, "stream_path": str(stream.resolve())}
     result = kvpress_env.run_worker(task, name="ruler", timeout=timeout)
-    done = 0
-    if stream.is_file():
-        for line in stream.read_text().splitlines():
-            try:
-                line = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if line.get("key") not in methods_by_key:
-                continue
-            p, m = methods_by_key[line["key"]]
-            log.append(ruler.record(p, m, line["key"], line, tok))
-            done += 1
-        stream.unlink()
+    done = ingest()
     status = {k: v for k, v in result.items() if k not in ("trials",)}
-    status.update(jobs=sum(len(tp["jobs"]) for tp in task_prompts), done=done)
+    status.update(jobs=sum(len(tp["jobs"]) for tp in task_prompts), done=done, recovered=recovered)
     print(f"kvpress: {done} of {status['jobs']} press runs done ({result.get('status')})")
     return keys, status
 

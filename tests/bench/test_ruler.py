@@ -300,6 +300,31 @@ def test_entry_end_to_end_and_resumes(stub_entry, tmp_path):
     assert calls.count("full") == 6  # depths change with the count, so every prompt is new
 
 
+def test_two_targets_on_one_budget_run_once_and_keep_both_labels(stub_entry):
+    calls, out = stub_entry
+    argv = [
+        "--tasks",
+        "niah_single_1",
+        "--lengths",
+        "512",
+        "--samples",
+        "2",
+        "--methods",
+        "flashmem",
+        "--shares",
+        "0.1,0.2",
+        "--json",
+        str(out),
+    ]
+    assert ruler.main(argv) == 0
+    assert calls.count(("flashmem", ruler.MIN_BUDGET)) == 1 + 2  # calibration once, then each prompt once
+    data = json.loads(out.read_text())
+    assert not data["settings"]["budgets"]["512"]["0.1"]["reached"]
+    rows = {(r["method"], r["task"]): r for r in data["summary"]}
+    assert rows[("flashmem (share 10%)", "niah_single_1")]["n"] == 2
+    assert rows[("flashmem (share 20%)", "niah_single_1")]["n"] == 2
+
+
 def test_quick_mode_settings():
     args = ruler.parse(["--quick"])
     assert args.methods == ["full", "flashmem"] and args.shares == [0.06] and args.samples == 2
@@ -353,11 +378,16 @@ def test_kvpress_ruler_scores_the_stream_and_skips_what_is_done(monkeypatch, tmp
         return {"status": "ok", "env_check": None}
 
     monkeypatch.setattr(kvpress_env, "run_worker", fake_worker)
+    # a stream left by a worker whose main process was stopped: its result is kept, its job not sent
+    first = kvpress_peer.ruler_methods(budgets, 512, ["KnormPress", "TOVAPress"])[0]
+    left = {"key": ruler.run_key(prompts[0], first), "tokens": tok(" 9").input_ids, "kept_share_end": 0.29}
+    (tmp_path / "runs_kvpress_stream.jsonl").write_text(json.dumps(left) + "\n" + '{"key": "cut sho')
     keys, status = kvpress_peer.run_ruler(prompts, budgets, log, tok, presses=["KnormPress", "TOVAPress"])
-    assert len(keys) == 2 * 2 * 2 and status["done"] == 8 and status["jobs"] == 8
+    assert len(keys) == 2 * 2 * 2 and status["recovered"] == 1
+    assert status["done"] == 7 and status["jobs"] == 7
     task = seen[0]
     assert task["kind"] == "ruler" and task["prompts"][0]["jobs"][0]["keep_share"] == 0.31
-    recs = [log.records[k] for k in keys]
+    recs = [{**log.records[k], "method": label} for k, label, _ in keys]
     inside = [r for r in recs if r["placement"] == "question inside"]
     assert all(r["score"] == 1.0 for r in inside) and all(r["kept_share_end"] == 0.29 for r in recs)
     assert {r["method"] for r in recs} >= {"kvpress KnormPress (question inside) (share 30%)"}
