@@ -189,7 +189,7 @@ def distinct(draw: Callable[[], str], k: int, exclude: tuple[str, ...] = ()) -> 
 
 def insert_at(units: list[str], items: list[tuple[float, str]]) -> list[str]:
     """``units`` with each ``(depth, text)`` inserted before unit ``round(depth * len(units))``
-    (depth 0: first, 1: last), in the given order at equal positions."""
+    (depth 0: first, 1: after the last), in order of depth."""
     out = list(units)
     n = len(units)
     for offset, (depth, text) in enumerate(sorted(items, key=lambda x: x[0])):
@@ -230,7 +230,7 @@ def niah(
     key_kind: str = "word",
 ) -> Callable[[int, float, int], Built]:
     """A needle task: ``keys`` keys asked at once, each with ``values`` values (all references),
-    ``distractors`` other keys' needles, haystack ``"noise"`` (repeated filler), ``"text"`` (local
+    ``distractors`` other keys' needles, haystack ``"noise"`` (the filler's sentences), ``"text"`` (local
     prose) or ``"needles"`` (only distractor needles: ``n`` of them)."""
     kinds = "numbers" if value == "number" else "uuids"
 
@@ -299,9 +299,9 @@ def variable_tracking(hops: int = 4) -> Callable[[int, float, int], Built]:
 # common / frequent words
 # ---------------------------------------------------------------------------------------------
 def common_words(common: int = 10, rare_freq: int = 3) -> Callable[[int, float, int], Built]:
-    """A numbered list: ``common`` words each ``common_freq`` times (10 per 2K tokens of target,
-    set by the caller through ``seed``-independent ``n``: see :func:`cwe_common_freq`) and ``n``
-    rare words ``rare_freq`` times each, shuffled; references: the common words."""
+    """A numbered list of local words: ``common`` words ``common_freq`` times each (the caller sets it
+    from the target length: :func:`cwe_common_freq`) and ``n`` rare words ``rare_freq`` times each,
+    shuffled; references: the common words."""
 
     def build(n: int, depth: float, seed: int, common_freq: int = 10) -> Built:
         rng = random.Random(seed)
