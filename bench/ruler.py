@@ -208,6 +208,8 @@ def flashmem_run(model, cfg: dict, ids: torch.Tensor, new_tokens: int) -> dict:
         "peak_device_share": rep["peak_device_share"],
         "avg_device_kv_share": rep["avg_device_kv_share"],
         "peak_device_kv_share": rep["peak_device_kv_share"],
+        "device_bytes": rep["device_bytes"],
+        "full_kv_bytes": rep["full_kv_bytes"],
     }
 
 
@@ -393,6 +395,8 @@ def record(p: dict, m: dict, key: str, run: dict, tok) -> dict:
         "kept_share",
         "kept_share_end",
         "keep_share_requested",
+        "device_bytes",
+        "full_kv_bytes",
     ):
         if run.get(k) is not None:
             rec[k] = run[k]
