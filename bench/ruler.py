@@ -28,10 +28,12 @@ Methods:
 * ``--flashmem-config JSON``: an extra flashmem configuration, labelled *tuned*: with a
   ``budget_tokens`` it runs as given, without one its budget is calibrated per share like the default;
 * ``kvpress``: presses of NVIDIA kvpress in their own environment (``bench/peers/kvpress_peer.py``
-  ``run_ruler``) at flashmem's measured calibration share per length and target, question outside
-  and inside the compressed context; the kept share of a press is of the KV alone, flashmem's counts
-  every device byte, so a press keeps at least as much KV as flashmem holds. Without the
-  environment the JSON records why.
+  ``run_ruler``; StreamingLLM, SnapKV, ExpectedAttention, Knorm, TOVA, or ``--presses``) at
+  flashmem's measured calibration share per length and target, question outside and inside the
+  compressed context; the kept share of a press is of the KV alone, flashmem's counts every device
+  byte, so a press keeps at least as much KV as flashmem holds. (The decoding-time press is left
+  out: it cuts every 64 generated tokens, so within these answer budgets it would hold the whole
+  prompt.) Without the environment the JSON records why.
 
 Correctness first: on the first prompt flashmem without a budget must generate exactly full
 attention's tokens (``sanity`` in the JSON; a mismatch stops the run), and every full-attention
