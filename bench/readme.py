@@ -609,6 +609,71 @@ def kvpress_fidelity(results: Path) -> str:
     )
 
 
+RULER_SHORT = {
+    "niah_single_1": "S1",
+    "niah_single_2": "S2",
+    "niah_single_3": "S3",
+    "niah_multikey_1": "MK1",
+    "niah_multikey_2": "MK2",
+    "niah_multikey_3": "MK3",
+    "niah_multivalue": "MV",
+    "niah_multiquery": "MQ",
+    "vt": "VT",
+    "cwe": "CWE",
+    "fwe": "FWE",
+    "qa_1": "QA1",
+    "qa_2": "QA2",
+}
+
+
+def ruler(results: Path) -> str:
+    """One table per length: a row per method (default-config flashmem first), its measured share,
+    the score of every task and their mean."""
+    d = _load("ruler.json", results)
+    if d is None:
+        return "_(not run yet: `python -m bench.run ruler` writes this table)_\n"
+    st = d["settings"]
+    rows_by = {(r["method"], r["length"], r["task"]): r for r in d["summary"]}
+    tasks = [t for t in RULER_SHORT if any(r["task"] == t for r in d["summary"])]
+    out = [
+        f"{st['samples']} samples per task and length; greedy, no EOS stop; score = mean string match x 100 "
+        f"(QA: any reference). Machine: {_stamp(d)}. Full attention equals flashmem without a budget on "
+        f"`{d['sanity']['prompt']}`: {d['sanity']['tokens_equal']}.\n"
+    ]
+    kv = d.get("kvpress")
+    if kv and kv.get("status") != "ok":
+        out.append(f"\nkvpress presses: {kv.get('status')} ({str(kv.get('reason'))[:200]}).\n")
+    for length in st["lengths"]:
+        budgets = st.get("budgets", {}).get(str(length), {})
+        notes = [
+            f"target {float(s):.0%}: budget {b['budget_tokens']} ({_pct(b['share'])} on the calibration prompt"
+            + ("" if b["reached"] else ", nearest feasible")
+            + ")"
+            for s, b in budgets.items()
+        ]
+        rows = []
+        for method in st["methods"]:
+            avg = rows_by.get((method, length, "average"))
+            if avg is None:
+                continue
+            if "mean_avg_device_share" in avg:
+                share = _pct(avg["mean_avg_device_share"])
+            elif "mean_kept_share_end" in avg:
+                share = _pct(avg["mean_kept_share_end"]) + " kept"
+            else:
+                share = "100%"
+            cells = []
+            for t in tasks:
+                r = rows_by.get((method, length, t))
+                cells.append("" if r is None else f"{r['score']:.0f}")
+            rows.append([method, share, *cells, f"**{avg['score']:.1f}**"])
+        if not rows:
+            continue
+        out.append(f"\n**{length:,} tokens** (flashmem {'; '.join(notes) or 'not run'}):\n\n")
+        out.append(_table(["method", "device share", *(RULER_SHORT[t] for t in tasks), "mean"], rows))
+    return "".join(out)
+
+
 def suite(results: Path) -> str:
     rows = []
     for quick in (False, True):
@@ -685,6 +750,7 @@ SECTIONS: dict[str, Callable[[Path], str]] = {
     "throughput": throughput,
     "kvpress-fidelity": kvpress_fidelity,
     "passkey-trials": passkey_trials,
+    "ruler": ruler,
     "long-context": long_context,
     "freed-blocks": freed_blocks,
     "indexer": indexer,

@@ -85,6 +85,12 @@ ENTRIES: dict[str, tuple[str, str, list[str], list[str]]] = {
         [],
         [],
     ),
+    "ruler": (
+        "bench.ruler",
+        "RULER-style synthetic tasks at 2K/4K/7K: full vs flashmem shares vs kvpress (resumable)",
+        [],
+        [],
+    ),
     "kvpress": ("bench.peers.kvpress_peer", "kvpress presses on the pass-key prompts (own venv)", [], []),
     "long-context": (
         "bench.long_context",
@@ -103,11 +109,13 @@ ENTRIES: dict[str, tuple[str, str, list[str], list[str]]] = {
 NO_QUICK_FLAG = {"indexer", "paged-decode"}
 # not part of `all` (needs its own environment; run it by name)
 NOT_IN_ALL = {"kvpress", "passkey-trials"}
+# part of `all --quick` only: the full run takes hours on a CPU (run it by name, it resumes)
+QUICK_ONLY = {"ruler"}
 
 
 def _result_override(name: str, quick: bool) -> list[str]:
     """Send quick runs of the other modules' entries to bench/results/quick/ (their --json option)."""
-    if not quick or name in ("memory", "passkey", "fidelity", "throughput", "kvpress", "indexer"):
+    if not quick or name in ("memory", "passkey", "fidelity", "throughput", "kvpress", "indexer", "ruler"):
         return []
     json_path, _ = common.result_paths(name.replace("-", "_"), True)
     return ["--json", str(json_path)]
@@ -148,7 +156,7 @@ def run_all(argv: list[str]) -> int:
     failed = 0
     t_all = time.perf_counter()
     for name, (_, what, quick_argv, full_argv) in ENTRIES.items():
-        if name in NOT_IN_ALL:
+        if name in NOT_IN_ALL or (name in QUICK_ONLY and not quick):
             continue
         if quick:
             args = (
@@ -190,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, (module, what, _, _) in ENTRIES.items():
             print(f"  {name:<13} {what}  [{module}]")
         print(
-            "  all           every entry above except kvpress and passkey-trials (--quick: the smoke suite)"
+            "  all           every entry above except kvpress, passkey-trials and (without --quick) ruler "
+            "(--quick: the smoke suite)"
         )
         print("  report        rewrite README.md's result tables from bench/results (--check: compare only)")
         return 0

@@ -284,6 +284,121 @@ def run_fidelity(
 
 
 # ---------------------------------------------------------------------------------------------
+# RULER-style suite (bench/ruler.py)
+# ---------------------------------------------------------------------------------------------
+def ruler_methods(budgets: dict, length: int, presses: list[str] | None = None) -> list[dict]:
+    """The kvpress methods of ``bench/ruler.py`` at one length: every press x placement x target
+    share, each keeping flashmem's measured calibration share at that length and target
+    (``budgets[length][target]["share"]``). ``spec`` is what the suite's run key hashes."""
+    out = []
+    for target, cal in budgets[length].items():
+        keep = cal["share"]
+        for press in presses or PRESSES:
+            for placement in PLACEMENTS:
+                out.append(
+                    {
+                        "label": f"kvpress {press} ({placement}) (share {target:.0%})",
+                        "kind": "kvpress",
+                        "share": target,
+                        "press": press,
+                        "placement": placement,
+                        "keep_share": keep,
+                        "spec": {
+                            "kind": "kvpress",
+                            "press": press,
+                            "placement": placement,
+                            "keep_share": round(keep, 6),
+                        },
+                    }
+                )
+    return out
+
+
+def run_ruler(
+    prompts: list[dict],
+    budgets: dict,
+    log,
+    tok,
+    *,
+    presses: list[str] | None = None,
+    timeout: int = 48 * 3600,
+) -> tuple[list[tuple], dict]:
+    """The presses on the suite's prompts: jobs whose run key is in ``log`` (a ``bench.ruler.RunLog``)
+    are skipped; the others go to the worker, whose results (streamed to a JSONL as they finish, so
+    a run cut short keeps what it did) are scored here and appended to ``log``. Returns ``(run key,
+    method label, target share)`` of every job of the selection and the worker's status (why
+    nothing ran, when it did not)."""
+    from bench import ruler
+
+    stream = Path(log.path).with_name(Path(log.path).stem + "_kvpress_stream.jsonl")
+    keys, by_key = [], {}
+    for p in prompts:
+        for m in ruler_methods(budgets, p["target_tokens"], presses):
+            key = ruler.run_key(p, m)
+            keys.append((key, m["label"], m["share"]))
+            by_key.setdefault(key, (p, m))
+
+    def ingest() -> int:
+        """Score and log the streamed results of a worker (this one, or one whose main process was
+        stopped before it could read them)."""
+        done = 0
+        if stream.is_file():
+            for text in stream.read_text().splitlines():
+                try:
+                    line = json.loads(text)
+                except json.JSONDecodeError:
+                    continue
+                key = line.get("key") if isinstance(line, dict) else None
+                if key in by_key and key not in log:
+                    p, m = by_key[key]
+                    log.append(ruler.record(p, m, key, line, tok))
+                    done += 1
+            stream.unlink()
+        return done
+
+    recovered = ingest()
+    task_prompts = []
+    for p in prompts:
+        jobs, seen = [], set()
+        for m in ruler_methods(budgets, p["target_tokens"], presses):
+            key = ruler.run_key(p, m)
+            if key in log or key in seen:
+                continue
+            seen.add(key)
+            jobs.append(
+                {"key": key, "press": m["press"], "placement": m["placement"], "keep_share": m["keep_share"]}
+            )
+        if jobs:
+            full = next(
+                (r for r in log.records.values() if r.get("ids_sha") == p["ids_sha"] and r["kind"] == "full"),
+                None,
+            )
+            task_prompts.append(
+                {
+                    "id": p["id"],
+                    "context_ids": p["context_ids"],
+                    "question_ids": p["question_ids"],
+                    "new_tokens": p["max_new_tokens"],
+                    "full_tokens": full["output_tokens"] if full else None,
+                    "jobs": jobs,
+                }
+            )
+    if not task_prompts:
+        return keys, {
+            "status": "ok",
+            "reason": "every press result is in the log already",
+            "recovered": recovered,
+        }
+    task = {"kind": "ruler", "prompts": task_prompts, "stream_path": str(stream.resolve())}
+    result = kvpress_env.run_worker(task, name="ruler", timeout=timeout)
+    done = ingest()
+    status = {k: v for k, v in result.items() if k not in ("trials",)}
+    status.update(jobs=sum(len(tp["jobs"]) for tp in task_prompts), done=done, recovered=recovered)
+    print(f"kvpress: {done} of {status['jobs']} press runs done ({result.get('status')})")
+    return keys, status
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI (main process)
 # ---------------------------------------------------------------------------------------------
 QUICK_FIDELITY = {"tokens": 640, "docs": 1, "new_tokens": 16}

@@ -6,8 +6,9 @@ no flashmem there), started by :func:`bench.peers.kvpress_env.run_worker` from t
 IN holds the task the main process wrote (:mod:`bench.peers.kvpress_peer`: token ids, keep shares,
 presses); OUT receives the results. It loads the default model with transformers' GGUF loader and
 applies each press through kvpress's public API (the press as a context manager around the forward
-pass). Task kinds: ``passkey`` and ``trials`` (pass-key prompts, both question placements) and
-``fidelity`` (teacher-forced documents, compared with :func:`bench.metrics.compare_logits`).
+pass). Task kinds: ``passkey`` and ``trials`` (pass-key prompts, both question placements),
+``fidelity`` (teacher-forced documents, compared with :func:`bench.metrics.compare_logits`) and
+``ruler`` (the prompts of ``bench/ruler.py``, results streamed to a JSONL as they finish).
 """
 
 from __future__ import annotations
@@ -97,6 +98,38 @@ def _decode_after(
     return {"tokens": tokens, "logits": torch.stack(logits) if logits else None, "lengths": lengths}
 
 
+def _press_decode(model, press, placement: str, ctx, q, n: int, decoding: bool) -> dict:
+    """One press at one placement: the context (``[1, C]``) compressed alone, then the question
+    (``[1, Q]``) and the answer decoded over it (``question outside``); or context + question but its
+    last token under the press, that token fed after (``question inside``; a decoding press prefills
+    everything and cuts while decoding). Returns the ``n`` greedy tokens, the share kept right after
+    the compressed prefill and the cache length at the end over the tokens fed."""
+    import contextlib
+
+    import torch
+    from transformers import DynamicCache
+
+    total = ctx.shape[1] + q.shape[1]
+    cache = DynamicCache()
+    if placement == "question outside":
+        with press(model):
+            model.model(input_ids=ctx, past_key_values=cache)
+        kept = cache.get_seq_length() / ctx.shape[1]
+        toks = _decode_after(model, cache, q, ctx.shape[1], n, contextlib.nullcontext())["tokens"]
+    else:
+        ids = torch.cat([ctx, q], dim=1)
+        if decoding:
+            toks = _decode_after(model, cache, ids, 0, n, press(model))["tokens"]
+        else:
+            with press(model):
+                model.model(input_ids=ids[:, :-1], past_key_values=cache)
+            toks = _decode_after(model, cache, ids[:, -1:], ids.shape[1] - 1, n, contextlib.nullcontext())[
+                "tokens"
+            ]
+        kept = cache.get_seq_length() / (total + n - 1)
+    return {"tokens": toks, "kept_share": kept, "kept_share_end": cache.get_seq_length() / (total + n - 1)}
+
+
 def _worker_versions() -> dict:
     import importlib.metadata
 
@@ -158,24 +191,8 @@ def _worker_passkey(task: dict) -> dict:
                     if decoding and placement == "question outside":
                         continue  # decoding compression acts on generated tokens only: one placement
                     t0 = time.perf_counter()
-                    cache = DynamicCache()
-                    if placement == "question outside":
-                        with press(model):
-                            model.model(input_ids=ctx, past_key_values=cache)
-                        kept = cache.get_seq_length() / ctx.shape[1]
-                        run = _decode_after(model, cache, q, ctx.shape[1], n, contextlib.nullcontext())
-                        toks = run["tokens"]
-                    else:
-                        ids = torch.cat([ctx, q], dim=1)
-                        if decoding:
-                            toks = _decode_after(model, cache, ids, 0, n, press(model))["tokens"]
-                        else:
-                            with press(model):
-                                model.model(input_ids=ids[:, :-1], past_key_values=cache)
-                            toks = _decode_after(
-                                model, cache, ids[:, -1:], ids.shape[1] - 1, n, contextlib.nullcontext()
-                            )["tokens"]
-                        kept = cache.get_seq_length() / (total + n - 1)
+                    run = _press_decode(model, press, placement, ctx, q, n, decoding)
+                    toks = run["tokens"]
                     trials.append(
                         {
                             "id": p["id"],
@@ -184,8 +201,8 @@ def _worker_passkey(task: dict) -> dict:
                             "placement": placement,
                             "compression_ratio": getattr(press, "compression_ratio", None),
                             "keep_share_requested": p["keep_share"],
-                            "kept_share": kept,
-                            "kept_share_end": cache.get_seq_length() / (total + n - 1),
+                            "kept_share": run["kept_share"],
+                            "kept_share_end": run["kept_share_end"],
                             "tokens_fed": total + n - 1,
                             "answer": tok.decode(toks, skip_special_tokens=True),
                             "tokens": toks,
@@ -305,12 +322,76 @@ def _worker_fidelity(task: dict) -> dict:
     }
 
 
+def _worker_ruler(task: dict) -> dict:
+    """Kind ``ruler``: RULER-style prompts (``bench/ruler.py``), each with its jobs (press, placement,
+    keep share, the main process's run key) and answer budget. Each result is appended to
+    ``task["stream_path"]`` as one JSON line as soon as it is done (the main process keeps what a
+    cut-short run finished); the first prompt is also decoded without a press (environment check)."""
+    import contextlib
+
+    import torch
+    from transformers import DynamicCache
+
+    model, tok = _load_model()
+    stream = Path(task["stream_path"])
+    skipped, env_check = [], None
+    with torch.no_grad():
+        for pi, p in enumerate(task["prompts"]):
+            ctx = torch.tensor([p["context_ids"]])
+            q = torch.tensor([p["question_ids"]])
+            n = p["new_tokens"]
+            total = ctx.shape[1] + q.shape[1]
+            if pi == 0:
+                cache = DynamicCache()
+                model.model(input_ids=ctx, past_key_values=cache)
+                toks = _decode_after(model, cache, q, ctx.shape[1], n, contextlib.nullcontext())["tokens"]
+                main = p.get("full_tokens")
+                env_check = {
+                    "prompt": p["id"],
+                    "tokens": toks,
+                    "tokens_equal_main_full": toks == main if main else None,
+                }
+            for job in p["jobs"]:
+                press = _make_press(job["press"], job["keep_share"], total)
+                if press is None:
+                    skipped.append(job["press"])
+                    continue
+                t0 = time.perf_counter()
+                run = _press_decode(model, press, job["placement"], ctx, q, n, False)
+                line = {
+                    "key": job["key"],
+                    "id": p["id"],
+                    **run,
+                    "keep_share_requested": job["keep_share"],
+                    "compression_ratio": getattr(press, "compression_ratio", None),
+                    "seconds": round(time.perf_counter() - t0, 2),
+                }
+                with stream.open("a") as f:
+                    f.write(json.dumps(line) + "\n")
+                answer = tok.decode(run["tokens"], skip_special_tokens=True)
+                print(
+                    f"  {p['id']} {job['press']} ({job['placement']}): {answer!r} ({line['seconds']:.0f} s)",
+                    flush=True,
+                )
+            print(f"[{pi + 1}/{len(task['prompts'])}] {p['id']}", flush=True)
+    return {
+        "skipped_presses": sorted(set(skipped)),
+        "env_check": env_check,
+        "worker_versions": _worker_versions(),
+        "method_note": "question outside: the context compressed alone, question and answer decoded over "
+        "it at their true positions; question inside: context + question but its last token "
+        "compressed, that token fed after so the answer starts from logits over the compressed cache",
+    }
+
+
 def worker_main(inp: str, out: str) -> int:
     task = json.loads(Path(inp).read_text())
     if task["kind"] in ("passkey", "trials"):
         result = _worker_passkey(task)
     elif task["kind"] == "fidelity":
         result = _worker_fidelity(task)
+    elif task["kind"] == "ruler":
+        result = _worker_ruler(task)
     else:
         raise ValueError(f"unknown task kind {task['kind']!r}")
     Path(out).write_text(json.dumps(result, indent=1))

@@ -1,0 +1,760 @@
+"""RULER-style synthetic long-context suite on the default model, offline: full attention vs flashmem
+at target device shares vs kvpress presses at the same share.
+
+    python -m bench.run ruler [--quick] [--tasks niah_single_1,...] [--lengths 2048,4096,7168]
+                              [--samples 10] [--methods full,flashmem,kvpress] [--shares 0.06,0.12]
+                              [--flashmem-config JSON] [--presses SnapKVPress,...] [--threads N]
+
+Prompts (:mod:`bench.ruler_tasks`): 13 tasks (needles, variable tracking, common/frequent words,
+QA over local documents), each fitted with the default tokenizer to at most the target length
+(template + haystack + question), ``--samples`` per task and length with the needle depth spread
+evenly ((i + 0.5) / samples) and fixed seeds. Each prompt is split into context and question ids at
+a token boundary (:func:`bench.inputs.split_question`), and every method reads the same ids. Greedy
+decoding of the task's answer budget, no EOS stop. Scores as RULER: ``string_match_all`` (the
+fraction of the references in the output, case-insensitive) for every task but QA, which takes
+``string_match_part`` (1 if any reference is in the output); a task's score is the mean x 100.
+
+Methods:
+
+* ``full``: Hugging Face forward with its ``DynamicCache`` (:func:`bench.common.hf_decode`);
+* ``flashmem``: ``FlashMemConfig(budget_tokens=B)``, every other setting at its default, one method
+  per target share in ``--shares``: B per length is found on one calibration prompt (niah_single_2,
+  depth 0.5) so that ``memory_report()["avg_device_share"]`` (every device byte flashmem holds,
+  averaged over the decode steps) is nearest the target; B is at least sink + recent tokens (132),
+  and where even that is over the target the nearest feasible share is used and marked
+  ``reached: false``. Budgets are cached in ``ruler_budgets.json`` (keyed by length, target and the
+  full resolved configuration, so a change of defaults re-calibrates). Every sample records its
+  budget and its measured ``avg_device_share``, ``peak_device_share`` and ``avg_device_kv_share``;
+* ``--flashmem-config JSON``: an extra flashmem configuration, labelled *tuned*: with a
+  ``budget_tokens`` it runs as given, without one its budget is calibrated per share like the default;
+* ``kvpress``: presses of NVIDIA kvpress in their own environment (``bench/peers/kvpress_peer.py``
+  ``run_ruler``; StreamingLLM, SnapKV, ExpectedAttention, Knorm, TOVA, or ``--presses``) at
+  flashmem's measured calibration share per length and target, question outside and inside the
+  compressed context; the kept share of a press is of the KV alone, flashmem's counts every device
+  byte, so a press keeps at least as much KV as flashmem holds. (The decoding-time press is left
+  out: it cuts every 64 generated tokens, so within these answer budgets it would hold the whole
+  prompt.) Without the environment the JSON records why.
+
+Correctness first: on the first prompt flashmem without a budget must generate exactly full
+attention's tokens (``sanity`` in the JSON; a mismatch stops the run), and every full-attention
+output is recorded beside the others.
+
+Resumable: every (method, prompt) result is appended to ``ruler_runs.jsonl``, keyed by a hash of the
+prompt ids, the answer budget and the method's resolved configuration, and skipped when it is there
+already; ``ruler.json`` (summary per task x length x method, the per-sample records with outputs)
+and ``ruler.png`` (heat map) are rebuilt from it for the selected tasks, lengths, samples and
+methods. Prompt texts go to ``ruler_prompts.json``. ``--quick`` (part of ``all --quick``): 2 samples
+of 2 tasks at 1,024 tokens, full attention and flashmem at the first share, fresh files under
+``bench/results/quick/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench import common, inputs
+from bench import ruler_tasks as rt
+
+DEFAULT_LENGTHS = [2048, 4096, 7168]
+DEFAULT_SHARES = [0.06, 0.12]
+QUICK = {"tasks": ["niah_single_2", "niah_multikey_2"], "lengths": [1024], "samples": 2}
+CALIBRATION = {"task": "niah_single_2", "depth": 0.5, "seed": 7, "new_tokens": 8}
+MIN_BUDGET = 132  # sink_tokens + recent_tokens at the defaults (4 + 128)
+SHARE_TOLERANCE = 0.003
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts
+# ---------------------------------------------------------------------------------------------
+def sample_seed(task: str, length: int, index: int, base: int = 0) -> int:
+    """A fixed seed per (task, length, sample index), independent of the other samples."""
+    digest = hashlib.sha256(f"{base}:{task}:{length}:{index}".encode()).hexdigest()
+    return int(digest[:8], 16)
+
+
+def fitted_prompt(tok, task: str, length: int, depth: float, seed: int, hint: int | None = None) -> dict:
+    """One prompt of ``task`` with as many haystack units as fit in ``length`` tokens, its ids
+    split into context and question (``context_ids + question_ids == ids``)."""
+
+    def count(n: int) -> int:
+        return len(tok(rt.build(task, n, depth, seed, length).text).input_ids)
+
+    n = rt.fit_units(count, length, first=hint or 8)
+    built = rt.build(task, n, depth, seed, length)
+    ids = tok(built.text).input_ids
+    context_ids, question_ids = inputs.split_question(tok, ids, built.text, built.question)
+    spec = rt.TASKS[task]
+    return {
+        "task": task,
+        "target_tokens": length,
+        "depth": depth,
+        "seed": seed,
+        "units": n,
+        "tokens": len(ids),
+        "context_tokens": len(context_ids),
+        "question_tokens": len(question_ids),
+        "references": built.references,
+        "query": built.query,
+        "metric": spec.metric,
+        "max_new_tokens": spec.max_new_tokens,
+        "context_ids": context_ids,
+        "question_ids": question_ids,
+        "text": built.text,
+        "question": built.question,
+        "ids_sha": ids_hash(context_ids + question_ids),
+    }
+
+
+def make_samples(tok, tasks: list[str], lengths: list[int], samples: int, base_seed: int = 0) -> list[dict]:
+    """``samples`` prompts per task and length: sample i at depth (i + 0.5) / samples."""
+    out = []
+    for length in lengths:
+        for task in tasks:
+            hint = None
+            for i in range(samples):
+                depth = (i + 0.5) / samples
+                p = fitted_prompt(tok, task, length, depth, sample_seed(task, length, i, base_seed), hint)
+                hint = p["units"]
+                p.update(id=f"{task}-L{length}-s{i}", sample=i)
+                out.append(p)
+    return out
+
+
+def fit_tolerance(target: int) -> float:
+    """How far a fitted prompt may fall short of its target: 3%, or 48 tokens (a QA document) for
+    short targets."""
+    return max(0.03 * target, 48)
+
+
+def ids_hash(ids: list[int]) -> str:
+    return hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()[:16]
+
+
+def prompt_ids(p: dict) -> torch.Tensor:
+    return torch.tensor([p["context_ids"] + p["question_ids"]], dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------
+# the results log
+# ---------------------------------------------------------------------------------------------
+def run_key(p: dict, method: dict) -> str:
+    """Hash of the prompt ids, the answer budget and the method's resolved configuration."""
+    blob = json.dumps(
+        {"ids": p["ids_sha"], "new_tokens": p["max_new_tokens"], "method": method["spec"]}, sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+class RunLog:
+    """Append-only JSONL of results, one per line with its ``key``; a line cut short (a run killed
+    while writing) is ignored."""
+
+    def __init__(self, path: Path, fresh: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh and self.path.exists():
+            self.path.unlink()
+        self.records: dict[str, dict] = {}
+        if self.path.is_file():
+            text = self.path.read_text()
+            if text and not text.endswith("\n"):
+                with self.path.open("a") as f:
+                    f.write("\n")  # a line cut short stays alone on its line
+            for line in text.splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict) and "key" in rec:
+                    self.records[rec["key"]] = rec
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def append(self, rec: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(common._jsonable(rec)) + "\n")
+        self.records[rec["key"]] = rec
+
+
+# ---------------------------------------------------------------------------------------------
+# methods
+# ---------------------------------------------------------------------------------------------
+def resolved_config(cfg: dict) -> dict:
+    """Every field of ``FlashMemConfig(**cfg)`` (defaults included), as JSON values."""
+    import flashmem
+
+    c = flashmem.FlashMemConfig(**cfg)
+    return json.loads(json.dumps(dataclasses.asdict(c), default=str))
+
+
+def flashmem_run(model, cfg: dict, ids: torch.Tensor, new_tokens: int) -> dict:
+    import flashmem
+
+    t0 = time.perf_counter()
+    fm = flashmem.wrap(model, flashmem.FlashMemConfig(**cfg))
+    out = fm.generate(ids, new_tokens, eos_token_id=None, progress=False)
+    rep = fm.memory_report()
+    return {
+        "tokens": out[0, ids.shape[1] :].tolist(),
+        "seconds": time.perf_counter() - t0,
+        "prefill_s": rep["timings"].get("prefill_s"),
+        "avg_device_share": rep["avg_device_share"],
+        "peak_device_share": rep["peak_device_share"],
+        "avg_device_kv_share": rep["avg_device_kv_share"],
+        "peak_device_kv_share": rep["peak_device_kv_share"],
+        "device_bytes": rep["device_bytes"],
+        "full_kv_bytes": rep["full_kv_bytes"],
+    }
+
+
+def full_run(model, ids: torch.Tensor, new_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    r = common.hf_decode(model, ids, new_tokens, collect_logits=False)
+    return {"tokens": r["tokens"], "seconds": time.perf_counter() - t0, "prefill_s": r["prefill_s"]}
+
+
+def calibrate_budget(
+    measure, length: int, target: float, *, lo: int = MIN_BUDGET, max_evals: int = 6
+) -> dict:
+    """The budget whose measured share (``measure(budget) -> share``) is nearest ``target``: the
+    minimum budget first (over the target: infeasible, the nearest share is the minimum's), then
+    secant steps on the about linear share(budget), budgets in [lo, length]."""
+    evals: dict[int, float] = {}
+
+    def f(b: int) -> float:
+        if b not in evals:
+            evals[b] = measure(b)
+        return evals[b]
+
+    if f(lo) >= target:
+        return {"budget_tokens": lo, "share": evals[lo], "reached": False, "evaluations": _evals(evals)}
+    b0, b1 = lo, min(length, max(lo + 16, round(lo + (target - evals[lo]) * length)))
+    for _ in range(max_evals - 1):
+        s1 = f(b1)
+        if abs(s1 - target) <= SHARE_TOLERANCE or b1 >= length and s1 < target:
+            break
+        slope = (s1 - evals[b0]) / (b1 - b0) if b1 != b0 else 0.0
+        if slope <= 0:
+            break
+        b_next = min(length, max(lo, round(b1 + (target - s1) / slope)))
+        if b_next in evals:
+            break
+        b0, b1 = b1, b_next
+    best = min(evals, key=lambda b: (abs(evals[b] - target), b))
+    reached = abs(evals[best] - target) <= max(SHARE_TOLERANCE, 0.1 * target)
+    return {"budget_tokens": best, "share": evals[best], "reached": reached, "evaluations": _evals(evals)}
+
+
+def _evals(evals: dict[int, float]) -> list[dict]:
+    return [{"budget_tokens": b, "share": s} for b, s in sorted(evals.items())]
+
+
+def budgets_for(model, tok, lengths, shares, extra_cfg: dict, cache_path: Path) -> dict:
+    """``{length: {share: calibration}}`` for flashmem ``extra_cfg`` + a budget, from the cache file
+    when it holds the same length, target, resolved configuration and calibration prompt."""
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    out: dict[int, dict[float, dict]] = {}
+    for length in lengths:
+        cal = fitted_prompt(tok, CALIBRATION["task"], length, CALIBRATION["depth"], CALIBRATION["seed"])
+        ids = prompt_ids(cal)
+        measured: dict[int, float] = {}  # budget -> share at this length, shared by the targets
+        for share in shares:
+            key_src = {
+                "length": length,
+                "target": share,
+                "config": resolved_config({**extra_cfg, "budget_tokens": MIN_BUDGET}),
+                "prompt": cal["ids_sha"],
+                "new_tokens": CALIBRATION["new_tokens"],
+            }
+            key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24]
+            if key not in cache:
+                t0 = time.perf_counter()
+
+                def measure(b: int, ids=ids, length=length, measured=measured) -> float:
+                    if b in measured:
+                        return measured[b]
+                    r = flashmem_run(model, {**extra_cfg, "budget_tokens": b}, ids, CALIBRATION["new_tokens"])
+                    print(
+                        f"  calibration L{length}: budget {b} -> avg device share {r['avg_device_share']:.4f}"
+                    )
+                    measured[b] = r["avg_device_share"]
+                    return measured[b]
+
+                res = calibrate_budget(measure, length, share)
+                res.update(
+                    length=length,
+                    target=share,
+                    extra_config=extra_cfg,
+                    prompt_tokens=cal["tokens"],
+                    seconds=round(time.perf_counter() - t0, 1),
+                )
+                cache[key] = res
+                common.write_json(cache_path, cache)
+            out.setdefault(length, {})[share] = cache[key]
+            c = cache[key]
+            note = "" if c["reached"] else " (target not reachable: nearest feasible)"
+            print(f"L{length} target {share:.0%}: budget {c['budget_tokens']}, share {c['share']:.4f}{note}")
+    return out
+
+
+def method_list(args, budgets: dict, tuned_budgets: dict | None, tuned_cfg: dict | None) -> list[dict]:
+    """The methods of the run, default-config flashmem first: ``{"label", "kind", "share", ...}``;
+    :func:`bind` resolves one at a length (its budget and the ``spec`` the run key hashes)."""
+    methods = []
+    if "flashmem" in args.methods:
+        for s in args.shares:
+            methods.append(
+                {
+                    "label": f"flashmem (share {s:.0%})",
+                    "kind": "flashmem",
+                    "share": s,
+                    "extra": {},
+                    "budgets": budgets,
+                    "default": True,
+                }
+            )
+    if "full" in args.methods:
+        methods.append({"label": "full attention", "kind": "full", "share": None})
+    if tuned_cfg is not None:
+        label = "flashmem tuned (" + ", ".join(f"{k}={v}" for k, v in tuned_cfg.items()) + ")"
+        if "budget_tokens" in tuned_cfg:
+            methods.append(
+                {
+                    "label": label,
+                    "kind": "flashmem",
+                    "share": None,
+                    "extra": tuned_cfg,
+                    "budgets": None,
+                    "default": False,
+                }
+            )
+        else:
+            for s in args.shares:
+                methods.append(
+                    {
+                        "label": f"{label} (share {s:.0%})",
+                        "kind": "flashmem",
+                        "share": s,
+                        "extra": tuned_cfg,
+                        "budgets": tuned_budgets,
+                        "default": False,
+                    }
+                )
+    return methods
+
+
+def bind(method: dict, length: int) -> dict:
+    """The method at one length: its flashmem configuration and run-key spec."""
+    m = dict(method)
+    if m["kind"] == "full":
+        m["spec"] = {"kind": "full"}
+        return m
+    if m["kind"] == "flashmem":
+        cfg = dict(m["extra"])
+        if m["budgets"] is not None:
+            cal = m["budgets"][length][m["share"]]
+            cfg["budget_tokens"] = cal["budget_tokens"]
+            m["calibration"] = {k: cal[k] for k in ("budget_tokens", "share", "reached")}
+        m["config"] = cfg
+        m["spec"] = {"kind": "flashmem", "config": resolved_config(cfg)}
+    return m
+
+
+def record(p: dict, m: dict, key: str, run: dict, tok) -> dict:
+    output = tok.decode(run["tokens"], skip_special_tokens=True)
+    rec = {
+        "key": key,
+        "method": m["label"],
+        "kind": m["kind"],
+        "share_target": m.get("share"),
+        "id": p["id"],
+        "ids_sha": p["ids_sha"],
+        "task": p["task"],
+        "length": p["target_tokens"],
+        "sample": p["sample"],
+        "tokens": p["tokens"],
+        "references": p["references"],
+        "output": output,
+        "output_tokens": run["tokens"],
+        "score": rt.score(p["metric"], output, p["references"]),
+        "unix": int(time.time()),
+    }
+    for k in (
+        "seconds",
+        "prefill_s",
+        "avg_device_share",
+        "peak_device_share",
+        "avg_device_kv_share",
+        "peak_device_kv_share",
+        "kept_share",
+        "kept_share_end",
+        "keep_share_requested",
+        "device_bytes",
+        "full_kv_bytes",
+    ):
+        if run.get(k) is not None:
+            rec[k] = run[k]
+    if m["kind"] == "flashmem":
+        rec["config"] = m["config"]
+        rec["budget_tokens"] = m["config"].get("budget_tokens")
+    for k in ("press", "placement"):
+        if k in m:
+            rec[k] = m[k]
+    return rec
+
+
+def sanity(model, tok, p: dict, log: RunLog) -> dict:
+    """flashmem without a budget must equal full attention token for token on ``p``."""
+    full_m = bind({"label": "full attention", "kind": "full", "share": None}, p["target_tokens"])
+    nob = bind(
+        {"label": "flashmem (no budget)", "kind": "flashmem", "share": None, "extra": {}, "budgets": None},
+        p["target_tokens"],
+    )
+    recs = {}
+    for m, fn in (
+        (full_m, lambda ids, n: full_run(model, ids, n)),
+        (nob, lambda ids, n: flashmem_run(model, {}, ids, n)),
+    ):
+        key = run_key(p, m)
+        if key not in log:
+            log.append(record(p, m, key, fn(prompt_ids(p), p["max_new_tokens"]), tok))
+        recs[m["kind"]] = log.records[key]
+    equal = recs["full"]["output_tokens"] == recs["flashmem"]["output_tokens"]
+    out = {
+        "what": "flashmem without a budget vs full attention (DynamicCache), greedy tokens",
+        "prompt": p["id"],
+        "tokens_equal": equal,
+        "full_output": recs["full"]["output"],
+    }
+    if not equal:
+        raise AssertionError(f"flashmem without a budget differs from full attention on {p['id']}: {out}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# summary, plot
+# ---------------------------------------------------------------------------------------------
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(records: list[dict], order: list[str]) -> list[dict]:
+    """Per method, length and task: score (mean x 100), n and mean shares; plus per method and
+    length the mean over tasks (``task: "average"``). Methods in ``order``."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["length"], r["task"]), []).append(r)
+    tasks = [t for t in rt.TASKS if any(k[2] == t for k in groups)]
+    rows = []
+    for method in order:
+        for length in sorted({k[1] for k in groups if k[0] == method}):
+            per_task = []
+            for task in tasks:
+                rs = groups.get((method, length, task))
+                if not rs:
+                    continue
+                row = {
+                    "method": method,
+                    "length": length,
+                    "task": task,
+                    "score": 100 * _mean([r["score"] for r in rs]),
+                    "n": len(rs),
+                    "mean_tokens": _mean([r["tokens"] for r in rs]),
+                    "mean_seconds": _mean([r.get("seconds") for r in rs]),
+                }
+                for k in (
+                    "avg_device_share",
+                    "peak_device_share",
+                    "avg_device_kv_share",
+                    "kept_share_end",
+                    "budget_tokens",
+                ):
+                    v = _mean([r.get(k) for r in rs])
+                    if v is not None:
+                        row[f"mean_{k}"] = v
+                per_task.append(row)
+            rows += per_task
+            if per_task:
+                avg = {
+                    "method": method,
+                    "length": length,
+                    "task": "average",
+                    "score": _mean([r["score"] for r in per_task]),
+                    "n": sum(r["n"] for r in per_task),
+                }
+                for k in (
+                    "mean_avg_device_share",
+                    "mean_peak_device_share",
+                    "mean_avg_device_kv_share",
+                    "mean_kept_share_end",
+                    "mean_seconds",
+                ):
+                    v = _mean([r.get(k) for r in per_task])
+                    if v is not None:
+                        avg[k] = v
+                rows.append(avg)
+    return rows
+
+
+def plot(summary: list[dict], order: list[str], path: Path):
+    plt = common.pyplot()
+    if plt is None or not summary:
+        return None
+    import numpy as np
+
+    lengths = sorted({r["length"] for r in summary})
+    tasks = [t for t in list(rt.TASKS) + ["average"] if any(r["task"] == t for r in summary)]
+    methods = [m for m in order if any(r["method"] == m for r in summary)]
+    fig, axes = plt.subplots(
+        len(lengths),
+        1,
+        figsize=(max(6.0, 2.5 + 0.7 * len(tasks)), (1.2 + 0.35 * len(methods)) * len(lengths)),
+        squeeze=False,
+    )
+    by = {(r["method"], r["length"], r["task"]): r["score"] for r in summary}
+    for ax, length in zip(axes[:, 0], lengths):
+        grid = np.array([[by.get((m, length, t), np.nan) for t in tasks] for m in methods], dtype=float)
+        ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        for i in range(len(methods)):
+            for j in range(len(tasks)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(
+            range(len(tasks)), [t.replace("niah_", "") for t in tasks], rotation=40, ha="right", fontsize=7
+        )
+        ax.set_yticks(range(len(methods)), methods, fontsize=7)
+        ax.set_title(f"RULER-style tasks at {length:,} tokens (score, %)", fontsize=9)
+    return common.save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def _list(text: str, kind=str) -> list:
+    return [kind(x) for x in text.split(",") if x.strip()]
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m bench.run ruler", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="2 samples of 2 tasks at 1,024 tokens (smoke)")
+    p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(rt.TASKS)}")
+    p.add_argument("--lengths", default=None, help="target prompt tokens (default 2048,4096,7168)")
+    p.add_argument("--samples", type=int, default=None, help="prompts per task and length (default 10)")
+    p.add_argument("--methods", default="full,flashmem,kvpress", help="subset of full,flashmem,kvpress")
+    p.add_argument("--shares", default=None, help="flashmem target avg device shares (default 0.06,0.12)")
+    p.add_argument("--flashmem-config", default=None, help="an extra (tuned) FlashMemConfig as JSON")
+    p.add_argument("--presses", default=None, help="kvpress presses (default: the five of the worker)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--seed", type=int, default=0, help="base seed of the prompts")
+    p.add_argument("--kvpress-timeout", type=int, default=48 * 3600)
+    p.add_argument("--json", default=None, help="summary path (default bench/results[/quick]/ruler.json)")
+    args = p.parse_args(argv)
+    args.tasks = _list(args.tasks) if args.tasks else (QUICK["tasks"] if args.quick else list(rt.TASKS))
+    unknown = [t for t in args.tasks if t not in rt.TASKS]
+    if unknown:
+        p.error(f"unknown tasks {unknown}; choose from {', '.join(rt.TASKS)}")
+    args.lengths = (
+        _list(args.lengths, int) if args.lengths else (QUICK["lengths"] if args.quick else DEFAULT_LENGTHS)
+    )
+    args.samples = args.samples or (QUICK["samples"] if args.quick else 10)
+    args.methods = _list(args.methods)
+    if args.quick and "--methods" not in (argv or []):
+        args.methods = ["full", "flashmem"]
+    bad = [m for m in args.methods if m not in ("full", "flashmem", "kvpress")]
+    if bad:
+        p.error(f"unknown methods {bad}; choose from full,flashmem,kvpress")
+    args.shares = _list(args.shares, float) if args.shares else DEFAULT_SHARES
+    if args.quick and args.shares == DEFAULT_SHARES:
+        args.shares = DEFAULT_SHARES[:1]
+    if not all(0 < s < 1 for s in args.shares):
+        p.error("--shares must lie in (0, 1)")
+    if args.samples < 1 or min(args.lengths) < 256:
+        p.error("--samples must be >= 1 and --lengths >= 256")
+    args.tuned = None
+    if args.flashmem_config is not None:
+        try:
+            (args.tuned,) = common.parse_configs(args.flashmem_config, [])
+        except ValueError as e:
+            p.error(str(e))
+    return args
+
+
+def paths(args) -> dict[str, Path]:
+    json_path, png = common.result_paths("ruler", args.quick, args.json)
+    folder = json_path.parent
+    return {
+        "json": json_path,
+        "png": png,
+        "jsonl": folder / "ruler_runs.jsonl",
+        "budgets": folder / "ruler_budgets.json",
+        "prompts": folder / "ruler_prompts.json",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    where = paths(args)
+    log = RunLog(where["jsonl"], fresh=args.quick)
+    model, tok, model_name = common.load_default()
+    t0 = time.perf_counter()
+    prompts = make_samples(tok, args.tasks, args.lengths, args.samples, args.seed)
+    print(f"{len(prompts)} prompts fitted in {time.perf_counter() - t0:.1f} s")
+    for p in prompts:
+        if abs(p["tokens"] - p["target_tokens"]) > fit_tolerance(p["target_tokens"]):
+            raise AssertionError(f"{p['id']}: {p['tokens']} tokens, not within 3% of {p['target_tokens']}")
+    check = sanity(model, tok, min(prompts, key=lambda p: p["tokens"]), log)
+    print(f"sanity: flashmem without a budget equals full attention on {check['prompt']}")
+
+    need_budgets = "flashmem" in args.methods or "kvpress" in args.methods  # presses keep flashmem's share
+    budgets = budgets_for(model, tok, args.lengths, args.shares, {}, where["budgets"]) if need_budgets else {}
+    tuned_budgets = None
+    if args.tuned is not None and "budget_tokens" not in args.tuned:
+        tuned_budgets = budgets_for(model, tok, args.lengths, args.shares, args.tuned, where["budgets"])
+    methods = method_list(args, budgets, tuned_budgets, args.tuned)
+
+    wanted: list[tuple[str, str, float | None]] = []  # (run key, method label, target share)
+    for p in prompts:
+        for method in methods:
+            m = bind(method, p["target_tokens"])
+            key = run_key(p, m)
+            wanted.append((key, m["label"], m.get("share")))
+            if key in log:
+                continue
+            ids = prompt_ids(p)
+            if m["kind"] == "full":
+                run = full_run(model, ids, p["max_new_tokens"])
+            else:
+                run = flashmem_run(model, m["config"], ids, p["max_new_tokens"])
+            rec = record(p, m, key, run, tok)
+            log.append(rec)
+            share = f", share {rec['avg_device_share']:.3f}" if "avg_device_share" in rec else ""
+            print(
+                f"{p['id']} {m['label']}: {rec['output']!r} score {rec['score']:.2f} "
+                f"({rec['seconds']:.1f} s{share})",
+                flush=True,
+            )
+
+    kvpress_status = None
+    if "kvpress" in args.methods:
+        from bench.peers import kvpress_peer
+
+        presses = _list(args.presses) if args.presses else None
+        kv_keys, kvpress_status = kvpress_peer.run_ruler(
+            prompts, budgets, log, tok, presses=presses, timeout=args.kvpress_timeout
+        )
+        wanted += kv_keys
+
+    # two methods may share a run (two targets that both fall to the minimum budget): each keeps its label
+    records = [
+        {**log.records[k], "method": label, "share_target": share} for k, label, share in wanted if k in log
+    ]
+    order = [m["label"] for m in methods if m.get("default")] + [
+        m["label"] for m in methods if not m.get("default")
+    ]
+    order += [x for x in dict.fromkeys(r["method"] for r in records) if x not in order]
+    summary = summarize(records, order)
+    data = common.header(
+        "ruler",
+        quick=args.quick,
+        model=model_name,
+        lengths=args.lengths,
+        tasks={
+            t: {
+                "what": rt.TASKS[t].what,
+                "metric": rt.TASKS[t].metric,
+                "max_new_tokens": rt.TASKS[t].max_new_tokens,
+            }
+            for t in args.tasks
+        },
+        samples=args.samples,
+        methods=order,
+        shares=args.shares,
+        budgets={str(L): {f"{s:g}": v for s, v in b.items()} for L, b in budgets.items()},
+        tuned_config=args.tuned,
+        tuned_budgets={str(L): {f"{s:g}": v for s, v in b.items()} for L, b in (tuned_budgets or {}).items()},
+        flashmem_defaults=resolved_config({}),
+        decode="greedy, the task's answer budget of new tokens, no EOS stop",
+        scoring="string_match_all (fraction of references in the output, case-insensitive) for every task "
+        "but qa_1/qa_2 (string_match_part: 1 if any reference is in the output); score = mean x 100",
+        shares_note="flashmem: memory_report()['avg_device_share'] (every device byte held, averaged over "
+        "decode steps); kvpress: kept KV tokens over tokens fed (KV alone)",
+        results_log=str(where["jsonl"].name),
+        prompts_file=str(where["prompts"].name),
+    )
+    data.update(
+        sanity=check,
+        kvpress=kvpress_status,
+        summary=summary,
+        prompts=[
+            {
+                k: p[k]
+                for k in (
+                    "id",
+                    "task",
+                    "target_tokens",
+                    "sample",
+                    "depth",
+                    "seed",
+                    "units",
+                    "tokens",
+                    "context_tokens",
+                    "question_tokens",
+                    "references",
+                    "query",
+                    "metric",
+                    "max_new_tokens",
+                    "ids_sha",
+                )
+            }
+            for p in prompts
+        ],
+        records=records,
+    )
+    common.write_json(where["json"], data)
+    common.write_json(
+        where["prompts"],
+        {
+            "prompts": [
+                {
+                    k: p[k]
+                    for k in (
+                        "id",
+                        "text",
+                        "question",
+                        "context_tokens",
+                        "question_tokens",
+                        "tokens",
+                        "references",
+                        "ids_sha",
+                    )
+                }
+                for p in prompts
+            ]
+        },
+    )
+    plot(summary, order, where["png"])
+    for r in summary:
+        if r["task"] == "average":
+            share = r.get("mean_avg_device_share", r.get("mean_kept_share_end"))
+            extra = f", share {share:.3f}" if share is not None else ""
+            secs = r.get("mean_seconds")
+            print(
+                f"L{r['length']} {r['method']}: average score {r['score']:.1f}{extra}"
+                + (f", {secs:.1f} s per prompt" if secs else "")
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
