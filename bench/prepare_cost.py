@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+import flashmem
 from bench import common
 
 # Llama-3.1-8B: parameters (weights read per token), layers, hidden size
@@ -65,8 +66,7 @@ def run(quick: bool) -> dict:
         model, tok, name = common.load_default()
         stats_tokens, forward = 32768, 2048
         options = {}
-    from flashmem.indexer_training import train_indexer
-    from flashmem.preparation import prepare
+    from flashmem import prepare, train_indexer
 
     defaults = {k: v.default for k, v in inspect.signature(train_indexer).parameters.items()}
     docs = options.get("num_synthetic", defaults.get("num_synthetic", 6)) + options.get(
@@ -133,18 +133,14 @@ def run(quick: bool) -> dict:
 
 
 def _check_found(model, report: dict) -> dict:
-    """The prepared files are what a plain budget config uses for this model."""
-    from flashmem.files import find_stats_for_model
-    from flashmem.recall import resolve_indexer
-
-    _, source = find_stats_for_model(model)
-    if Path(source) != Path(report["stats"]):
-        raise RuntimeError(f"the prepared stats are not found for the model: stats source {source!r}")
-    layers = model.config.num_hidden_layers
-    name, _ = resolve_indexer("auto", model, layers, 64)
-    if name != f"lookahead:{Path(report['indexer']).name}":
-        raise RuntimeError(f"indexer='auto' does not pick the prepared checkpoint: got {name!r}")
-    return {"stats_source": "prepared", "auto_indexer": name}
+    """The prepared files are what a plain budget config uses for this model (read off the wrapper
+    as a user would: its stats source and its indexer)."""
+    fm = flashmem.wrap(model, flashmem.FlashMemConfig(budget_tokens=256))
+    if fm.stats_source is None or Path(fm.stats_source) != Path(report["stats"]):
+        raise RuntimeError(f"the prepared stats are not used for the model: stats source {fm.stats_source!r}")
+    if fm.indexer_name != f"lookahead:{Path(report['indexer']).name}":
+        raise RuntimeError(f"indexer='auto' does not pick the prepared checkpoint: got {fm.indexer_name!r}")
+    return {"stats_source": "prepared", "auto_indexer": fm.indexer_name}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ _LAZY = {
     "build_records": "indexer_data",
     "extract_document": "indexer_data",
     "train_indexer": "indexer_training",
+    "prepare": "preparation",
 }
 
 __all__ = [

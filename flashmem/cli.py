@@ -50,7 +50,7 @@ CONFIG_HELP = {
     "host_mirror": "keep a lossless host copy of every token's K/V (default: on with --budget-tokens)",
     "max_host_bytes": "cap on the host mirror in bytes (default: the machine's available memory)",
     "chunk_size": "tokens per recall chunk (a multiple of --block-size)",
-    "chunk_budget": "chunks recalled per recall window (default: budget // (2 x chunk size); 0: no recall)",
+    "chunk_budget": "chunks recalled per recall window (default: budget // (2 x chunk size), at least 2; 0: no recall)",
     "lookahead": "decode steps between indexer refreshes",
     "prefetch_steps": "select and copy the next recall window this many steps before its boundary "
     "(0: at the boundary; must be < --lookahead; left at its default, at most lookahead // 2)",

@@ -115,7 +115,8 @@ class FlashMemConfig:
     max_host_bytes: cap on the host mirror (None: the machine's available memory); checked up front.
     chunk_size: tokens per recall chunk (host mirror granularity).
     chunk_budget: chunks recalled to the device per lookahead window (None: budget_tokens // (2 *
-        chunk_size) when an indexer is active; 0 disables recall).
+        chunk_size), at least 2 (a passage and the chunk after it), when an indexer is active; 0
+        disables recall).
     lookahead: decode steps between indexer refreshes (one recall window).
     prefetch_steps: decode steps before each window boundary at which the next window's chunks are
         selected and their copies issued (on a side stream on CUDA), so decoding overlaps the
@@ -304,7 +305,7 @@ class FlashMemConfig:
             return self.chunk_budget
         if self.budget_tokens is None:
             return 0
-        return max(1, self.budget_tokens // (2 * self.chunk_size))
+        return max(2, self.budget_tokens // (2 * self.chunk_size))
 
     @property
     def recall_windows_held(self) -> int:

@@ -256,7 +256,11 @@ class RecallController:
         k = min(self.chunk_budget, hi - lo)
         observed, self._observed = self._observed, None
         if observed is not None and observed.shape[0] >= hi:
-            top = torch.topk(observed[lo:hi], k).indices + lo
+            # a chunk also inherits the peak of the chunk before it: a passage the question looks at
+            # (a key, a name) is followed by what it asks for, which may begin in the next chunk
+            score = observed.clone()
+            score[1:] = torch.maximum(observed[1:], observed[:-1])
+            top = torch.topk(score[lo:hi], k).indices + lo
             self.refreshes += 1
             self.observed_refreshes += 1
             return sorted(int(c) for c in top.tolist())

@@ -489,8 +489,17 @@ class FlashMemModel:
         else:
             # the same outcome as a prefetch swapped in at once: exactly these chunks are the window
             self.offload.cancel_prefetch()
+            if len(self.offload.resident):
+                self._hold_two_windows()  # the new window's chunks land beside the current one's
             self.offload.load_window(chunk_ids, resident_per_head=self._working_positions(on_device=True))
         self._timings["recall_s"] += time.perf_counter() - t0
+
+    def _hold_two_windows(self) -> None:
+        """From now on the pool holds room for two recall windows (a window being loaded beside the
+        current one); reserved on the first need, not up front."""
+        if self._windows_reached < 2:
+            self._windows_reached = 2
+            self._ensure_pool(self.cache.logical_length + 1)
 
     def _prefetch_recall(self) -> None:
         """``prefetch_steps`` steps before a window boundary: pick the next window's chunks and issue
@@ -498,9 +507,7 @@ class FlashMemModel:
         if self.recall is None:
             return
         t0 = time.perf_counter()
-        if self._windows_reached < 2:
-            self._windows_reached = 2  # the next window's chunks land beside the current one's
-            self._ensure_pool(self.cache.logical_length + 1)
+        self._hold_two_windows()
         chunk_ids = self.recall.select(self.cache.logical_length)
         self.offload.prefetch(chunk_ids, resident_per_head=self._working_positions(on_device=True))
         self._timings["recall_s"] += time.perf_counter() - t0

@@ -323,12 +323,12 @@ def run_ruler(
     presses: list[str] | None = None,
     timeout: int = 48 * 3600,
 ) -> tuple[list[tuple], dict]:
-    """The presses on the suite's prompts: jobs whose run key is in ``log`` (a ``bench.ruler.RunLog``)
+    """The presses on the suite's prompts: jobs whose run key is in ``log`` (a ``bench.ruler_log.RunLog``)
     are skipped; the others go to the worker, whose results (streamed to a JSONL as they finish, so
     a run cut short keeps what it did) are scored here and appended to ``log``. Returns ``(run key,
     method label, target share)`` of every job of the selection and the worker's status (why
     nothing ran, when it did not)."""
-    from bench import ruler
+    from bench import ruler_log as ruler
 
     stream = Path(log.path).with_name(Path(log.path).stem + "_kvpress_stream.jsonl")
     keys, by_key = [], {}

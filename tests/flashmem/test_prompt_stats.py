@@ -98,9 +98,10 @@ def test_budget_decodes_bounded_and_lossless_with_prompt_stats():
     assert report["triattention_stats"] == "prompt"
     assert report["compactions"] > 1  # the prefill's keep-set and decode compactions
     assert report["device_slots"] < budget + interval
-    # chunk_budget = 48 // (2 x 16): one 16-token chunk recalled per window, 2 windows held while the
-    # next one is prefetched (prefetch_steps defaults to 8)
-    recalled_blocks = 1 * config.recall_windows_held
+    # chunk_budget = 48 // (2 x 16) = 1, at least 2: two 16-token chunks recalled per window, 2 windows
+    # held while the next one is prefetched (prefetch_steps defaults to 8)
+    assert config.effective_chunk_budget == 2
+    recalled_blocks = 2 * config.recall_windows_held
     bound = report["kv_block_bytes"] * (math.ceil((budget + interval) / 16) + recalled_blocks)
     assert max(report["device_kv_trace"]) <= bound
     assert fm.mirror.num_tokens == T + new - 1 == report["logical_tokens"]
