@@ -191,7 +191,8 @@ def parse_configs(text: str | None, default: list[dict]) -> list[dict]:
 def config_label(cfg: dict) -> str:
     if not cfg:
         return "flashmem (no budget)"
-    parts = [f"{k}={v}" for k, v in cfg.items() if k != "stats_path"]
+    # a stats file is an environment detail (tiny models get their own); stats from the prompt a choice
+    parts = [f"{k}={v}" for k, v in cfg.items() if k != "stats_path" or v == "prompt"]
     return "flashmem " + ",".join(parts)
 
 

@@ -30,6 +30,25 @@ from bench import common, inputs, metrics
 DEFAULT_CONFIGS = [{"budget_tokens": 256}, {"budget_tokens": 512}, {"budget_tokens": 1024}]
 
 
+def summarize(rows: list[dict], configs: list[dict]) -> list[dict]:
+    """Per config (rows matched by their config, not their label: two configs may share a label),
+    the mean over documents of top-1 agreement, mean KL and average device share."""
+    summary = []
+    for cfg in configs:
+        rs = [r for r in rows if r["flashmem_config"] == cfg]
+        summary.append(
+            {
+                "method": common.config_label(cfg),
+                "flashmem_config": cfg,
+                "top1_agreement": sum(r["top1_agreement"] for r in rs) / len(rs),
+                "mean_kl": sum(r["mean_kl"] for r in rs) / len(rs),
+                "mean_avg_device_share": sum(r["avg_device_share"] or 0 for r in rs) / len(rs),
+                "docs": len(rs),
+            }
+        )
+    return summary
+
+
 def _plot(summary: list[dict], png, title: str) -> None:
     plt = common.pyplot()
     if plt is None or not summary:
@@ -119,20 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"avg share {rep.get('avg_device_share', 0):.3f} ({run['wall_s']:.0f} s)"
             )
 
-    summary = []
-    for cfg in configs:
-        label = common.config_label(cfg)
-        rs = [r for r in rows if r["method"] == label]
-        summary.append(
-            {
-                "method": label,
-                "flashmem_config": cfg,
-                "top1_agreement": sum(r["top1_agreement"] for r in rs) / len(rs),
-                "mean_kl": sum(r["mean_kl"] for r in rs) / len(rs),
-                "mean_avg_device_share": sum(r["avg_device_share"] or 0 for r in rs) / len(rs),
-                "docs": len(rs),
-            }
-        )
+    summary = summarize(rows, configs)
     data = common.header(
         "fidelity",
         quick=q,

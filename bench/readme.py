@@ -719,7 +719,9 @@ def fidelity_choices(results: Path) -> str:
         f"`budget_tokens={d['summary'][0]['flashmem_config']['budget_tokens']}`; {len(st['docs'])} documents "
         f"of {_int(st['context_tokens'])} tokens, {st['new_tokens']} teacher-forced steps each "
         f"(`{name}`). Machine: {_stamp(d)}.\n\n"
-        + _table(["indexer", "TriAttention stats", "top-1 agreement", "mean KL (nats)", "avg device share"], rows)
+        + _table(
+            ["indexer", "TriAttention stats", "top-1 agreement", "mean KL (nats)", "avg device share"], rows
+        )
     )
 
 
@@ -729,16 +731,19 @@ def prepare_cost(results: Path) -> str:
     if d is None:
         return _missing(name)
     m, e, st = d["measured"], d["estimate_llama8b_h100"], d["settings"]
+    load, cores = d["machine"].get("load_average_1min") or 0, d["machine"].get("cpu_count") or 1
+    busy = "; the cores were shared with other runs: an upper bound" if load > cores else ""
     return (
-        f"Measured on {d['model']} ({_stamp(d)}): **{m['wall_s']:.0f} s** in all, TriAttention stats "
+        f"Measured on {d['model']} ({_stamp(d)}; {d['machine'].get('torch_threads')} torch thread(s)"
+        f"{busy}): **{m['wall_s']:.0f} s** in all, TriAttention stats "
         f"{m['stats_s']:.0f} s ({_int(st['stats_tokens'])} tokens), lookahead indexer {m['indexer_s']:.0f} s "
         f"({st['indexer_documents']} documents of {_int(st['indexer_document_tokens'])} tokens, labels and "
         f"training); afterwards a plain budget config used both files ({d['check']['auto_indexer']}).\n\n"
         f"Llama-3.1-8B on one H100, **an estimate from FLOPs, not a measurement**: the same stats pass is "
         f"{e['stats_forward_flops']:.1e} FLOP (~{e['stats_s']:.0f} s at 40% of bf16 peak) and the indexer's "
         f"forward passes {e['indexer_forward_flops']:.1e} FLOP (~{e['indexer_forward_s']:.0f} s), plus label "
-        f"building and training of the small indexer (here {m['indexer_s']:.0f} s in all on a CPU), plus "
-        f"loading the model: a few minutes at most (`{name}`)."
+        f"building and training of the small indexer (their share of the {m['indexer_s']:.0f} s above does "
+        f"not grow with the model), plus loading the model (`{name}`).\n"
     )
 
 

@@ -464,11 +464,22 @@ def parse(argv):
     p.add_argument("--shares", default=None, help="flashmem target avg device shares (default 0.06,0.12)")
     p.add_argument("--flashmem-config", default=None, help="an extra (tuned) FlashMemConfig as JSON")
     p.add_argument("--presses", default=None, help="kvpress presses (default: the five of the worker)")
+    p.add_argument(
+        "--placements",
+        default=None,
+        help="kvpress question placements: 'question outside', 'question inside' (default: both)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--seed", type=int, default=0, help="base seed of the prompts")
     p.add_argument("--kvpress-timeout", type=int, default=48 * 3600)
     p.add_argument("--json", default=None, help="summary path (default bench/results[/quick]/ruler.json)")
     args = p.parse_args(argv)
+    if args.placements:
+        from bench.peers.kvpress_worker import PLACEMENTS
+
+        bad = [x for x in _list(args.placements) if x not in PLACEMENTS]
+        if bad:
+            p.error(f"--placements: unknown {bad}; choose from {PLACEMENTS}")
     args.tasks = _list(args.tasks) if args.tasks else (QUICK["tasks"] if args.quick else list(rt.TASKS))
     unknown = [t for t in args.tasks if t not in rt.TASKS]
     if unknown:
@@ -562,7 +573,13 @@ def main(argv: list[str] | None = None) -> int:
 
         presses = _list(args.presses) if args.presses else None
         kv_keys, kvpress_status = kvpress_peer.run_ruler(
-            prompts, budgets, log, tok, presses=presses, timeout=args.kvpress_timeout
+            prompts,
+            budgets,
+            log,
+            tok,
+            presses=presses,
+            placements=_list(args.placements) if args.placements else None,
+            timeout=args.kvpress_timeout,
         )
         wanted += kv_keys
 

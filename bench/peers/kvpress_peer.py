@@ -286,7 +286,9 @@ def run_fidelity(
 # ---------------------------------------------------------------------------------------------
 # RULER-style suite (bench/ruler.py)
 # ---------------------------------------------------------------------------------------------
-def ruler_methods(budgets: dict, length: int, presses: list[str] | None = None) -> list[dict]:
+def ruler_methods(
+    budgets: dict, length: int, presses: list[str] | None = None, placements: list[str] | None = None
+) -> list[dict]:
     """The kvpress methods of ``bench/ruler.py`` at one length: every press x placement x target
     share, each keeping flashmem's measured calibration share at that length and target
     (``budgets[length][target]["share"]``). ``spec`` is what the suite's run key hashes."""
@@ -294,7 +296,7 @@ def ruler_methods(budgets: dict, length: int, presses: list[str] | None = None) 
     for target, cal in budgets[length].items():
         keep = cal["share"]
         for press in presses or PRESSES:
-            for placement in PLACEMENTS:
+            for placement in placements or PLACEMENTS:
                 out.append(
                     {
                         "label": f"kvpress {press} ({placement}) (share {target:.0%})",
@@ -321,6 +323,7 @@ def run_ruler(
     tok,
     *,
     presses: list[str] | None = None,
+    placements: list[str] | None = None,
     timeout: int = 48 * 3600,
 ) -> tuple[list[tuple], dict]:
     """The presses on the suite's prompts: jobs whose run key is in ``log`` (a ``bench.ruler_log.RunLog``)
@@ -333,7 +336,7 @@ def run_ruler(
     stream = Path(log.path).with_name(Path(log.path).stem + "_kvpress_stream.jsonl")
     keys, by_key = [], {}
     for p in prompts:
-        for m in ruler_methods(budgets, p["target_tokens"], presses):
+        for m in ruler_methods(budgets, p["target_tokens"], presses, placements):
             key = ruler.run_key(p, m)
             keys.append((key, m["label"], m["share"]))
             by_key.setdefault(key, (p, m))
@@ -360,7 +363,7 @@ def run_ruler(
     task_prompts = []
     for p in prompts:
         jobs, seen = [], set()
-        for m in ruler_methods(budgets, p["target_tokens"], presses):
+        for m in ruler_methods(budgets, p["target_tokens"], presses, placements):
             key = ruler.run_key(p, m)
             if key in log or key in seen:
                 continue
