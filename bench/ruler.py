@@ -142,11 +142,19 @@ def prompt_ids(p: dict) -> torch.Tensor:
 # methods
 # ---------------------------------------------------------------------------------------------
 def resolved_config(cfg: dict) -> dict:
-    """Every field of ``FlashMemConfig(**cfg)`` (defaults included), as JSON values."""
+    """Every field of ``FlashMemConfig(**cfg)`` (defaults included) and the values derived from them
+    (a default that is computed, such as the chunk budget, changes the key when its rule changes), as
+    JSON values."""
     import flashmem
 
     c = flashmem.FlashMemConfig(**cfg)
-    return json.loads(json.dumps(dataclasses.asdict(c), default=str))
+    fields = dataclasses.asdict(c)
+    fields["derived"] = {
+        "effective_chunk_budget": c.effective_chunk_budget,
+        "effective_prefill_chunk": c.effective_prefill_chunk,
+        "recall_windows_held": c.recall_windows_held,
+    }
+    return json.loads(json.dumps(fields, default=str))
 
 
 def flashmem_run(model, cfg: dict, ids: torch.Tensor, new_tokens: int) -> dict:
