@@ -8,7 +8,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(BIN)/flashmem generate --model default --passkey-tokens 4000 --depth 0.3 --budget-tokens 256 --chunk-size 16 --chunk-budget 12 --max-new-tokens 12
+	$(BIN)/flashmem generate --model default --passkey-tokens 4000 --depth 0.3 --budget-tokens 256 --max-new-tokens 12
 
 # The suite on the newest transformers, then the Hugging Face integration tests on the oldest
 # supported release (5.17) in a second environment.
