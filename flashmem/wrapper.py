@@ -362,19 +362,21 @@ class FlashMemModel:
         positions = torch.arange(start, start + ids.shape[1], device=self.device)
         cache.begin_step(positions, start)
         try:
-            # the attention is routed to the cache for this call in this thread only: the model and
-            # its config are never modified (other threads and plain Hugging Face use are unaffected)
-            with hf_compat.attention_runner(self.model, cache):
-                out = self.model(
-                    input_ids=ids,
-                    position_ids=positions.unsqueeze(0),
-                    logits_to_keep=1,
-                    **self._forward_kwargs,
-                )
+            logits = self._model_logits(ids, positions.unsqueeze(0))
         except BaseException:
             cache.abort_step()
             raise
         cache.end_step()
+        return logits
+
+    def _model_logits(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The model's forward over ``ids`` ``[1, T]`` at ``position_ids`` ``[1, T]``, its attention
+        routed to the cache for this call in this thread only (the model and its config are never
+        modified); the last token's logits ``[vocab]`` fp32."""
+        with hf_compat.attention_runner(self.model, self.cache):
+            out = self.model(
+                input_ids=ids, position_ids=position_ids, logits_to_keep=1, **self._forward_kwargs
+            )
         return out.logits[0, -1].float()
 
     def _decode_forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -389,15 +391,12 @@ class FlashMemModel:
         if self.config.cuda_graph and not cache.note_query:
             return self._graph_step(ids, position)
         try:
-            with hf_compat.attention_runner(self.model, cache):
-                out = self.model(
-                    input_ids=ids, position_ids=position, logits_to_keep=1, **self._forward_kwargs
-                )
+            logits = self._model_logits(ids, position)
         except BaseException:
             cache.abort_step()
             raise
         cache.end_step()
-        return out.logits[0, -1].float()
+        return logits
 
     def _graph_step(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """The decode step through the captured graph (the slot, position and tables were updated in
@@ -410,30 +409,12 @@ class FlashMemModel:
                 stream = torch.cuda.Stream(self.device)
                 stream.wait_stream(torch.cuda.current_stream(self.device))
                 static_ids = ids.clone()
-                with torch.cuda.stream(stream), hf_compat.attention_runner(self.model, cache):
-                    eager = (
-                        self.model(
-                            input_ids=static_ids,
-                            position_ids=position,
-                            logits_to_keep=1,
-                            **self._forward_kwargs,
-                        )
-                        .logits[0, -1]
-                        .float()
-                    )
+                with torch.cuda.stream(stream):
+                    eager = self._model_logits(static_ids, position)
                 torch.cuda.current_stream(self.device).wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph), hf_compat.attention_runner(self.model, cache):
-                    logits = (
-                        self.model(
-                            input_ids=static_ids,
-                            position_ids=position,
-                            logits_to_keep=1,
-                            **self._forward_kwargs,
-                        )
-                        .logits[0, -1]
-                        .float()
-                    )
+                with torch.cuda.graph(graph):
+                    logits = self._model_logits(static_ids, position)
                 self._graph, self._graph_io = graph, (static_ids, logits)
                 out = eager
             else:

@@ -61,6 +61,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .block_pool import id_runs
+
 _GIB = float(1 << 30)
 _MAX_PENDING = 8  # pending write events per layer before the landed ones are pruned (event queries)
 
@@ -83,17 +85,6 @@ def _copy_to_device(src: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 _CUDA_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context
-
-
-def _runs(ids: list[int]) -> list[tuple[int, int]]:
-    """Runs of consecutive ints in ``ids`` (in order) as ``[start, stop)`` pairs."""
-    runs: list[tuple[int, int]] = []
-    for i in ids:
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
 
 
 def page_size() -> int:
@@ -596,7 +587,7 @@ class HostMirror:
         ``device``, default the host), made from ranges (no tensor from Python data)."""
         ids = self._check_chunk_ids(chunk_ids)
         c = self.chunk_size
-        parts = [torch.arange(a * c, b * c, dtype=torch.int64, device=device) for a, b in _runs(ids)]
+        parts = [torch.arange(a * c, b * c, dtype=torch.int64, device=device) for a, b in id_runs(ids)]
         if not parts:
             return torch.empty(0, dtype=torch.int64, device=device)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
