@@ -671,6 +671,22 @@ def ruler(results: Path) -> str:
             continue
         out.append(f"\n**{length:,} tokens** (flashmem {'; '.join(notes) or 'not run'}):\n\n")
         out.append(_table(["method", "device share", *(RULER_SHORT[t] for t in tasks), "mean"], rows))
+        points = sorted(
+            (p for p in d.get("frontier", []) if p["length"] == length and p["share"] is not None),
+            key=lambda p: p["share"],
+        )
+        if points:
+            common = ", ".join(RULER_SHORT.get(t, t) for t in points[0]["tasks"])
+            out.append(
+                f"\nAccuracy against share at {length:,} tokens, over the tasks every method ran ({common}); "
+                "`ruler_frontier.png` plots it:\n\n"
+            )
+            out.append(
+                _table(
+                    ["method", "share", "what the share counts", "mean score"],
+                    [[p["method"], _pct(p["share"]), p["share_counts"], f"{p['score']:.1f}"] for p in points],
+                )
+            )
     return "".join(out)
 
 

@@ -424,6 +424,72 @@ def summarize(records: list[dict], order: list[str]) -> list[dict]:
     return rows
 
 
+def frontier(summary: list[dict], order: list[str]) -> list[dict]:
+    """Accuracy against share, per length: for every method, its mean score over the tasks that every
+    method at that length ran (so the means compare like with like) and its mean share: flashmem's
+    average device share (every device byte), a press's kept share (KV alone), 1.0 for full attention."""
+    out = []
+    for length in sorted({r["length"] for r in summary}):
+        rows = [r for r in summary if r["length"] == length and r["task"] != "average"]
+        methods = [m for m in order if any(r["method"] == m for r in rows)]
+        tasks = [
+            t
+            for t in rt.TASKS
+            if all(any(r["method"] == m and r["task"] == t for r in rows) for m in methods)
+        ]
+        for m in methods:
+            mine = [r for r in rows if r["method"] == m and r["task"] in tasks]
+            if not mine:
+                continue
+            shares = [r.get("mean_avg_device_share", r.get("mean_kept_share_end")) for r in mine]
+            shares = [x for x in shares if x is not None]
+            out.append(
+                {
+                    "length": length,
+                    "method": m,
+                    "tasks": tasks,
+                    "score": _mean([r["score"] for r in mine]),
+                    "share": _mean(shares) if shares else (1.0 if m == "full attention" else None),
+                    "share_counts": "every device byte"
+                    if any("mean_avg_device_share" in r for r in mine)
+                    else ("kept KV tokens" if shares else "the whole KV"),
+                }
+            )
+    return out
+
+
+def plot_frontier(points: list[dict], path: Path):
+    """Mean score against share, one panel per length, one labelled point per method."""
+    plt = common.pyplot()
+    points = [p for p in points if p["share"] is not None]
+    if plt is None or not points:
+        return None
+    lengths = sorted({p["length"] for p in points})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6.5 * len(lengths), 4.2), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        mine = [p for p in points if p["length"] == length]
+        for p in mine:
+            kind = p["method"].split(" ")[0]
+            marker = {"flashmem": "o", "kvpress": "s", "full": "*"}.get(kind, "^")
+            ax.scatter(100 * p["share"], p["score"], marker=marker, s=60 if marker != "*" else 140)
+            ax.annotate(
+                p["method"],
+                (100 * p["share"], p["score"]),
+                fontsize=6,
+                xytext=(4, 3),
+                textcoords="offset points",
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel(
+            "device share, % (flashmem: every device byte; presses: kept KV; log scale)", fontsize=8
+        )
+        ax.set_ylabel(f"mean score over {len(mine[0]['tasks'])} tasks run by every method", fontsize=8)
+        ax.set_ylim(-3, 103)
+        ax.set_title(f"RULER-style suite at {length:,} tokens: accuracy vs share", fontsize=9)
+        ax.grid(alpha=0.3)
+    return common.save_figure(fig, path)
+
+
 def plot(summary: list[dict], order: list[str], path: Path):
     plt = common.pyplot()
     if plt is None or not summary:
@@ -524,6 +590,7 @@ def paths(args) -> dict[str, Path]:
     return {
         "json": json_path,
         "png": png,
+        "frontier_png": png.with_name(png.stem + "_frontier.png"),
         "jsonl": folder / "ruler_runs.jsonl",
         "budgets": folder / "ruler_budgets.json",
         "prompts": folder / "ruler_prompts.json",
@@ -632,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         sanity=check,
         kvpress=kvpress_status,
         summary=summary,
+        frontier=frontier(summary, order),
         prompts=[
             {
                 k: p[k]
@@ -680,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     plot(summary, order, where["png"])
+    plot_frontier(data["frontier"], where["frontier_png"])
     for r in summary:
         if r["task"] == "average":
             share = r.get("mean_avg_device_share", r.get("mean_kept_share_end"))

@@ -277,6 +277,16 @@ def test_entry_end_to_end_and_resumes(stub_entry, tmp_path):
     fm = [r for r in data["records"] if r["method"] == "flashmem (share 40%)"]
     assert len(fm) == 4 and all(r["budget_tokens"] == cal["0.4"]["budget_tokens"] for r in fm)
     assert all("avg_device_share" in r and "peak_device_share" in r for r in fm)
+    # accuracy against share: one point per method over the tasks every method ran
+    fr = {x["method"]: x for x in data["frontier"]}
+    assert fr["full attention"]["share"] == 1.0 and fr["full attention"]["score"] == 100.0
+    assert fr["flashmem (share 40%)"]["tasks"] == ["niah_single_1", "qa_1"]
+    per_task = [rows[("flashmem (share 40%)", t)]["mean_avg_device_share"] for t in ("niah_single_1", "qa_1")]
+    assert fr["flashmem (share 40%)"]["share"] == pytest.approx(sum(per_task) / 2)
+    assert fr["flashmem (share 40%)"]["score"] == pytest.approx(
+        rows[("flashmem (share 40%)", "average")]["score"]
+    )
+    assert out.with_name(out.stem + "_frontier.png").is_file()
     assert len(data["prompts"]) == 4 and all("references" in p for p in data["prompts"])
     texts = json.loads((tmp_path / "ruler_prompts.json").read_text())["prompts"]
     assert all(t["text"].endswith(t["question"]) for t in texts)
@@ -461,3 +471,19 @@ def test_kvpress_worker_ruler_kind_with_a_keep_all_press(monkeypatch, tmp_path):
     assert all(x["kept_share_end"] == 1.0 for x in lines)
     # the press saw the context alone (question outside), then context + question but its last token
     assert stub.SEEN == [len(ctx), len(ctx) + len(q) - 1]
+
+
+def test_frontier_compares_over_the_tasks_every_method_ran():
+    summary = [
+        {"method": "a", "length": 4, "task": "niah_single_1", "score": 100.0, "mean_avg_device_share": 0.1},
+        {"method": "a", "length": 4, "task": "qa_1", "score": 0.0, "mean_avg_device_share": 0.3},
+        {"method": "a", "length": 4, "task": "average", "score": 50.0, "mean_avg_device_share": 0.2},
+        {"method": "b", "length": 4, "task": "niah_single_1", "score": 50.0, "mean_kept_share_end": 0.2},
+        {"method": "full attention", "length": 4, "task": "niah_single_1", "score": 80.0},
+        {"method": "full attention", "length": 4, "task": "qa_1", "score": 20.0},
+    ]
+    fr = {p["method"]: p for p in ruler.frontier(summary, ["a", "b", "full attention"])}
+    assert fr["a"]["tasks"] == ["niah_single_1"]  # b did not run qa_1: it is left out for everyone
+    assert (fr["a"]["score"], fr["a"]["share"], fr["a"]["share_counts"]) == (100.0, 0.1, "every device byte")
+    assert (fr["b"]["score"], fr["b"]["share"], fr["b"]["share_counts"]) == (50.0, 0.2, "kept KV tokens")
+    assert (fr["full attention"]["score"], fr["full attention"]["share"]) == (80.0, 1.0)
