@@ -61,7 +61,7 @@ import torch
 
 from bench import common, inputs
 from bench import ruler_tasks as rt
-from bench.ruler_log import RunLog, ids_hash, record, run_key  # noqa: F401 (used by the peers and tests)
+from bench.ruler_log import RunLog, ids_hash, record, run_key
 
 DEFAULT_LENGTHS = [2048, 4096, 7168]
 DEFAULT_SHARES = [0.06, 0.12]

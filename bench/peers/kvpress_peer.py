@@ -331,13 +331,13 @@ def run_ruler(
     a run cut short keeps what it did) are scored here and appended to ``log``. Returns ``(run key,
     method label, target share)`` of every job of the selection and the worker's status (why
     nothing ran, when it did not)."""
-    from bench import ruler_log as ruler
+    from bench import ruler_log
 
     stream = Path(log.path).with_name(Path(log.path).stem + "_kvpress_stream.jsonl")
     keys, by_key = [], {}
     for p in prompts:
         for m in ruler_methods(budgets, p["target_tokens"], presses, placements):
-            key = ruler.run_key(p, m)
+            key = ruler_log.run_key(p, m)
             keys.append((key, m["label"], m["share"]))
             by_key.setdefault(key, (p, m))
 
@@ -354,7 +354,7 @@ def run_ruler(
                 key = line.get("key") if isinstance(line, dict) else None
                 if key in by_key and key not in log:
                     p, m = by_key[key]
-                    log.append(ruler.record(p, m, key, line, tok))
+                    log.append(ruler_log.record(p, m, key, line, tok))
                     done += 1
             stream.unlink()
         return done
@@ -364,7 +364,7 @@ def run_ruler(
     for p in prompts:
         jobs, seen = [], set()
         for m in ruler_methods(budgets, p["target_tokens"], presses, placements):
-            key = ruler.run_key(p, m)
+            key = ruler_log.run_key(p, m)
             if key in log or key in seen:
                 continue
             seen.add(key)

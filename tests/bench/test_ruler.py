@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 import torch
 
-from bench import ruler, ruler_tasks
+from bench import ruler, ruler_log, ruler_tasks
 from bench.peers import kvpress_env, kvpress_peer, kvpress_worker
 
 TASKS = list(ruler_tasks.TASKS)
@@ -161,15 +161,15 @@ def test_prompts_fit_the_target_and_split_at_a_token_boundary(tok, length):
 # ---------------------------------------------------------------------------------------------
 def test_run_log_keeps_records_and_ignores_a_line_cut_short(tmp_path):
     path = tmp_path / "runs.jsonl"
-    log = ruler.RunLog(path)
+    log = ruler_log.RunLog(path)
     log.append({"key": "a", "score": 1.0})
     log.append({"key": "b", "score": 0.0})
     path.write_text(path.read_text() + '{"key": "c", "sco')  # a run killed while writing
-    log = ruler.RunLog(path)
+    log = ruler_log.RunLog(path)
     assert "a" in log and "b" in log and "c" not in log
     log.append({"key": "c", "score": 0.5})
-    assert ruler.RunLog(path).records["c"]["score"] == 0.5
-    assert ruler.RunLog(path, fresh=True).records == {}
+    assert ruler_log.RunLog(path).records["c"]["score"] == 0.5
+    assert ruler_log.RunLog(path, fresh=True).records == {}
 
 
 def test_run_key_depends_on_ids_budget_and_resolved_config():
@@ -178,12 +178,12 @@ def test_run_key_depends_on_ids_budget_and_resolved_config():
         {"label": "l", "kind": "flashmem", "share": None, "extra": {"budget_tokens": 256}, "budgets": None},
         2048,
     )
-    k = ruler.run_key(p, m)
-    assert k == ruler.run_key(dict(p), ruler.bind(dict(m), 2048))
-    assert k != ruler.run_key({**p, "ids_sha": "y"}, m)
-    assert k != ruler.run_key({**p, "max_new_tokens": 13}, m)
+    k = ruler_log.run_key(p, m)
+    assert k == ruler_log.run_key(dict(p), ruler.bind(dict(m), 2048))
+    assert k != ruler_log.run_key({**p, "ids_sha": "y"}, m)
+    assert k != ruler_log.run_key({**p, "max_new_tokens": 13}, m)
     other = ruler.bind({**m, "extra": {"budget_tokens": 257}}, 2048)
-    assert k != ruler.run_key(p, other)
+    assert k != ruler_log.run_key(p, other)
     assert m["spec"]["config"]["recent_tokens"] == 128  # defaults are part of the key
 
 
@@ -354,7 +354,7 @@ def _fake_prompt(i, ctx, q, refs):
         "context_ids": ctx,
         "question_ids": q,
         "max_new_tokens": 3,
-        "ids_sha": ruler.ids_hash(ctx + q),
+        "ids_sha": ruler_log.ids_hash(ctx + q),
         "references": refs,
         "metric": "all",
         "task": "niah_single_1",
@@ -366,9 +366,9 @@ def _fake_prompt(i, ctx, q, refs):
 def test_kvpress_ruler_scores_the_stream_and_skips_what_is_done(monkeypatch, tmp_path, tok):
     prompts = [_fake_prompt(i, [1, 2, 3, 4], [5, 6], ["123"]) for i in range(2)]
     prompts[1]["context_ids"] = [7, 8, 9]
-    prompts[1]["ids_sha"] = ruler.ids_hash([7, 8, 9, 5, 6])
+    prompts[1]["ids_sha"] = ruler_log.ids_hash([7, 8, 9, 5, 6])
     budgets = {512: {0.3: {"share": 0.31, "budget_tokens": 100, "reached": True}}}
-    log = ruler.RunLog(tmp_path / "runs.jsonl")
+    log = ruler_log.RunLog(tmp_path / "runs.jsonl")
     seen = []
 
     def fake_worker(task, *, name, timeout):
@@ -390,7 +390,11 @@ def test_kvpress_ruler_scores_the_stream_and_skips_what_is_done(monkeypatch, tmp
     monkeypatch.setattr(kvpress_env, "run_worker", fake_worker)
     # a stream left by a worker whose main process was stopped: its result is kept, its job not sent
     first = kvpress_peer.ruler_methods(budgets, 512, ["KnormPress", "TOVAPress"])[0]
-    left = {"key": ruler.run_key(prompts[0], first), "tokens": tok(" 9").input_ids, "kept_share_end": 0.29}
+    left = {
+        "key": ruler_log.run_key(prompts[0], first),
+        "tokens": tok(" 9").input_ids,
+        "kept_share_end": 0.29,
+    }
     (tmp_path / "runs_kvpress_stream.jsonl").write_text(json.dumps(left) + "\n" + '{"key": "cut sho')
     keys, status = kvpress_peer.run_ruler(prompts, budgets, log, tok, presses=["KnormPress", "TOVAPress"])
     assert len(keys) == 2 * 2 * 2 and status["recovered"] == 1
