@@ -1,11 +1,13 @@
 """Next-token fidelity vs full attention on long real documents, at several device budgets.
 
-    python -m bench.run fidelity [--quick] [--tokens 4096] [--docs 2] [--new-tokens 256]
-                                 [--flashmem-config JSON] [--json PATH]
+    python -m bench.run fidelity [--quick] [--text code|prose] [--tokens 4096] [--docs 2]
+                                 [--new-tokens 256] [--flashmem-config JSON] [--json PATH]
 
-Documents: long plain-text files of the installed transformers and torch packages
-(:func:`flashmem.calibration_text_files`, read from disk; files the shipped
-calibration used are skipped), each cut to ``--tokens`` tokens with the default model's tokenizer.
+Documents (``--text``): ``code`` (default), long plain-text files of the installed transformers and
+torch packages (:func:`flashmem.calibration_text_files`, read from disk; files the shipped
+calibration used are skipped), each cut to ``--tokens`` tokens with the default model's tokenizer;
+``prose``, natural English text: consecutive ``--tokens``-token pieces of the local prose paragraphs
+(:func:`bench.prose.documents`). Results: ``fidelity.json`` / ``fidelity_prose.json``.
 
 Method (teacher forcing): full attention (plain Hugging Face forward, ``DynamicCache``) generates
 ``--new-tokens`` greedy tokens after the document and keeps each step's logits. flashmem then decodes
@@ -25,9 +27,23 @@ import time
 
 import torch
 
-from bench import common, inputs, metrics
+from bench import common, inputs, metrics, prose
 
-DEFAULT_CONFIGS = [{"budget_tokens": 256}, {"budget_tokens": 512}, {"budget_tokens": 1024}]
+DEFAULT_CONFIGS = [{"budget_tokens": 132}, {"budget_tokens": 256}, {"budget_tokens": 512}]
+TEXTS = ("code", "prose")
+
+
+def load_documents(tok, text: str, num_docs: int, num_tokens: int) -> list[dict]:
+    """``num_docs`` documents of ``num_tokens`` ids of the kind ``text`` (see :data:`TEXTS`)."""
+    if text not in TEXTS:
+        raise ValueError(f"text must be one of {TEXTS}, got {text!r}")
+    source = inputs.documents if text == "code" else prose.documents
+    return source(tok, num_docs, num_tokens)
+
+
+def result_name(base: str, text: str) -> str:
+    """``base`` for source code (the first results, kept under their names), ``base_prose`` else."""
+    return base if text == "code" else f"{base}_{text}"
 
 
 def summarize(rows: list[dict], configs: list[dict]) -> list[dict]:
@@ -79,6 +95,7 @@ def _plot(summary: list[dict], png, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run fidelity", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="1 document of 640 tokens, 32 tokens, 1 budget")
+    p.add_argument("--text", choices=TEXTS, default="code", help="documents: source files or prose")
     p.add_argument("--tokens", type=int, default=None, help="document tokens (default 4096)")
     p.add_argument("--docs", type=int, default=None, help="documents (default 2)")
     p.add_argument("--new-tokens", type=int, default=None, help="generated tokens compared (default 256)")
@@ -93,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     new_tokens = args.new_tokens or (32 if q else 256)
     if min(num_tokens, num_docs, new_tokens) < 1:
         p.error("--tokens, --docs and --new-tokens must be positive")
-    json_path, png = common.result_paths("fidelity", q, args.json)
+    json_path, png = common.result_paths(result_name("fidelity", args.text), q, args.json)
 
     model, tok, name, stats_path = common.load_bench_model(args.model)
-    docs = inputs.documents(tok, num_docs, num_tokens)
+    docs = load_documents(tok, args.text, num_docs, num_tokens)
     rows, check = [], None
     for di, doc in enumerate(docs):
         ids = torch.tensor([doc["ids"]])
@@ -144,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         quick=q,
         model=name,
         context_tokens=num_tokens,
+        text=args.text,
         docs=[d["file"] for d in docs],
         new_tokens=new_tokens,
         flashmem_configs=configs,
@@ -155,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     _plot(
         summary,
         png,
-        f"SmolLM2-135M, {num_docs} local documents x {num_tokens} tokens, {new_tokens} teacher-forced steps",
+        f"SmolLM2-135M, {num_docs} local {'source files' if args.text == 'code' else 'prose pieces'} x "
+        f"{num_tokens} tokens, {new_tokens} teacher-forced steps",
     )
     return 0
 

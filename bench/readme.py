@@ -484,26 +484,34 @@ def passkey(results: Path) -> str:
     )
 
 
+FIDELITY_TEXTS = (("code", "", "source code"), ("prose", "_prose", "natural text (local prose)"))
+
+
 def fidelity(results: Path) -> str:
-    d = _load("fidelity.json", results)
-    if d is None:
-        return _missing("fidelity.json")
-    st = d["settings"]
-    rows = [
-        [
-            _method(s["method"]),
-            f"{s['top1_agreement']:.3f}",
-            f"{s['mean_kl']:.4f}",
-            _pct(s["mean_avg_device_share"]),
+    """flashmem's next-token fidelity per budget, one table per kind of document that was run."""
+    out = []
+    for _, suffix, what in FIDELITY_TEXTS:
+        d = _load(f"fidelity{suffix}.json", results)
+        if d is None:
+            continue
+        st = d["settings"]
+        rows = [
+            [
+                _method(s["method"]),
+                f"{s['top1_agreement']:.3f}",
+                f"{s['mean_kl']:.4f}",
+                _pct(s["mean_avg_device_share"]),
+            ]
+            for s in d["summary"]
         ]
-        for s in d["summary"]
-    ]
-    docs = ", ".join(f"`{x}`" for x in st["docs"])
-    return (
-        f"{len(st['docs'])} documents of {_int(st['context_tokens'])} tokens ({docs}), {st['new_tokens']} "
-        f"teacher-forced steps each. Machine: {_stamp(d)}.\n\n"
-        + _table(["method", "top-1 agreement", "mean KL (nats)", "avg device share"], rows)
-    )
+        docs = ", ".join(f"`{x}`" for x in st["docs"])
+        out.append(
+            f"**{what.capitalize()}** (`fidelity{suffix}.json`): {len(st['docs'])} documents of "
+            f"{_int(st['context_tokens'])} tokens ({docs}), {st['new_tokens']} teacher-forced steps each. "
+            f"Machine: {_stamp(d)}.\n\n"
+            + _table(["method", "top-1 agreement", "mean KL (nats)", "avg device share"], rows)
+        )
+    return "\n".join(out) if out else _missing("fidelity.json")
 
 
 def throughput(results: Path) -> str:
@@ -567,46 +575,72 @@ def throughput(results: Path) -> str:
 
 
 def kvpress_fidelity(results: Path) -> str:
-    d = _load("kvpress_fidelity.json", results)
-    if d is None:
-        return _missing("kvpress_fidelity.json")
-    st = d["settings"]
-    fm = {x["method"].replace("flashmem ", ""): x for x in (d.get("flashmem") or [])}
-    rows = []
-    for share in st["keep_shares"]:
-        label = share["label"]
-        f = fm.get(label)
-        if f is not None:
-            rows.append(
-                [
-                    f"**flashmem {label}**",
-                    _pct(share["share"]),
-                    f"**{f['top1_agreement']:.3f}**",
-                    f"**{f['mean_kl']:.4f}**",
-                    _pct(f["mean_avg_device_share"]),
-                ]
-            )
-        for x in d["summary"]:
-            if x["share_label"] == label:
+    """Per kind of document and flashmem budget: flashmem's row, then every press at the share
+    matched to flashmem's (measured kept share, its largest gap to the target over the documents),
+    and flashmem's top-1 minus the best matched press's."""
+    out = []
+    for _, suffix, what in FIDELITY_TEXTS:
+        d = _load(f"kvpress_fidelity{suffix}.json", results)
+        if d is None:
+            continue
+        st = d["settings"]
+        fm = {x["method"].replace("flashmem ", ""): x for x in (d.get("flashmem") or [])}
+        rows = []
+        for share in st["keep_shares"]:
+            label = share["label"]
+            presses = [x for x in d["summary"] if x["share_label"] == label]
+            matched = [x for x in presses if x.get("matched")]
+            f = fm.get(label)
+            if f is not None:
+                best = max(matched, key=lambda x: x["top1_agreement"], default=None)
+                lead = "n/a" if best is None else f"{f['top1_agreement'] - best['top1_agreement']:+.3f}"
+                rows.append(
+                    [
+                        f"**{_method('flashmem ' + label)}**",
+                        _pct(f["mean_avg_device_share"]),
+                        "(every device byte)",
+                        f"**{f['top1_agreement']:.3f}**",
+                        f"**{f['mean_kl']:.4f}**",
+                        f"{lead} vs best matched press",
+                    ]
+                )
+            for x in presses:
+                gap = x.get("max_share_gap")
                 rows.append(
                     [
                         x["method"],
-                        _pct(x["keep_share_requested"]),
+                        _pct(x.get("mean_target_avg_share")),
+                        _pct(x["mean_avg_kept_share"])
+                        + (
+                            ""
+                            if gap is None
+                            else f" ({'matched' if x.get('matched') else 'not matched'}, "
+                            f"max gap {100 * gap:.2f} pp)"
+                        ),
                         f"{x['top1_agreement']:.3f}",
                         f"{x['mean_kl']:.4f}",
-                        _pct(x["mean_avg_kept_share"]),
+                        "",
                     ]
                 )
-    env = d.get("env_check", {})
-    return (
-        f"{len(st['docs'])} documents of {_int(st['context_tokens'])} tokens, {st['new_tokens']} teacher-forced "
-        f"steps; kvpress {d['peers'].get('worker_versions', {}).get('kvpress', '?')} in its own environment "
-        f"(its full attention equals the main process's greedy tokens: {env.get('all_equal')}).\n\n"
-        + _table(
-            ["method", "share kept (target)", "top-1 agreement", "mean KL (nats)", "share kept (measured)"],
-            rows,
+        env = d.get("env_check", {})
+        out.append(
+            f"**{what.capitalize()}** (`kvpress_fidelity{suffix}.json`): {len(st['docs'])} documents of "
+            f"{_int(st['context_tokens'])} tokens, {st['new_tokens']} teacher-forced steps; kvpress "
+            f"{d['peers'].get('worker_versions', {}).get('kvpress', '?')} in its own environment (its full "
+            f"attention equals the main process's greedy tokens: {env.get('all_equal')}). Machine: {_stamp(d)}.\n\n"
+            + _table(
+                [
+                    "method",
+                    "target share",
+                    "share (measured, avg over steps)",
+                    "top-1 agreement",
+                    "mean KL (nats)",
+                    "flashmem top-1 lead",
+                ],
+                rows,
+            )
         )
-    )
+    return "\n".join(out) if out else _missing("kvpress_fidelity.json")
 
 
 RULER_SHORT = {

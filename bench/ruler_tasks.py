@@ -6,9 +6,8 @@ Every task is built from a haystack of ``n`` units (filler sentences, sentences 
 lines, list entries, words or documents) and a seed; :func:`fit_units` picks ``n`` so that the whole
 prompt (instruction + haystack + question) has as many tokens as the target allows, measured with
 the real tokenizer. Keys and values are drawn before the haystack, so they do not change while the
-haystack is fitted. Natural text is the prose of the local text files
-(:func:`flashmem.calibration_text_files` past the :data:`bench.inputs.SKIP_FILES` that calibration
-read): runs of comment and docstring lines without code characters. Nothing is downloaded.
+haystack is fitted. Natural text is the prose of the local text files (:mod:`bench.prose`: runs of
+comment and docstring lines without code characters). Nothing is downloaded.
 
 Each prompt ends with its question and an answer prefix (a plain prompt, no chat template); the
 question starts with a blank line so the context can be compressed alone (see
@@ -17,13 +16,13 @@ question starts with a blank line so the context can be compressed alone (see
 
 from __future__ import annotations
 
-import functools
 import random
 import string
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bench.prose import english_words, paragraphs, sentences
 from flashmem.prompts import FILLER
 
 # ---------------------------------------------------------------------------------------------
@@ -88,79 +87,6 @@ class Task:
 # ---------------------------------------------------------------------------------------------
 # sources
 # ---------------------------------------------------------------------------------------------
-_CODE_CHARS = set('=()[]{}_`<>*\\/@|#:"$%^~')
-
-
-def _prose_line(line: str) -> str | None:
-    s = line.strip().lstrip("#").strip().strip("\"'")
-    if len(s.split()) < 4 or set(s) & _CODE_CHARS or s.startswith(("-", ">>>", "...")):
-        return None
-    if sum(c.isalpha() for c in s) < 0.75 * len(s):
-        return None
-    return s
-
-
-@functools.lru_cache(maxsize=1)
-def paragraphs(min_words: int = 20, max_chars: int = 400_000) -> tuple[str, ...]:
-    """Distinct prose paragraphs of the local text files (past the held-out calibration files):
-    runs of consecutive prose lines (no code characters, mostly letters) of ``min_words`` or more,
-    in file order, until ``max_chars`` characters are collected."""
-    from bench.inputs import SKIP_FILES
-    from flashmem import calibration_text_files
-
-    out: list[str] = []
-    seen: set[str] = set()
-    total = 0
-    for path in calibration_text_files()[SKIP_FILES:]:
-        run: list[str] = []
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines() + [""]:
-            s = _prose_line(line)
-            if s is not None:
-                run.append(s)
-                continue
-            para = " ".join(run)
-            run = []
-            if len(para.split()) >= min_words and para not in seen:
-                seen.add(para)
-                out.append(para)
-                total += len(para)
-        if total >= max_chars:
-            break
-    if total < 100_000:
-        raise RuntimeError(f"only {total} characters of local prose found (100,000 needed)")
-    return tuple(out)
-
-
-@functools.lru_cache(maxsize=1)
-def sentences() -> tuple[str, ...]:
-    """The sentences of :func:`paragraphs` (split after '.', '?' or '!' before a space)."""
-    out = []
-    for para in paragraphs():
-        start = 0
-        for i, c in enumerate(para):
-            if c in ".?!" and (i + 1 == len(para) or para[i + 1] == " "):
-                s = para[start : i + 1].strip()
-                if len(s.split()) >= 3:
-                    out.append(s)
-                start = i + 1
-        tail = para[start:].strip()
-        if len(tail.split()) >= 3:
-            out.append(tail + ".")
-    return tuple(out)
-
-
-@functools.lru_cache(maxsize=1)
-def english_words() -> tuple[str, ...]:
-    """Distinct lowercase words of 4 to 10 letters of the local prose, in order of appearance."""
-    seen: dict[str, None] = {}
-    for para in paragraphs():
-        for w in para.split():
-            w = w.strip(".,;:!?'").lower()
-            if 4 <= len(w) <= 10 and w.isalpha() and w.isascii():
-                seen.setdefault(w, None)
-    return tuple(seen)
-
-
 def _window(items: tuple[str, ...], start: int, n: int) -> list[str]:
     return [items[(start + i) % len(items)] for i in range(n)]
 

@@ -2,8 +2,8 @@
 
     python -m bench.run kvpress [--quick] [--setup-only] [--keep-share 0.15] [--json PATH]
     python -m bench.run kvpress --mode trials [--length 4000] [--trials 8] [--keep-share S] [--quick]
-    python -m bench.run kvpress --mode fidelity [--tokens 4096] [--docs 2] [--new-tokens 256]
-                                [--keep-share S1,S2] [--quick]
+    python -m bench.run kvpress --mode fidelity [--text code|prose] [--tokens 4096] [--docs 2]
+                                [--new-tokens 256] [--keep-share S1,S2] [--quick]
 
 kvpress needs transformers < 5.3, so it cannot share flashmem's environment: it runs in
 ``.venv-kvpress`` (made by :mod:`bench.peers.kvpress_env`). This module is the main process: it builds
@@ -43,10 +43,14 @@ Modes (``--mode``):
   for each press and keep share compresses the document but its last token during prefill, feeds
   that token and the full-attention continuation at their true positions over the compressed cache,
   and compares each step's next-token distribution with the reference: top-1 agreement and mean
-  KL(full || press). DecodingPress prefills uncompressed and cuts while decoding. Keep shares: the
-  average device share per flashmem budget in ``fidelity.json`` (``--keep-share`` otherwise). The
-  kept share of a run is the cache length over the tokens fed, averaged over the compared steps.
-  Writes ``kvpress_fidelity.json``.
+  KL(full || press). DecodingPress prefills uncompressed and cuts while decoding. Shares are
+  matched, not requested: the kept share of a run is the cache length over the tokens fed, averaged
+  over the compared steps, and each prefill press keeps the share of the document that makes this
+  average equal the target (:func:`prefill_keep_for_average`): flashmem's average device share on
+  that document, per budget, from ``fidelity.json`` (``--keep-share`` targets otherwise); the summary
+  says whether every document is within 0.5 percentage points. ``--text prose`` runs the prose
+  documents against ``fidelity_prose.json``. Writes ``kvpress_fidelity.json`` /
+  ``kvpress_fidelity_prose.json``.
 
 ``--quick`` runs one 1,000-token prompt (passkey, trials) or one 640-token document with 16 new
 tokens (fidelity) and writes under ``bench/results/quick/``.
@@ -65,6 +69,7 @@ from pathlib import Path
 import torch
 
 from bench import common, inputs, metrics
+from bench.fidelity import TEXTS, load_documents, result_name
 from bench.inputs import ANSWER_TOKENS
 from bench.peers import kvpress_env
 from bench.peers.kvpress_env import REPO
@@ -238,23 +243,31 @@ def run_trials(
 # fidelity
 # ---------------------------------------------------------------------------------------------
 def summarize_fidelity(rows: list[dict]) -> list[dict]:
-    """Mean over documents per (method, keep share label), in first-seen order."""
+    """Mean over documents per (method, keep share label), in first-seen order. ``max_share_gap``:
+    the largest |kept share - target| over the documents (average shares, both); ``matched``: every
+    document within 0.5 percentage points of its target."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["share_label"]), []).append(r)
     out = []
     for (method, label), rs in groups.items():
         n = len(rs)
+        gaps = [abs(r["avg_kept_share"] - r["target_avg_share"]) for r in rs if "target_avg_share" in r]
         out.append(
             {
                 "method": method,
                 "press": rs[0]["press"],
                 "share_label": label,
-                "keep_share_requested": rs[0]["keep_share_requested"],
+                "keep_share_requested": sum(r["keep_share_requested"] for r in rs) / n,
                 "top1_agreement": sum(r["top1_agreement"] for r in rs) / n,
                 "mean_kl": sum(r["mean_kl"] for r in rs) / n,
                 "max_kl": max(r["max_kl"] for r in rs),
                 "mean_avg_kept_share": sum(r["avg_kept_share"] for r in rs) / n,
+                "mean_target_avg_share": sum(r["target_avg_share"] for r in rs) / n
+                if len(gaps) == n
+                else None,
+                "max_share_gap": max(gaps) if len(gaps) == n else None,
+                "matched": len(gaps) == n and max(gaps) <= MATCH_WITHIN,
                 "docs": n,
             }
         )
@@ -405,6 +418,7 @@ def run_ruler(
 # CLI (main process)
 # ---------------------------------------------------------------------------------------------
 QUICK_FIDELITY = {"tokens": 640, "docs": 1, "new_tokens": 16}
+MATCH_WITHIN = 0.005  # shares matched within 0.5 percentage points
 
 
 def _floats(text: str | None) -> list[float]:
@@ -668,22 +682,74 @@ def _main_trials(args, p) -> int:
     return 0
 
 
+def prefill_keep_for_average(target: float, tokens: int, steps: int) -> float:
+    """The share of a ``tokens``-token document's first ``tokens - 1`` tokens a prefill press must
+    keep so that its kept share, averaged over the ``steps`` compared steps as the fidelity worker
+    measures it, equals ``target``: after step ``i`` the cache holds ``k + 1 + i`` of ``tokens + i``
+    tokens fed, so the average is ``k * A + B`` with ``A = mean 1 / (tokens + i)`` and
+    ``B = mean (1 + i) / (tokens + i)``, solved for ``k``. Raises ``ValueError`` when no ``k`` in
+    ``[0, tokens - 1]`` reaches ``target`` (the continuation alone already holds more)."""
+    if tokens < 2 or steps < 1:
+        raise ValueError(f"need tokens >= 2 and steps >= 1, got {tokens}, {steps}")
+    a = sum(1 / (tokens + i) for i in range(steps)) / steps
+    b = sum((1 + i) / (tokens + i) for i in range(steps)) / steps
+    k = (target - b) / a
+    if not 0 <= k <= tokens - 1:
+        raise ValueError(
+            f"an average kept share of {target:.4f} over {steps} steps after {tokens} tokens is out of "
+            f"reach of a prefill press (from {b:.4f} keeping nothing to {(tokens - 1) * a + b:.4f} keeping all)"
+        )
+    return k / (tokens - 1)
+
+
 def fidelity_keep_shares(path: Path) -> list[dict]:
-    """One keep share per flashmem budget of a ``bench/fidelity.py`` JSON: its mean average device
-    share (``[]`` when the file is missing)."""
+    """One target share per flashmem budget of a ``bench/fidelity.py`` JSON: its mean average device
+    share, and per document (``per_doc``: file -> that document's average device share) when the
+    rows hold it (``[]`` when the file is missing)."""
     if not Path(path).is_file():
         return []
     data = json.loads(Path(path).read_text())
     out = []
     for s in data.get("summary", []):
         if s.get("mean_avg_device_share"):
+            rows = [
+                r
+                for r in data.get("rows", [])
+                if r.get("flashmem_config") == s.get("flashmem_config") and r.get("avg_device_share")
+            ]
             out.append(
                 {
                     "label": s["method"].replace("flashmem ", ""),
                     "share": s["mean_avg_device_share"],
+                    "per_doc": {r["doc"]: r["avg_device_share"] for r in rows},
                     "source": f"mean_avg_device_share of '{s['method']}' in {Path(path).name}",
                 }
             )
+    return out
+
+
+def matched_keep_shares(shares: list[dict], docs: list[dict], steps: int) -> list[dict]:
+    """The worker's keep shares: for every target (``{"label", "share", "per_doc"?}``) and document,
+    the target average share (the document's own when ``per_doc`` has it, else ``share``) and the
+    prefill keep share that yields it (:func:`prefill_keep_for_average`)."""
+    out = []
+    for s in shares:
+        targets = {d["file"]: s.get("per_doc", {}).get(d["file"], s["share"]) for d in docs}
+        out.append(
+            {
+                "label": s["label"],
+                "share": s["share"],
+                "per_doc": {
+                    d["file"]: {
+                        "target_avg_share": targets[d["file"]],
+                        "prefill_keep_share": prefill_keep_for_average(
+                            targets[d["file"]], len(d["ids"]), steps
+                        ),
+                    }
+                    for d in docs
+                },
+            }
+        )
     return out
 
 
@@ -691,9 +757,12 @@ def _main_fidelity(args, p) -> int:
     keep = _floats(args.keep_share)
     presses = _presses(args, p)
     fm_path = (
-        Path(args.flashmem_json) if args.flashmem_json else common.result_paths("fidelity", args.quick)[0]
+        Path(args.flashmem_json)
+        if args.flashmem_json
+        else common.result_paths(result_name("fidelity", args.text or "code"), args.quick)[0]
     )
     fm = json.loads(fm_path.read_text()) if fm_path.is_file() else None
+    text = args.text or (fm or {}).get("settings", {}).get("text", "code")
     if keep:
         shares = [{"label": f"keep_share={s:g}", "share": s, "source": "--keep-share"} for s in keep]
     else:
@@ -716,9 +785,14 @@ def _main_fidelity(args, p) -> int:
         p.error("--tokens, --docs and --new-tokens must be positive")
 
     model, tok, name = common.load_default()
-    docs = inputs.documents(tok, num_docs, num_tokens)
+    docs = load_documents(tok, text, num_docs, num_tokens)
+    try:
+        worker_shares = matched_keep_shares(shares, docs, new_tokens)
+    except ValueError as e:
+        p.error(str(e))
     same_as_flashmem = bool(fm) and (
-        settings.get("context_tokens") == num_tokens
+        settings.get("text", "code") == text
+        and settings.get("context_tokens") == num_tokens
         and settings.get("docs") == [d["file"] for d in docs]
         and settings.get("new_tokens") == new_tokens
     )
@@ -736,7 +810,7 @@ def _main_fidelity(args, p) -> int:
         print(f"{d['file']}: full attention {new_tokens} tokens in {time.perf_counter() - t0:.0f} s")
     result = run_fidelity(
         task_docs,
-        [{"label": s["label"], "share": s["share"]} for s in shares],
+        worker_shares,
         new_tokens=new_tokens,
         quick=args.quick,
         presses=presses,
@@ -746,15 +820,21 @@ def _main_fidelity(args, p) -> int:
     rows = result.get("rows", [])
     summary = summarize_fidelity(rows)
     checks = result.get("env_check", [])
-    json_path, _ = common.result_paths("kvpress_fidelity", args.quick, args.json)
+    json_path, _ = common.result_paths(result_name("kvpress_fidelity", text), args.quick, args.json)
     data = common.header(
         "kvpress_fidelity",
         quick=args.quick,
         model=name,
+        text=text,
         context_tokens=num_tokens,
         docs=[d["file"] for d in docs],
         new_tokens=new_tokens,
         keep_shares=shares,
+        share_matching="each prefill press keeps the share of the document that makes its kept share, "
+        "averaged over the compared steps, equal to the target (flashmem's average device share on "
+        "that document: every device byte it holds, over full attention's KV of the tokens so far); "
+        "'matched' = within 0.5 percentage points on every document; DecodingPress prefills "
+        "uncompressed and cannot be matched",
         presses=presses or PRESSES + [DECODING_PRESS],
         decoding_interval=args.decoding_interval,
         same_documents_as_flashmem=same_as_flashmem,
@@ -816,6 +896,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="passkey: comma-separated prompt ids (e.g. L2000-d0.20-s0)")
     p.add_argument("--length", type=int, default=None, help="trials: prompt tokens (default 4000)")
     p.add_argument("--trials", type=int, default=None, help="trials: number of trials (default 8)")
+    p.add_argument(
+        "--text", choices=TEXTS, default=None, help="fidelity: documents, code or prose (default: flashmem's)"
+    )
     p.add_argument("--tokens", type=int, default=None, help="fidelity: document tokens (default: flashmem's)")
     p.add_argument("--docs", type=int, default=None, help="fidelity: documents (default: flashmem's)")
     p.add_argument(
@@ -825,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
         "--flashmem-json",
         default=None,
         help="flashmem results that give the keep shares (trials: passkey_trials_<L>k_flashmem.json; "
-        "fidelity: fidelity.json)",
+        "fidelity: fidelity.json, fidelity_prose.json with --text prose)",
     )
     p.add_argument("--full-json", default=None, help="trials: full-attention passkey_trials JSON")
     p.add_argument("--presses", default=None, help="trials, fidelity: comma-separated subset of the presses")

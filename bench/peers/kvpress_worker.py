@@ -263,7 +263,12 @@ def _worker_fidelity(task: dict) -> dict:
                 flush=True,
             )
             for share, name in jobs:
-                press = _make_press(name, share["share"], T, interval)
+                # per document: the average share to match and the prefill keep share that gives it
+                # (the main process solves it); a decoding press cuts to the target share itself
+                doc = share.get("per_doc", {}).get(d["file"], {})
+                target = doc.get("target_avg_share", share["share"])
+                keep = target if name.startswith("DecodingPress") else doc.get("prefill_keep_share", target)
+                press = _make_press(name, keep, T, interval)
                 if press is None:
                     skipped.append(name)
                     continue
@@ -294,7 +299,8 @@ def _worker_fidelity(task: dict) -> dict:
                         "method": f"kvpress {name}",
                         "press": name,
                         "share_label": share["label"],
-                        "keep_share_requested": share["share"],
+                        "keep_share_requested": keep,
+                        "target_avg_share": target,
                         "compression_ratio": getattr(press, "compression_ratio", None),
                         **m,
                         "prefill_kept_share": prefill_kept,
@@ -305,7 +311,8 @@ def _worker_fidelity(task: dict) -> dict:
                 )
                 print(
                     f"  {name} @ {share['label']}: top-1 {m['top1_agreement']:.3f}, mean KL "
-                    f"{m['mean_kl']:.4f}, kept {rows[-1]['avg_kept_share']:.3f} ({rows[-1]['seconds']:.0f} s)",
+                    f"{m['mean_kl']:.4f}, kept {rows[-1]['avg_kept_share']:.4f} (target {target:.4f}) "
+                    f"({rows[-1]['seconds']:.0f} s)",
                     flush=True,
                 )
     return {
@@ -315,7 +322,8 @@ def _worker_fidelity(task: dict) -> dict:
         "worker_versions": _worker_versions(),
         "method_note": "reference = full attention in the worker's environment, teacher-forced on the "
         "main process's greedy tokens; each press compresses the document but its last token during "
-        "prefill (compression_ratio = 1 - keep share), then that token and the continuation are fed "
+        "prefill (compression_ratio = 1 - keep share, the keep share chosen so that the kept share "
+        "averaged over the compared steps equals the target), then that token and the continuation are fed "
         "at their true positions over the compressed cache, so every compared step reads the "
         "compressed cache; decoding press: prefill uncompressed, cut to keep share x document tokens "
         f"every {interval} steps; kept share = cache length / tokens fed, averaged over the steps",

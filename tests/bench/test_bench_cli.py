@@ -222,13 +222,16 @@ def test_passkey_entry_tiny(tmp_path):
     assert out.with_suffix(".png").is_file()
 
 
-def test_fidelity_entry_tiny(tmp_path):
+@pytest.mark.parametrize("text", ["code", "prose"])
+def test_fidelity_entry_tiny(tmp_path, text):
     from bench import fidelity
 
     out = tmp_path / "fidelity.json"
     argv = [
         "--model",
         "tiny",
+        "--text",
+        text,
         "--tokens",
         "400",
         "--docs",
@@ -247,6 +250,8 @@ def test_fidelity_entry_tiny(tmp_path):
     assert 0 <= s["top1_agreement"] <= 1 and s["mean_kl"] >= 0
     assert data["rows"][0]["compactions"] >= 1
     assert out.with_suffix(".png").is_file()
+    assert data["settings"]["text"] == text
+    assert data["settings"]["docs"][0].startswith("prose[") == (text == "prose")
 
 
 def test_kvpress_peer_records_why_it_did_not_run(monkeypatch, tmp_path):

@@ -176,13 +176,14 @@ def test_summarize_trials():
 
 
 def test_summarize_fidelity():
-    def row(doc, press, label, top1, kl, kept):
+    def row(doc, press, label, top1, kl, kept, target=0.1):
         return {
             "doc": doc,
             "method": f"kvpress {press}",
             "press": press,
             "share_label": label,
             "keep_share_requested": 0.1,
+            "target_avg_share": target,
             "top1_agreement": top1,
             "mean_kl": kl,
             "max_kl": 2 * kl,
@@ -191,8 +192,8 @@ def test_summarize_fidelity():
 
     rows = [
         row("a", "TOVAPress", "budget_tokens=256", 0.9, 0.2, 0.10),
-        row("b", "TOVAPress", "budget_tokens=256", 0.7, 0.4, 0.14),
-        row("a", "TOVAPress", "budget_tokens=512", 1.0, 0.1, 0.2),
+        row("b", "TOVAPress", "budget_tokens=256", 0.7, 0.4, 0.14, target=0.138),
+        row("a", "TOVAPress", "budget_tokens=512", 1.0, 0.1, 0.2, target=0.19),
         row("a", "KnormPress", "budget_tokens=256", 0.5, 1.0, 0.1),
     ]
     s = kvpress_peer.summarize_fidelity(rows)
@@ -203,6 +204,9 @@ def test_summarize_fidelity():
     ]
     assert s[0]["top1_agreement"] == pytest.approx(0.8) and s[0]["mean_kl"] == pytest.approx(0.3)
     assert s[0]["max_kl"] == pytest.approx(0.8) and s[0]["mean_avg_kept_share"] == pytest.approx(0.12)
+    assert s[0]["max_share_gap"] == pytest.approx(0.002) and s[0]["matched"]
+    assert s[1]["max_share_gap"] == pytest.approx(0.01) and not s[1]["matched"]  # 1 point off
+    assert s[0]["mean_target_avg_share"] == pytest.approx(0.119)
 
 
 def test_keep_shares_and_full_answers_from_json(tmp_path, tok):
@@ -239,18 +243,55 @@ def test_keep_shares_and_full_answers_from_json(tmp_path, tok):
 
 def test_fidelity_keep_shares(tmp_path):
     path = tmp_path / "fidelity.json"
+    c256, c512 = {"budget_tokens": 256}, {"budget_tokens": 512}
     summary = [
-        {"method": "flashmem budget_tokens=256", "mean_avg_device_share": 0.09},
-        {"method": "flashmem budget_tokens=512", "mean_avg_device_share": 0.15},
+        {"method": "flashmem budget_tokens=256", "flashmem_config": c256, "mean_avg_device_share": 0.09},
+        {"method": "flashmem budget_tokens=512", "flashmem_config": c512, "mean_avg_device_share": 0.15},
     ]
-    path.write_text(json.dumps({"summary": summary}))
+    rows = [
+        {"doc": "a", "flashmem_config": c256, "avg_device_share": 0.08},
+        {"doc": "b", "flashmem_config": c256, "avg_device_share": 0.10},
+        {"doc": "a", "flashmem_config": c512, "avg_device_share": 0.15},
+    ]
+    path.write_text(json.dumps({"summary": summary, "rows": rows}))
     shares = kvpress_peer.fidelity_keep_shares(path)
     assert [(s["label"], s["share"]) for s in shares] == [
         ("budget_tokens=256", 0.09),
         ("budget_tokens=512", 0.15),
     ]
+    assert shares[0]["per_doc"] == {"a": 0.08, "b": 0.10} and shares[1]["per_doc"] == {"a": 0.15}
     assert "fidelity.json" in shares[0]["source"]
     assert kvpress_peer.fidelity_keep_shares(tmp_path / "none.json") == []
+
+
+@pytest.mark.parametrize(("target", "tokens", "steps"), [(0.107, 4096, 256), (0.3, 777, 33), (0.05, 4096, 1)])
+def test_prefill_keep_gives_the_target_average(target, tokens, steps):
+    """The keep share, applied as a press applies it (int(kept) of the first tokens - 1) and measured
+    as the worker measures it (cache length k + 1 + i over tokens + i fed, averaged over the steps),
+    hits the target within one token's share."""
+    keep = kvpress_peer.prefill_keep_for_average(target, tokens, steps)
+    k = int((tokens - 1) * keep)
+    measured = sum((k + 1 + i) / (tokens + i) for i in range(steps)) / steps
+    assert abs(measured - target) <= 1 / tokens
+    assert keep < target  # the continuation, kept in full, raises the average above the prefill share
+
+
+def test_prefill_keep_refuses_an_unreachable_target():
+    with pytest.raises(ValueError, match="out of reach"):
+        kvpress_peer.prefill_keep_for_average(0.01, 1000, 256)  # the 256 new tokens alone hold more
+    with pytest.raises(ValueError, match="out of reach"):
+        kvpress_peer.prefill_keep_for_average(1.2, 1000, 10)
+
+
+def test_matched_keep_shares_per_document():
+    docs = [{"file": "a", "ids": list(range(1000))}, {"file": "b", "ids": list(range(2000))}]
+    shares = [{"label": "budget_tokens=256", "share": 0.12, "per_doc": {"a": 0.10}}]
+    (got,) = kvpress_peer.matched_keep_shares(shares, docs, 50)
+    assert got["per_doc"]["a"]["target_avg_share"] == 0.10  # the document's own flashmem share
+    assert got["per_doc"]["b"]["target_avg_share"] == 0.12  # none recorded: the mean
+    for f, n in (("a", 1000), ("b", 2000)):
+        want = kvpress_peer.prefill_keep_for_average(got["per_doc"][f]["target_avg_share"], n, 50)
+        assert got["per_doc"][f]["prefill_keep_share"] == pytest.approx(want)
 
 
 def test_trials_mode_end_to_end_with_a_stub_worker(monkeypatch, tmp_path, tok):
