@@ -676,7 +676,11 @@ def ruler(results: Path) -> str:
     ]
     kv = d.get("kvpress")
     if kv and kv.get("status") != "ok":
-        out.append(f"\nkvpress presses: {kv.get('status')} ({str(kv.get('reason'))[:200]}).\n")
+        out.append(
+            f"\nkvpress presses: the last run's worker {kv.get('status')} ({str(kv.get('reason'))[:200]}), "
+            f"{kv.get('done', 0)} of {kv.get('jobs', '?')} missing press runs done; the press rows hold the "
+            "runs in `ruler_runs.jsonl`, a cell left out (-) was not run.\n"
+        )
     for length in st["lengths"]:
         budgets = st.get("budgets", {}).get(str(length), {})
         notes = [
@@ -699,8 +703,10 @@ def ruler(results: Path) -> str:
             cells = []
             for t in tasks:
                 r = rows_by.get((method, length, t))
-                cells.append("" if r is None else f"{r['score']:.0f}")
-            rows.append([method, share, *cells, f"**{avg['score']:.1f}**"])
+                cells.append("-" if r is None else f"{r['score']:.0f}")
+            ran = len(tasks) - cells.count("-")
+            mean = f"**{avg['score']:.1f}**" + ("" if ran == len(tasks) else f" ({ran} tasks)")
+            rows.append([method, share, *cells, mean])
         if not rows:
             continue
         out.append(f"\n**{length:,} tokens** (flashmem {'; '.join(notes) or 'not run'}):\n\n")
