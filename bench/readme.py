@@ -484,16 +484,23 @@ def passkey(results: Path) -> str:
     )
 
 
-FIDELITY_TEXTS = (("code", "", "source code"), ("prose", "_prose", "natural text (local prose)"))
+FIDELITY_TEXTS = (("", "source code"), ("_prose", "natural text (local prose)"))
+
+
+def _per_text(base: str, results: Path):
+    """``(file name, what, data)`` of ``base.json`` (source code) and ``base_prose.json`` (prose),
+    for those that were run."""
+    for suffix, what in FIDELITY_TEXTS:
+        name = f"{base}{suffix}.json"
+        d = _load(name, results)
+        if d is not None:
+            yield name, what, d
 
 
 def fidelity(results: Path) -> str:
     """flashmem's next-token fidelity per budget, one table per kind of document that was run."""
     out = []
-    for _, suffix, what in FIDELITY_TEXTS:
-        d = _load(f"fidelity{suffix}.json", results)
-        if d is None:
-            continue
+    for name, what, d in _per_text("fidelity", results):
         st = d["settings"]
         rows = [
             [
@@ -506,7 +513,7 @@ def fidelity(results: Path) -> str:
         ]
         docs = ", ".join(f"`{x}`" for x in st["docs"])
         out.append(
-            f"**{what.capitalize()}** (`fidelity{suffix}.json`): {len(st['docs'])} documents of "
+            f"**{what.capitalize()}** (`{name}`): {len(st['docs'])} documents of "
             f"{_int(st['context_tokens'])} tokens ({docs}), {st['new_tokens']} teacher-forced steps each. "
             f"Machine: {_stamp(d)}.\n\n"
             + _table(["method", "top-1 agreement", "mean KL (nats)", "avg device share"], rows)
@@ -579,10 +586,7 @@ def kvpress_fidelity(results: Path) -> str:
     matched to flashmem's (measured kept share, its largest gap to the target over the documents),
     and flashmem's top-1 minus the best matched press's."""
     out = []
-    for _, suffix, what in FIDELITY_TEXTS:
-        d = _load(f"kvpress_fidelity{suffix}.json", results)
-        if d is None:
-            continue
+    for name, what, d in _per_text("kvpress_fidelity", results):
         st = d["settings"]
         fm = {x["method"].replace("flashmem ", ""): x for x in (d.get("flashmem") or [])}
         rows = []
@@ -624,7 +628,7 @@ def kvpress_fidelity(results: Path) -> str:
                 )
         env = d.get("env_check", {})
         out.append(
-            f"**{what.capitalize()}** (`kvpress_fidelity{suffix}.json`): {len(st['docs'])} documents of "
+            f"**{what.capitalize()}** (`{name}`): {len(st['docs'])} documents of "
             f"{_int(st['context_tokens'])} tokens, {st['new_tokens']} teacher-forced steps; kvpress "
             f"{d['peers'].get('worker_versions', {}).get('kvpress', '?')} in its own environment (its full "
             f"attention equals the main process's greedy tokens: {env.get('all_equal')}). Machine: {_stamp(d)}.\n\n"
