@@ -141,10 +141,28 @@ def prompt_ids(p: dict) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # methods
 # ---------------------------------------------------------------------------------------------
-def resolved_config(cfg: dict) -> dict:
+_AUTO_INDEXERS: dict[tuple[int, int], str] = {}
+
+
+def auto_indexer(model, chunk_size: int | None = None) -> str:
+    """What ``indexer="auto"`` resolves to for ``model`` and ``chunk_size`` (None: the default) (the
+    wrapper's ``indexer_name``: a prepared checkpoint's name, else ``"quest"``)."""
+    import flashmem
+
+    chunk_size = chunk_size or flashmem.FlashMemConfig().chunk_size
+    key = (id(model), chunk_size)
+    if key not in _AUTO_INDEXERS:
+        cfg = flashmem.FlashMemConfig(budget_tokens=MIN_BUDGET, chunk_size=chunk_size)
+        _AUTO_INDEXERS[key] = flashmem.wrap(model, cfg).indexer_name
+    return _AUTO_INDEXERS[key]
+
+
+def resolved_config(cfg: dict, model=None) -> dict:
     """Every field of ``FlashMemConfig(**cfg)`` (defaults included) and the values derived from them
     (a default that is computed, such as the chunk budget, changes the key when its rule changes), as
-    JSON values."""
+    JSON values. With recall on and ``indexer="auto"``, what it resolves to for ``model`` is part of
+    it (``derived["auto_indexer"]``), so a run cached under one resolution is not taken for another;
+    the model is then required."""
     import flashmem
 
     c = flashmem.FlashMemConfig(**cfg)
@@ -154,6 +172,10 @@ def resolved_config(cfg: dict) -> dict:
         "effective_prefill_chunk": c.effective_prefill_chunk,
         "recall_windows_held": c.recall_windows_held,
     }
+    if c.recall_enabled and c.indexer == "auto":
+        if model is None:
+            raise ValueError("indexer='auto' resolves per model: pass the model to resolved_config")
+        fields["derived"]["auto_indexer"] = auto_indexer(model, c.chunk_size)
     return json.loads(json.dumps(fields, default=str))
 
 
@@ -232,7 +254,7 @@ def budgets_for(model, tok, lengths, shares, extra_cfg: dict, cache_path: Path) 
             key_src = {
                 "length": length,
                 "target": share,
-                "config": resolved_config({**extra_cfg, "budget_tokens": MIN_BUDGET}),
+                "config": resolved_config({**extra_cfg, "budget_tokens": MIN_BUDGET}, model),
                 "prompt": cal["ids_sha"],
                 "new_tokens": CALIBRATION["new_tokens"],
             }
@@ -313,8 +335,9 @@ def method_list(args, budgets: dict, tuned_budgets: dict | None, tuned_cfg: dict
     return methods
 
 
-def bind(method: dict, length: int) -> dict:
-    """The method at one length: its flashmem configuration and run-key spec."""
+def bind(method: dict, length: int, model=None) -> dict:
+    """The method at one length: its flashmem configuration and run-key spec (``model``: see
+    :func:`resolved_config`)."""
     m = dict(method)
     if m["kind"] == "full":
         m["spec"] = {"kind": "full"}
@@ -326,7 +349,7 @@ def bind(method: dict, length: int) -> dict:
             cfg["budget_tokens"] = cal["budget_tokens"]
             m["calibration"] = {k: cal[k] for k in ("budget_tokens", "share", "reached")}
         m["config"] = cfg
-        m["spec"] = {"kind": "flashmem", "config": resolved_config(cfg)}
+        m["spec"] = {"kind": "flashmem", "config": resolved_config(cfg, model)}
     return m
 
 
@@ -623,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted: list[tuple[str, str, float | None]] = []  # (run key, method label, target share)
     for p in prompts:
         for method in methods:
-            m = bind(method, p["target_tokens"])
+            m = bind(method, p["target_tokens"], model)
             key = run_key(p, m)
             wanted.append((key, m["label"], m.get("share")))
             if key in log:
@@ -687,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         tuned_config=args.tuned,
         tuned_budgets={str(L): {f"{s:g}": v for s, v in b.items()} for L, b in (tuned_budgets or {}).items()},
         flashmem_defaults=resolved_config({}),
+        flashmem_auto_indexer=auto_indexer(model),
         decode="greedy, the task's answer budget of new tokens, no EOS stop",
         scoring="string_match_all (fraction of references in the output, case-insensitive) for every task "
         "but qa_1/qa_2 (string_match_part: 1 if any reference is in the output); score = mean x 100",

@@ -124,9 +124,9 @@ class FlashMemConfig:
         the device may hold up to 2 x chunk_budget recalled chunks (the pool is sized for it).
         0: select, copy and wait at the boundary. Must be < lookahead. Default 8; left at its
         default with a lookahead of 8 or less it becomes lookahead // 2.
-    indexer: "auto" (the shipped learned indexer when it matches the model, else "quest"), a
-        heuristic ("quest", "mean_key", "mean_key_prerope", "recency"), "lookahead", a checkpoint
-        path, or "none" (no recall).
+    indexer: "auto" (a learned indexer trained for this model by ``flashmem prepare --train-indexer``,
+        else "quest"), a heuristic ("quest", "mean_key", "mean_key_prerope", "recency"), "lookahead"
+        (the shipped learned checkpoint), a checkpoint path, or "none" (no recall).
     index_backend / index_candidates: with index_candidates > 0, each layer keeps a chunk index
         (backend "torch", or "faiss" with flashmem[faiss]) of mean post-RoPE keys, retrieves that
         many candidates by inner product at every refresh, and only the union of the candidates is

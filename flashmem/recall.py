@@ -34,18 +34,22 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def resolve_indexer(name: str, model: torch.nn.Module, num_layers: int, chunk_size: int) -> tuple[str, list]:
-    """Per-layer indexers for ``name``: ``"auto"`` (the learned checkpoint ``flashmem prepare`` stored
-    for this model, else the shipped one, when trained for this model and this chunk size, else
-    ``"quest"``), a heuristic name, ``"lookahead"`` or a
-    checkpoint path. Errors (unknown name, a checkpoint for another model or chunk size) are raised
-    here, before any work."""
+    """Per-layer indexers for ``name``: ``"auto"`` (the learned checkpoint ``flashmem prepare
+    --train-indexer`` stored for this model, when trained for this chunk size, else ``"quest"``), a
+    heuristic name, ``"lookahead"`` (the shipped checkpoint) or a checkpoint path. Errors (unknown
+    name, a checkpoint for another model or chunk size) are raised here, before any work.
+
+    ``"auto"`` does not pick the shipped checkpoint: measured on the embedded model at 4K tokens
+    (``bench/results/fidelity*.json``), Quest gives its next-token top-1 at the same budget with 2.7
+    points less device share (the checkpoint's weights and summaries are device bytes), and the suite's
+    answers are the same."""
     if name == "auto":
-        for path in (prepared_indexer_path(model), default_checkpoint_path()):
-            if path.is_file():
-                try:
-                    return _learned(path, model, num_layers, chunk_size)
-                except ValueError:
-                    pass
+        path = prepared_indexer_path(model)
+        if path.is_file():
+            try:
+                return _learned(path, model, num_layers, chunk_size)
+            except ValueError:
+                pass
         name = "quest"
     if name == "lookahead":
         return _learned(default_checkpoint_path(), model, num_layers, chunk_size)

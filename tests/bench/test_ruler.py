@@ -172,19 +172,34 @@ def test_run_log_keeps_records_and_ignores_a_line_cut_short(tmp_path):
     assert ruler_log.RunLog(path, fresh=True).records == {}
 
 
-def test_run_key_depends_on_ids_budget_and_resolved_config():
+def test_run_key_depends_on_ids_budget_and_resolved_config(monkeypatch):
+    from flashmem.testing import tiny_model
+
+    model = tiny_model("llama")
     p = {"ids_sha": "x", "max_new_tokens": 12}
     m = ruler.bind(
         {"label": "l", "kind": "flashmem", "share": None, "extra": {"budget_tokens": 256}, "budgets": None},
         2048,
+        model,
     )
     k = ruler_log.run_key(p, m)
-    assert k == ruler_log.run_key(dict(p), ruler.bind(dict(m), 2048))
+    assert k == ruler_log.run_key(dict(p), ruler.bind(dict(m), 2048, model))
     assert k != ruler_log.run_key({**p, "ids_sha": "y"}, m)
     assert k != ruler_log.run_key({**p, "max_new_tokens": 13}, m)
-    other = ruler.bind({**m, "extra": {"budget_tokens": 257}}, 2048)
+    other = ruler.bind({**m, "extra": {"budget_tokens": 257}}, 2048, model)
     assert k != ruler_log.run_key(p, other)
     assert m["spec"]["config"]["recent_tokens"] == 128  # defaults are part of the key
+    # what indexer="auto" resolves to is part of the key: a run cached under one resolution is not
+    # taken for another (a prepared checkpoint, or a change of the rule)
+    assert m["spec"]["config"]["derived"]["auto_indexer"] == "quest"
+    monkeypatch.setitem(ruler._AUTO_INDEXERS, (id(model), 64), "lookahead:indexer.safetensors")
+    assert k != ruler_log.run_key(p, ruler.bind(dict(m), 2048, model))
+    with pytest.raises(ValueError, match="pass the model"):
+        ruler.bind(dict(m), 2048)
+    # without recall (no budget) or with an explicit indexer the resolution does not enter the key
+    for extra in ({}, {"budget_tokens": 256, "indexer": "quest"}):
+        spec = ruler.bind({**m, "extra": extra}, 2048)["spec"]["config"]
+        assert "auto_indexer" not in spec["derived"]
 
 
 @pytest.fixture
@@ -228,7 +243,10 @@ def stub_entry(monkeypatch, tok, tmp_path):
     monkeypatch.setattr(ruler, "make_samples", make)
     monkeypatch.setattr(ruler, "full_run", full_run)
     monkeypatch.setattr(ruler, "flashmem_run", flashmem_run)
-    monkeypatch.setattr(common, "load_default", lambda: (None, tok, "stub model"))
+    from flashmem.testing import tiny_model
+
+    model = tiny_model("llama")  # never run (the decoders are stubs): resolves indexer="auto"
+    monkeypatch.setattr(common, "load_default", lambda: (model, tok, "stub model"))
     monkeypatch.setattr(ruler, "fitted_prompt", _cached(ruler.fitted_prompt))
     return calls, tmp_path / "ruler.json"
 

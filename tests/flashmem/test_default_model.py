@@ -50,3 +50,15 @@ def test_greedy_matches_dynamic_cache_on_1000_token_prompt(default):
     assert rel < 1e-4
     # with full attention the model retrieves the key
     assert prompt.key in tok.decode(out[0, ids.shape[1] :])
+
+
+def test_default_indexer_is_quest_and_the_shipped_checkpoint_is_opt_in(default, tmp_path, monkeypatch):
+    """indexer="auto" with nothing prepared resolves to Quest on the embedded model (the shipped
+    checkpoint costs device share for no gain there: see flashmem.recall.resolve_indexer), while
+    indexer="lookahead" still loads the shipped checkpoint and counts its weights."""
+    monkeypatch.setenv("FLASHMEM_CACHE_DIR", str(tmp_path / "empty-cache"))
+    model, _ = default
+    auto = flashmem.wrap(model, flashmem.FlashMemConfig(budget_tokens=256))
+    learned = flashmem.wrap(model, flashmem.FlashMemConfig(budget_tokens=256, indexer="lookahead"))
+    assert auto.indexer_name == "quest"
+    assert learned.indexer_name.startswith("lookahead:")
