@@ -243,11 +243,16 @@ def prefill_cost(results: Path) -> str:
     )
 
 
+STATS_SOURCE_FILES = (
+    "passkey_trials_4k_default_budget256.json",
+    "passkey_trials_4k_prompt_stats_budget256.json",
+)
+
+
 def stats_source(results: Path) -> str:
     rows = []
-    for name, what in (
-        ("passkey_trials_4k_default_budget256.json", "shipped (calibrated on local text)"),
-        ("passkey_trials_4k_prompt_stats_budget256.json", "the prompt's own queries"),
+    for name, what in zip(
+        STATS_SOURCE_FILES, ("shipped (calibrated on local text)", "the prompt's own queries")
     ):
         d = _load(name, results)
         if d is None:
@@ -263,7 +268,8 @@ def stats_source(results: Path) -> str:
                 f"`{name}`",
             ]
         )
-    return _table(
+    old = [d for n in STATS_SOURCE_FILES if (d := _load(n, results)) is not None and _auto_was_learned(d)]
+    return (f"Both {AUTO_WAS_LEARNED}.\n\n" if old else "") + _table(
         [
             "TriAttention stats",
             "config",
@@ -402,12 +408,37 @@ def bandwidth(results: Path) -> str:
     return "\n".join(out)
 
 
+# Until this time (unix seconds) ``indexer="auto"`` resolved to the shipped learned checkpoint on the
+# embedded model; since then to Quest (``flashmem.recall.resolve_indexer``). A file of the embedded
+# model's runs from before it says so beside its machine, so a row left at the default is not read as
+# today's default.
+AUTO_IS_QUEST_SINCE = 1796221912
+
+
+NO_RECALL_BENCHMARKS = ("prefill-cost", "prepare-cost")  # prefill alone; a prepared checkpoint
+
+
+def _auto_was_learned(d: dict) -> bool:
+    return (
+        "SmolLM2" in str(d.get("model", ""))
+        and d.get("benchmark") not in NO_RECALL_BENCHMARKS
+        and d.get("created_unix", 0) < AUTO_IS_QUEST_SINCE
+    )
+
+
+AUTO_WAS_LEARNED = (
+    'run when `indexer="auto"` meant the shipped learned indexer (now Quest): rows left at the default '
+    "use the learned one"
+)
+
+
 def _stamp(d: dict) -> str:
     m = d.get("machine", {})
     load = m.get("load_average_1min")
     gpu = (m.get("gpu") or {}).get("name") or "no GPU"
     when = f", load average {load:.1f} at the start" if isinstance(load, (int, float)) else ""
-    return f"{m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores, {gpu}){when}"
+    old = f"; {AUTO_WAS_LEARNED}" if _auto_was_learned(d) else ""
+    return f"{m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores, {gpu}){when}{old}"
 
 
 def memory(results: Path) -> str:

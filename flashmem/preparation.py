@@ -1,7 +1,7 @@
 """``flashmem prepare``: the per-model files a budget and recall use, made once and stored in the user
 cache (:func:`flashmem.files.prepared_dir`: ``$FLASHMEM_CACHE_DIR`` or ``~/.cache/flashmem``, then the
 sha256 of the model fingerprint's JSON), where ``stats_path=None`` and ``indexer="auto"`` look first
-(prepared > shipped > derived from the prompt / quest).
+(stats: prepared > shipped > derived from the prompt; indexer: prepared > quest).
 
 Set-up code: it runs the model over local text (:mod:`flashmem.calibration`) and, on request, trains
 the lookahead indexer (:mod:`flashmem.indexer_training`); nothing is downloaded.

