@@ -1,5 +1,6 @@
 """``flashmem prepare``: stats (and an indexer) stored in the user cache keyed by the model fingerprint,
-found there first by ``stats_path=None`` and ``indexer="auto"`` (stats: prepared > shipped > prompt; indexer: prepared > quest).
+found there first by ``stats_path=None`` and ``indexer="auto"`` (stats: prepared > shipped > prompt;
+indexer: prepared > quest).
 A temporary cache directory, a tiny model and a byte tokenizer: no network."""
 
 import json
