@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                     "avg_device_kv_share": rep.get("avg_device_kv_share"),
                     "device_bytes": rep.get("device_bytes"),
                     "compactions": rep.get("compactions"),
+                    "indexer": rep.get("indexer"),
                     "wall_s": run["wall_s"],
                 }
             )

@@ -196,6 +196,7 @@ def flashmem_run(model, cfg: dict, ids: torch.Tensor, new_tokens: int) -> dict:
         "peak_device_kv_share": rep["peak_device_kv_share"],
         "device_bytes": rep["device_bytes"],
         "full_kv_bytes": rep["full_kv_bytes"],
+        "indexer": rep["indexer"],
     }
 
 

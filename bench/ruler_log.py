@@ -90,6 +90,7 @@ def record(p: dict, m: dict, key: str, run: dict, tok) -> dict:
         "keep_share_requested",
         "device_bytes",
         "full_kv_bytes",
+        "indexer",
     ):
         if run.get(k) is not None:
             rec[k] = run[k]

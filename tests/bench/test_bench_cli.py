@@ -249,6 +249,7 @@ def test_fidelity_entry_tiny(tmp_path, text):
     (s,) = data["summary"]
     assert 0 <= s["top1_agreement"] <= 1 and s["mean_kl"] >= 0
     assert data["rows"][0]["compactions"] >= 1
+    assert data["rows"][0]["indexer"] == "quest"  # what indexer="auto" resolved to, recorded
     assert out.with_suffix(".png").is_file()
     assert data["settings"]["text"] == text
     assert data["settings"]["docs"][0].startswith("prose[") == (text == "prose")
