@@ -250,7 +250,7 @@ STATS_SOURCE_FILES = (
 
 
 def stats_source(results: Path) -> str:
-    rows = []
+    rows, old = [], []
     for name, what in zip(
         STATS_SOURCE_FILES, ("shipped (calibrated on local text)", "the prompt's own queries")
     ):
@@ -258,6 +258,8 @@ def stats_source(results: Path) -> str:
         if d is None:
             rows.append([what, "not run", "", "", "", f"`{name}`"])
             continue
+        if _auto_was_learned(d):
+            old.append(f"`{name}`")
         rows.append(
             [
                 what,
@@ -268,8 +270,8 @@ def stats_source(results: Path) -> str:
                 f"`{name}`",
             ]
         )
-    old = [d for n in STATS_SOURCE_FILES if (d := _load(n, results)) is not None and _auto_was_learned(d)]
-    return (f"Both {AUTO_WAS_LEARNED}.\n\n" if old else "") + _table(
+    said = "Both" if len(old) == len(STATS_SOURCE_FILES) else " and ".join(old)
+    return (f"{said} {AUTO_WAS_LEARNED}.\n\n" if old else "") + _table(
         [
             "TriAttention stats",
             "config",
