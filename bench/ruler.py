@@ -160,13 +160,15 @@ def auto_indexer(model, chunk_size: int | None = None) -> str:
 def resolved_config(cfg: dict, model=None) -> dict:
     """Every field of ``FlashMemConfig(**cfg)`` (defaults included) and the values derived from them
     (a default that is computed, such as the chunk budget, changes the key when its rule changes), as
-    JSON values. With recall on and ``indexer="auto"``, what it resolves to for ``model`` is part of
-    it (``derived["auto_indexer"]``), so a run cached under one resolution is not taken for another;
-    the model is then required."""
+    JSON values, and the flashmem version (a release that changes what a configuration does, such as
+    which chunks recall may choose, changes the key). With recall on and ``indexer="auto"``, what it
+    resolves to for ``model`` is part of it (``derived["auto_indexer"]``), so a run cached under one
+    resolution is not taken for another; the model is then required."""
     import flashmem
 
     c = flashmem.FlashMemConfig(**cfg)
     fields = dataclasses.asdict(c)
+    fields["flashmem_version"] = flashmem.__version__
     fields["derived"] = {
         "effective_chunk_budget": c.effective_chunk_budget,
         "effective_prefill_chunk": c.effective_prefill_chunk,

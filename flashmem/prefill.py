@@ -251,16 +251,18 @@ class LayerMajorPrefill:
     def _tail_mass(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
         """Peak attention mass of the prompt's last ``observe_tokens`` queries on every chunk: for each
         chunk, the largest share of one query's attention (over query heads and queries) that falls
-        on it, the sink tokens' share left out: ``[ceil(T / chunk_size)]`` fp32. query: ``[H_q, t, D]``
-        (the last tile).
+        on it, the always-resident tokens' share (sinks, recent window) left out:
+        ``[ceil(T / chunk_size)]`` fp32. query: ``[H_q, t, D]`` (the last tile).
 
         The peak, not the sum: a few retrieval heads look hard at the chunk a question is about, while
-        the sum over all heads is dominated by broad attention to nearby text. Sinks are always
-        resident, so their mass must not make the chunk holding them look worth recalling. Keys are
-        read in segments of whole chunks, so the fp32 logits stay ``[H_q, W, segment]``."""
+        the sum over all heads is dominated by broad attention to nearby text. Sinks and the recent
+        window are always resident, so their mass must not make the chunk holding them look worth
+        recalling (the chunk the window's start falls inside is a candidate for its older part). Keys
+        are read in segments of whole chunks, so the fp32 logits stay ``[H_q, W, segment]``."""
         total = self._total
         cs = self.cache.recall.chunk_size
         sinks = min(self.cache.recall.sink_tokens, total)
+        recent_start = max(0, total - self.cache.recall.recent_tokens)
         h_kv = self.num_kv_heads
         w = min(self.observe_tokens, query.shape[1])
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -280,9 +282,9 @@ class LayerMajorPrefill:
                 logits = F.pad(logits, (0, pad), value=float("-inf"))
             self._tail_bytes = max(self._tail_bytes, 2 * logits.numel() * logits.element_size())
             every.append(torch.logsumexp(logits.unflatten(-1, (-1, cs)), dim=-1))  # [H_kv, G*W, n]
-            if s < sinks:
-                is_sink = F.pad(kpos < sinks, (0, pad))
-                logits = logits.masked_fill(is_sink[None, None, :], float("-inf"))
+            if s < sinks or e > recent_start:
+                resident = F.pad((kpos < sinks) | (kpos >= recent_start), (0, pad), value=True)
+                logits = logits.masked_fill(resident[None, None, :], float("-inf"))
                 others.append(torch.logsumexp(logits.unflatten(-1, (-1, cs)), dim=-1))
             else:
                 others.append(every[-1])

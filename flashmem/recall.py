@@ -244,11 +244,12 @@ class RecallController:
 
     # ---- refresh -------------------------------------------------------------------------------
     def candidates(self, position: int) -> tuple[int, int]:
-        """Chunk id range ``[lo, hi)`` worth recalling at ``position``: closed chunks past the sinks and
-        before the recent window."""
+        """Chunk id range ``[lo, hi)`` worth recalling at ``position``: closed chunks past the sinks
+        that begin before the recent window. The chunk the window's start falls inside is one of them:
+        its tokens before the window are otherwise neither recent nor recallable."""
         lo = math.ceil(self.sink_tokens / self.chunk_size) if self.sink_tokens >= self.chunk_size else 0
         window_start = max(0, position - self.recent_tokens)
-        hi = min(self.builders[0].num_chunks, window_start // self.chunk_size)
+        hi = min(self.builders[0].num_chunks, -(-window_start // self.chunk_size))
         return lo, max(lo, hi)
 
     @torch.no_grad()

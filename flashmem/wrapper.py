@@ -178,7 +178,8 @@ class FlashMemModel:
         Recalled chunks: ``chunk_size / block_size`` blocks each, at most ``chunk_budget`` per window
         held (2 windows while a prefetch overlaps the current one; ``windows`` counts fewer, for a
         run that has not prefetched yet), and never more than the chunks recall can choose from:
-        closed chunks before the recent window, ``(tokens - recent_tokens) // chunk_size``.
+        closed chunks that begin before the recent window, at most
+        ``min(tokens // chunk_size, ceil((tokens - recent_tokens) / chunk_size))``.
         """
         c = self.config
         full = math.ceil(tokens / c.block_size)
@@ -189,7 +190,7 @@ class FlashMemModel:
         step = c.effective_prefill_chunk if c.prefill == "sparse" else 1
         peak_slots = c.budget_tokens + c.compaction_interval - 1 + step
         working = min(full, math.ceil(peak_slots / c.block_size))
-        recallable = max(0, tokens - c.recent_tokens) // c.chunk_size
+        recallable = self._recallable_chunks(tokens)
         recall = min(self._recall_chunks_held(windows), recallable) * (c.chunk_size // c.block_size)
         return working + recall
 
@@ -200,11 +201,17 @@ class FlashMemModel:
         recall = self._recall_chunks_held() * (c.chunk_size // c.block_size)
         return max(1, self._pool_blocks(tokens) - self._pool_blocks_recall(tokens)), recall
 
+    def _recallable_chunks(self, tokens: int) -> int:
+        """Most chunks recall can choose from in a run of ``tokens`` tokens (``RecallController.
+        candidates``): closed chunks that begin before the recent window."""
+        c = self.config
+        return min(tokens // c.chunk_size, -(-max(0, tokens - c.recent_tokens) // c.chunk_size))
+
     def _pool_blocks_recall(self, tokens: int) -> int:
         c = self.config
         if c.budget_tokens is None:
             return 0
-        recallable = max(0, tokens - c.recent_tokens) // c.chunk_size
+        recallable = self._recallable_chunks(tokens)
         return min(self._recall_chunks_held(), recallable) * (c.chunk_size // c.block_size)
 
     def _ensure_pool(self, tokens: int) -> None:

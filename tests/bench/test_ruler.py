@@ -13,6 +13,7 @@ from collections import Counter
 import pytest
 import torch
 
+import flashmem
 from bench import ruler, ruler_log, ruler_tasks
 from bench.peers import kvpress_env, kvpress_peer, kvpress_worker
 
@@ -189,6 +190,11 @@ def test_run_key_depends_on_ids_budget_and_resolved_config(monkeypatch):
     other = ruler.bind({**m, "extra": {"budget_tokens": 257}}, 2048, model)
     assert k != ruler_log.run_key(p, other)
     assert m["spec"]["config"]["recent_tokens"] == 128  # defaults are part of the key
+    # so is the flashmem version: a release that changes what a configuration does is not cached as
+    # the one before
+    monkeypatch.setattr(flashmem, "__version__", "0.0.0-test")
+    assert k != ruler_log.run_key(p, ruler.bind(dict(m), 2048, model))
+    monkeypatch.undo()
     # what indexer="auto" resolves to is part of the key: a run cached under one resolution is not
     # taken for another (a prepared checkpoint, or a change of the rule)
     assert m["spec"]["config"]["derived"]["auto_indexer"] == "quest"

@@ -18,7 +18,8 @@ def test_peak_bounded_blocks_freed_mirror_lossless(model_and_stats, indexer, bud
     fm.generate(ids, 200, eos_token_id=None)
     r = fm.memory_report()
     bpt = r["kv_bytes_per_token"]
-    recall_tokens = 2 * 16 if indexer != "none" else 0
+    # recalled chunks: chunk_budget per window, two windows while a prefetch overlaps the current one
+    recall_tokens = config.recall_windows_held * 2 * 16 if indexer != "none" else 0
     bound = math.ceil((48 + 16 + recall_tokens) / 16) * 16 * bpt + 16 * bpt  # + one partial block
     assert r["peak_device_kv_bytes"] <= bound
     assert r["blocks_freed"] > 0 and r["compactions"] > 0
@@ -125,12 +126,14 @@ def test_learned_indexer_for_another_chunk_size_is_refused(model_and_stats, budg
 
 def test_prefill_observed_mass_equals_brute_force_attention(model_and_stats, budget_config):
     """Exact prefill measures, for every chunk of the prompt (the last one partial), the peak share of
-    one query head's attention that the last queries give it, the sinks' share left out, maximised
-    over layers: check it against full attention matrices computed directly."""
+    one query head's attention that the last queries give it, the always-resident tokens' share (sinks,
+    recent window) left out, maximised over layers: check it against full attention matrices
+    computed directly."""
     from flashmem import hf_compat
 
     model, _ = model_and_stats
     T, chunk, cs, window, sinks = 200, 64, 16, 8, 20  # sinks span more than one chunk
+    recent = 16  # the window [184, 200) starts inside chunk 11 and covers all of chunk 12
     ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(6))
     fm = flashmem.wrap(
         model,
@@ -139,6 +142,7 @@ def test_prefill_observed_mass_equals_brute_force_attention(model_and_stats, bud
             prefill_chunk_tokens=chunk,
             observe_tokens=window,
             sink_tokens=sinks,
+            recent_tokens=recent,
         ),
     )
     fm.generate(ids, 1, eos_token_id=None)
@@ -157,9 +161,11 @@ def test_prefill_observed_mass_equals_brute_force_attention(model_and_stats, bud
         logits = logits.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
         probs = logits.softmax(-1)[:, -window:, :].clone()  # [H_q, W, T]
         probs[..., :sinks] = 0
+        probs[..., T - recent :] = 0
         probs = torch.nn.functional.pad(probs, (0, (-T) % cs))
         expected = torch.maximum(expected, probs.unflatten(-1, (-1, cs)).sum(dim=3).amax(dim=(0, 1)))
     assert observed[0] == 0 and 0 < observed[1] < expected.max()  # chunk 0 is all sinks, chunk 1 partly
+    assert observed[12] == 0 and 0 < observed[11] < expected.max()  # chunk 12 is all recent, 11 partly
     torch.testing.assert_close(observed, expected, rtol=1e-4, atol=1e-6)
 
 
@@ -184,3 +190,20 @@ def test_chunk_index_backends_retrieve_the_same_candidates(model_and_stats, budg
     assert reports[0]["offload"]["h2d_bytes"] == reports[1]["offload"]["h2d_bytes"] > 0
     with pytest.raises(ValueError, match="index_candidates"):
         flashmem.FlashMemConfig(budget_tokens=256, index_backend="faiss")
+
+
+def test_recall_candidates_reach_the_chunk_the_recent_window_starts_in(model_and_stats, budget_config):
+    """Candidates are the closed chunks past the sinks that begin before the recent window: the chunk
+    the window's start falls inside is one (its older tokens are otherwise neither recent nor
+    recallable), a chunk that begins at the window's start or later is not."""
+    model, _ = model_and_stats
+    fm = flashmem.wrap(model, budget_config(indexer="quest", recent_tokens=16, chunk_size=16, sink_tokens=20))
+    fm.generate(torch.randint(0, 128, (1, 200)), 1, eos_token_id=None)
+    recall = fm.recall
+    assert recall.builders[0].num_chunks == 12  # chunks [0, 16) .. [176, 192) closed
+    lo = 2  # the 20 sinks cover chunk 0 and part of chunk 1: the first candidate is chunk 2
+    assert recall.candidates(200) == (lo, 12)  # window [184, 200) starts inside chunk 11
+    assert recall.candidates(193) == (lo, 12)  # [177, 193): chunk 11 begins before it
+    assert recall.candidates(192) == (lo, 11)  # [176, 192) is chunk 11 itself: recent, not a candidate
+    assert recall.candidates(190) == (lo, 11)  # [174, 190) starts inside chunk 10
+    assert recall.candidates(40) == (lo, 2)  # nothing to recall yet

@@ -15,7 +15,7 @@ def bound_blocks(c: flashmem.FlashMemConfig, tokens: int) -> int:
     """Independent statement of the bound: before a forward the policy holds < budget + interval slots
     (it compacts back to budget when it reaches that; the exact prefill writes at most budget), a
     forward adds one token chunk (sparse prefill) or one token, and recall holds chunk_budget chunks
-    per window among the closed chunks before the window."""
+    per window among the closed chunks that begin before the window."""
     full = math.ceil(tokens / c.block_size)
     if c.budget_tokens is None:
         return full
@@ -24,7 +24,9 @@ def bound_blocks(c: flashmem.FlashMemConfig, tokens: int) -> int:
     recall = 0
     if c.recall_enabled:
         windows = 2 if c.prefetch_steps else 1
-        chunks = min(c.effective_chunk_budget * windows, max(0, tokens - c.recent_tokens) // c.chunk_size)
+        closed = tokens // c.chunk_size
+        before_window = math.ceil(max(0, tokens - c.recent_tokens) / c.chunk_size)
+        chunks = min(c.effective_chunk_budget * windows, closed, before_window)
         recall = chunks * c.chunk_size // c.block_size
     return working + recall
 
