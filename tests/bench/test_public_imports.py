@@ -6,8 +6,8 @@ the README renderer (``bench/readme.py``) is reached from ``bench/run.py`` only,
 worker, which runs in kvpress's own environment, reaches nothing but the standard library, torch,
 transformers, kvpress and bench modules that do the same.
 
-Every import counts: absolute, relative, inside functions, ``importlib.import_module("...")`` /
-``__import__("...")`` with a constant name, and attribute chains on an imported flashmem module
+Every import counts (``tests/import_graph.py``: absolute, relative, inside functions,
+``importlib.import_module("...")`` / ``__import__("...")`` with a constant name), and attribute chains on an imported flashmem module
 (``flashmem.hf_compat.forward_kwargs``). The checker reads source files; it imports nothing of bench.
 """
 
@@ -17,6 +17,8 @@ import ast
 import importlib
 import sys
 from pathlib import Path
+
+from import_graph import import_statements
 
 ROOT = Path(__file__).resolve().parents[2]
 # modules whose public names are their __all__
@@ -45,35 +47,6 @@ def bench_modules(root: Path) -> dict[str, Path]:
             parts.pop()
         out[".".join(parts)] = path
     return out
-
-
-def _imports(module: str, path: Path) -> list[tuple[int, str, str | None]]:
-    """(line, module, name) of every import in the file: ``name`` is None for ``import module``."""
-    package = module if path.stem == "__init__" else module.rpartition(".")[0]
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name, None) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            found += [(node.lineno, target, alias.name) for alias in node.names]
-        elif (
-            isinstance(node, ast.Call)
-            and node.args
-            and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, str)
-            and (
-                (isinstance(node.func, ast.Name) and node.func.id == "__import__")
-                or (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
-            )
-        ):
-            found.append((node.lineno, node.args[0].value, None))
-    return found
 
 
 def _flashmem_aliases(tree: ast.AST) -> dict[str, str]:
@@ -106,7 +79,7 @@ def check_bench_imports(root: Path, public: dict[str, set[str]]) -> list[str]:
     problems = []
     for module, path in bench_modules(root).items():
         rel = path.relative_to(root)
-        for line, target, name in _imports(module, path):
+        for line, target, name in import_statements(module, path):
             where = f"{rel}:{line}"
             if target.split(".")[0] == "flashmem":
                 if name is None:
@@ -154,7 +127,7 @@ def bench_graph(root: Path) -> dict[str, set[str]]:
     graph = {}
     for module, path in modules.items():
         targets = set()
-        for _, target, name in _imports(module, path):
+        for _, target, name in import_statements(module, path):
             for candidate in (f"{target}.{name}" if name else None, target):
                 if candidate in modules:
                     targets.add(candidate)
@@ -186,7 +159,7 @@ def check_bench_layout(root: Path) -> list[str]:
         if worker not in modules:
             continue
         for module in sorted({worker} | reachable(graph, worker)):
-            for line, target, _ in _imports(module, modules[module]):
+            for line, target, _ in import_statements(module, modules[module]):
                 top = target.split(".")[0]
                 if top not in sys.stdlib_module_names and top not in OWN_ENVIRONMENT_PACKAGES:
                     problems.append(

@@ -2,16 +2,16 @@
 ``indexer`` import only ``kernels`` and themselves; ``flashmem/`` joins them. No import cycle, and no
 inference module reaches set-up code (calibration, record extraction, training).
 
-Every import counts: absolute, relative, and those inside functions (the ones that hide cycles).
-The checker reads source files; it imports nothing.
+Every import counts (``tests/import_graph.py``: absolute, relative, inside functions, and
+``importlib.import_module`` with a constant name). The checker reads source files; it imports nothing.
 """
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+from import_graph import import_statements
 
 ROOT = Path(__file__).resolve().parents[2]
 # folder -> import name (pyproject.toml's package-dir)
@@ -60,27 +60,13 @@ def _layer(module: str) -> str:
 
 def _imports(module: str, path: Path, known: set[str]) -> set[str]:
     """flashmem modules ``module`` imports anywhere in its file (resolved to known modules)."""
-    is_package = path.stem == "__init__"
-    package = module if is_package else module.rsplit(".", 1)[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            names = [f"{target}.{alias.name}" for alias in node.names]
-        else:
-            continue
-        for name in names:
-            while name and name not in known:
-                name = name.rpartition(".")[0]
-            if name and name != module:
-                found.add(name)
+    for _, target, name in import_statements(module, path):
+        name = f"{target}.{name}" if name else target
+        while name and name not in known:
+            name = name.rpartition(".")[0]
+        if name and name != module:
+            found.add(name)
     return found
 
 
@@ -148,6 +134,14 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
         (
             {"indexer/bad.py": "from ..models import load_model\n", "flashmem/models.py": ""},
             "upward import: flashmem.indexer.bad imports flashmem.models",
+        ),
+        # an import by name (importlib), which a walker of import statements alone would miss
+        (
+            {
+                "indexer/dyn.py": "import importlib\ndef f():\n    importlib.import_module('flashmem.offload.x')\n",
+                "offload/x.py": "",
+            },
+            "upward import: flashmem.indexer.dyn imports flashmem.offload.x",
         ),
         # kernels importing offload
         (
