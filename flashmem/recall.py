@@ -243,24 +243,32 @@ class RecallController:
         torch.maximum(self._observed, mass.float(), out=self._observed)
 
     # ---- refresh -------------------------------------------------------------------------------
-    def candidates(self, position: int) -> tuple[int, int]:
+    def candidates(self, position: int, straddling: bool = False) -> tuple[int, int]:
         """Chunk id range ``[lo, hi)`` worth recalling at ``position``: closed chunks past the sinks
-        that begin before the recent window. The chunk the window's start falls inside is one of them:
-        its tokens before the window are otherwise neither recent nor recallable."""
+        that end before the recent window, and with ``straddling`` also the chunk the window's start
+        falls inside (its tokens before the window are otherwise neither recent nor recallable).
+
+        Only a ranking that sees the straddling chunk's older part alone may take it: the prompt-tail
+        mass of the exact prefill, which leaves the resident keys out. An indexer scores a chunk by
+        all its keys, and the recent ones (resident anyway) would rate it high for tokens the device
+        already holds."""
         lo = math.ceil(self.sink_tokens / self.chunk_size) if self.sink_tokens >= self.chunk_size else 0
         window_start = max(0, position - self.recent_tokens)
-        hi = min(self.builders[0].num_chunks, -(-window_start // self.chunk_size))
+        ends = -(-window_start // self.chunk_size) if straddling else window_start // self.chunk_size
+        hi = min(self.builders[0].num_chunks, ends)
         return lo, max(lo, hi)
 
     @torch.no_grad()
     def select(self, position: int) -> list[int]:
         """Chunk ids to hold for ``[position, position + lookahead)``, ranked by summed layer scores."""
-        lo, hi = self.candidates(position)
+        observed = self._observed
+        by_mass = observed is not None and observed.shape[0] >= self.candidates(position, True)[1]
+        lo, hi = self.candidates(position, straddling=by_mass)
         if hi <= lo or self.chunk_budget == 0 or not self._has_query[0]:
             return []
         k = min(self.chunk_budget, hi - lo)
-        observed, self._observed = self._observed, None
-        if observed is not None and observed.shape[0] >= hi:
+        self._observed = None
+        if by_mass:
             # a chunk also inherits the peak of the chunk before it: a passage the question looks at
             # (a key, a name) is followed by what it asks for, which may begin in the next chunk
             score = observed.clone()

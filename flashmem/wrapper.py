@@ -203,7 +203,8 @@ class FlashMemModel:
 
     def _recallable_chunks(self, tokens: int) -> int:
         """Most chunks recall can choose from in a run of ``tokens`` tokens (``RecallController.
-        candidates``): closed chunks that begin before the recent window."""
+        candidates``): closed chunks that begin before the recent window (the one the window starts
+        in only when the prefill's attention ranks them)."""
         c = self.config
         return min(tokens // c.chunk_size, -(-max(0, tokens - c.recent_tokens) // c.chunk_size))
 

@@ -193,17 +193,29 @@ def test_chunk_index_backends_retrieve_the_same_candidates(model_and_stats, budg
 
 
 def test_recall_candidates_reach_the_chunk_the_recent_window_starts_in(model_and_stats, budget_config):
-    """Candidates are the closed chunks past the sinks that begin before the recent window: the chunk
-    the window's start falls inside is one (its older tokens are otherwise neither recent nor
-    recallable), a chunk that begins at the window's start or later is not."""
+    """Candidates are the closed chunks past the sinks that end before the recent window; the chunk
+    the window's start falls inside (its older tokens are otherwise neither recent nor recallable) is
+    one only for the ranking by the prompt's attention, which leaves the resident keys out, not for an
+    indexer, which would rate it by its recent keys."""
     model, _ = model_and_stats
     fm = flashmem.wrap(model, budget_config(indexer="quest", recent_tokens=16, chunk_size=16, sink_tokens=20))
     fm.generate(torch.randint(0, 128, (1, 200)), 1, eos_token_id=None)
     recall = fm.recall
     assert recall.builders[0].num_chunks == 12  # chunks [0, 16) .. [176, 192) closed
     lo = 2  # the 20 sinks cover chunk 0 and part of chunk 1: the first candidate is chunk 2
-    assert recall.candidates(200) == (lo, 12)  # window [184, 200) starts inside chunk 11
-    assert recall.candidates(193) == (lo, 12)  # [177, 193): chunk 11 begins before it
-    assert recall.candidates(192) == (lo, 11)  # [176, 192) is chunk 11 itself: recent, not a candidate
-    assert recall.candidates(190) == (lo, 11)  # [174, 190) starts inside chunk 10
-    assert recall.candidates(40) == (lo, 2)  # nothing to recall yet
+    assert recall.candidates(200, straddling=True) == (lo, 12)  # window [184, 200) starts in chunk 11
+    assert recall.candidates(200) == (lo, 11)
+    assert recall.candidates(193, straddling=True) == (lo, 12)  # [177, 193): chunk 11 begins before it
+    assert recall.candidates(192, straddling=True) == (lo, 11)  # [176, 192) is chunk 11: recent
+    assert recall.candidates(190, straddling=True) == (lo, 11)  # [174, 190) starts inside chunk 10
+    assert recall.candidates(190) == (lo, 10)
+    assert recall.candidates(40, straddling=True) == (lo, 2)  # nothing to recall yet
+
+    # the prefill's mass ranks the straddling chunk (its peak on chunk 11): it is recalled
+    mass = torch.zeros(13)
+    mass[11] = 1.0
+    recall._observed = mass
+    assert 11 in recall.select(200)
+    # an indexer refresh (no mass) never takes it, whatever it scores
+    assert recall._observed is None
+    assert all(c < 11 for c in recall.select(200))
