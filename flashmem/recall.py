@@ -262,8 +262,10 @@ class RecallController:
     def select(self, position: int) -> list[int]:
         """Chunk ids to hold for ``[position, position + lookahead)``, ranked by summed layer scores."""
         observed = self._observed
-        by_mass = observed is not None and observed.shape[0] >= self.candidates(position, True)[1]
-        lo, hi = self.candidates(position, straddling=by_mass)
+        lo, hi = self.candidates(position, straddling=True)
+        by_mass = observed is not None and observed.shape[0] >= hi
+        if not by_mass:
+            lo, hi = self.candidates(position)
         if hi <= lo or self.chunk_budget == 0 or not self._has_query[0]:
             return []
         k = min(self.chunk_budget, hi - lo)
