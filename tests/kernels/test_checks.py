@@ -1,4 +1,4 @@
-"""The argument checks every kernel wrapper shares (kernels/checks.py)."""
+"""The argument checks every kernel wrapper shares (flashmem_kernels/checks.py)."""
 
 import pytest
 import torch

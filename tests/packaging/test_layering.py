@@ -1,6 +1,7 @@
-"""Imports run one way (docs/architecture.md): ``kernels`` imports nothing of ours; ``offload`` and
-``indexer`` import only ``kernels`` and themselves; ``flashmem/`` joins them. No import cycle, and no
-inference module reaches set-up code (calibration, record extraction, training).
+"""Imports run one way (docs/architecture.md): ``kernels`` (folder ``flashmem_kernels/``) imports
+nothing of ours; ``offload`` and ``indexer`` import only ``kernels`` and themselves; ``flashmem/``
+joins them. No import cycle, and no inference module reaches set-up code (calibration, record
+extraction, training).
 
 Every import counts (``tests/import_graph.py``: absolute, relative, inside functions, and
 ``importlib.import_module`` with a constant name). The checker reads source files; it imports nothing.
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # folder -> import name (pyproject.toml's package-dir)
 PACKAGES = {
     "flashmem": "flashmem",
-    "kernels": "flashmem.kernels",
+    "flashmem_kernels": "flashmem.kernels",
     "offload": "flashmem.offload",
     "indexer": "flashmem.indexer",
 }
@@ -145,7 +146,7 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
         ),
         # kernels importing offload
         (
-            {"kernels/k.py": "import flashmem.offload.x\n", "offload/x.py": ""},
+            {"flashmem_kernels/k.py": "import flashmem.offload.x\n", "offload/x.py": ""},
             "upward import: flashmem.kernels.k imports flashmem.offload.x",
         ),
         # a cycle hidden in function-level imports
@@ -172,7 +173,7 @@ def test_checker_accepts_a_clean_synthetic_tree(tmp_path):
     tree = _tree(
         tmp_path,
         {
-            "kernels/k.py": "import torch\n",
+            "flashmem_kernels/k.py": "import torch\n",
             "offload/o.py": "from ..kernels.k import x\nfrom .p import y\n",
             "offload/p.py": "",
             "indexer/i.py": "from flashmem.kernels import k\n",

@@ -56,6 +56,19 @@ def test_installed_subpackages_resolve_to_the_repository_folders():
     import flashmem.kernels
     import flashmem.offload
 
-    assert Path(flashmem.kernels.__file__).parent.name == "kernels"
+    assert Path(flashmem.kernels.__file__).parent.name == "flashmem_kernels"
     assert Path(flashmem.offload.__file__).parent.name == "offload"
     assert Path(flashmem.indexer.__file__).parent.name == "indexer"
+
+
+def test_no_top_level_folder_hides_an_installed_module():
+    """A command run from the repository root has the root on ``sys.path``: a package folder there
+    named like an installed distribution's module (a ``kernels/`` beside the PyPI ``kernels`` that
+    transformers imports) would be imported in its place."""
+    from importlib.metadata import packages_distributions
+
+    installed = packages_distributions()
+    ours = {"flashmem"}  # the editable install maps it onto its own folder
+    folders = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    clashes = {name: installed[name] for name in folders - ours if name in installed}
+    assert clashes == {}, f"repository folders hide installed modules: {clashes}"
