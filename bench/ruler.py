@@ -43,7 +43,9 @@ Resumable: every (method, prompt) result is appended to ``ruler_runs.jsonl``, ke
 prompt ids, the answer budget and the method's resolved configuration, and skipped when it is there
 already; ``ruler.json`` (summary per task x length x method, the per-sample records with outputs)
 and ``ruler.png`` (heat map) are rebuilt from it for the selected tasks, lengths, samples and
-methods. Prompt texts go to ``ruler_prompts.json``. ``--quick`` (part of ``all --quick``): 2 samples
+methods. Prompt texts go to ``ruler_prompts.json`` (merged with what is there) and later runs rebuild
+a recorded prompt from its text (:func:`make_samples`): the haystacks come from the installed
+packages' files, so a package update would otherwise give other prompts than the cached results'. ``--quick`` (part of ``all --quick``): 2 samples
 of 2 tasks at 1,024 tokens, full attention and flashmem at the first share, fresh files under
 ``bench/results/quick/``.
 """
@@ -80,6 +82,48 @@ def sample_seed(task: str, length: int, index: int, base: int = 0) -> int:
     return int(digest[:8], 16)
 
 
+# what ``ruler_prompts.json`` keeps of a prompt: enough to rebuild its ids without the generators
+RECORDED_FIELDS = (
+    "id",
+    "task",
+    "target_tokens",
+    "depth",
+    "seed",
+    "units",
+    "text",
+    "question",
+    "references",
+    "query",
+)
+
+
+def _prompt(tok, task: str, length: int, depth: float, seed: int, units, text, question, references, query):
+    """A prompt's record from its text: ids split into context and question (``context_ids +
+    question_ids == ids``)."""
+    ids = tok(text).input_ids
+    context_ids, question_ids = inputs.split_question(tok, ids, text, question)
+    spec = rt.TASKS[task]
+    return {
+        "task": task,
+        "target_tokens": length,
+        "depth": depth,
+        "seed": seed,
+        "units": units,
+        "tokens": len(ids),
+        "context_tokens": len(context_ids),
+        "question_tokens": len(question_ids),
+        "references": list(references),
+        "query": query,
+        "metric": spec.metric,
+        "max_new_tokens": spec.max_new_tokens,
+        "context_ids": context_ids,
+        "question_ids": question_ids,
+        "text": text,
+        "question": question,
+        "ids_sha": ids_hash(context_ids + question_ids),
+    }
+
+
 def fitted_prompt(tok, task: str, length: int, depth: float, seed: int, hint: int | None = None) -> dict:
     """One prompt of ``task`` with as many haystack units as fit in ``length`` tokens, its ids
     split into context and question (``context_ids + question_ids == ids``)."""
@@ -89,43 +133,94 @@ def fitted_prompt(tok, task: str, length: int, depth: float, seed: int, hint: in
 
     n = rt.fit_units(count, length, first=hint or 8)
     built = rt.build(task, n, depth, seed, length)
-    ids = tok(built.text).input_ids
-    context_ids, question_ids = inputs.split_question(tok, ids, built.text, built.question)
-    spec = rt.TASKS[task]
-    return {
-        "task": task,
-        "target_tokens": length,
-        "depth": depth,
-        "seed": seed,
-        "units": n,
-        "tokens": len(ids),
-        "context_tokens": len(context_ids),
-        "question_tokens": len(question_ids),
-        "references": built.references,
-        "query": built.query,
-        "metric": spec.metric,
-        "max_new_tokens": spec.max_new_tokens,
-        "context_ids": context_ids,
-        "question_ids": question_ids,
-        "text": built.text,
-        "question": built.question,
-        "ids_sha": ids_hash(context_ids + question_ids),
-    }
+    return _prompt(
+        tok, task, length, depth, seed, n, built.text, built.question, built.references, built.query
+    )
 
 
-def make_samples(tok, tasks: list[str], lengths: list[int], samples: int, base_seed: int = 0) -> list[dict]:
-    """``samples`` prompts per task and length: sample i at depth (i + 0.5) / samples."""
+def recorded_prompt(tok, rec: dict) -> dict:
+    """A prompt rebuilt from its ``ruler_prompts.json`` entry (its text, not the generators)."""
+    p = _prompt(
+        tok,
+        rec["task"],
+        rec["target_tokens"],
+        rec["depth"],
+        rec["seed"],
+        rec.get("units"),
+        rec["text"],
+        rec["question"],
+        rec["references"],
+        rec.get("query"),
+    )
+    p["id"] = rec["id"]
+    return p
+
+
+def load_recorded(path: Path) -> dict[str, dict]:
+    """The prompts an earlier run wrote (``ruler_prompts.json``), by id; entries from before the
+    file kept their seed are left out (they cannot be told apart from another ``--seed``)."""
+    if not path.is_file():
+        return {}
+    entries = json.loads(path.read_text()).get("prompts", [])
+    return {e["id"]: e for e in entries if all(k in e for k in ("task", "target_tokens", "depth", "seed"))}
+
+
+def save_recorded(path: Path, prompts: list[dict]) -> None:
+    """Add ``prompts`` to ``ruler_prompts.json`` (entries of other ids are kept), sorted by id."""
+    kept = json.loads(path.read_text()).get("prompts", []) if path.is_file() else []
+    by_id = {e["id"]: e for e in kept}
+    for p in prompts:
+        by_id[p["id"]] = {k: p[k] for k in RECORDED_FIELDS} | {
+            k: p[k] for k in ("context_tokens", "question_tokens", "tokens", "ids_sha")
+        }
+    common.write_json(path, {"prompts": [by_id[k] for k in sorted(by_id)]})
+
+
+def make_samples(
+    tok,
+    tasks: list[str],
+    lengths: list[int],
+    samples: int,
+    base_seed: int = 0,
+    recorded: dict[str, dict] | None = None,
+) -> list[dict]:
+    """``samples`` prompts per task and length: sample i at depth (i + 0.5) / samples.
+
+    A prompt in ``recorded`` (:func:`load_recorded`) with the same task, length, depth and seed is
+    rebuilt from its recorded text instead of the generators: the haystacks come from the installed
+    packages' files, so a package update would otherwise change the prompts under cached results."""
+    recorded = recorded or {}
     out = []
     for length in lengths:
         for task in tasks:
             hint = None
             for i in range(samples):
                 depth = (i + 0.5) / samples
-                p = fitted_prompt(tok, task, length, depth, sample_seed(task, length, i, base_seed), hint)
+                pid, seed = f"{task}-L{length}-s{i}", sample_seed(task, length, i, base_seed)
+                rec = recorded.get(pid)
+                if (
+                    rec is not None
+                    and (rec["task"], rec["target_tokens"], rec["seed"]) == (task, length, seed)
+                    and abs(rec["depth"] - depth) < 1e-9
+                ):
+                    p = recorded_prompt(tok, rec)
+                else:
+                    p = fitted_prompt(tok, task, length, depth, seed, hint)
                 hint = p["units"]
-                p.update(id=f"{task}-L{length}-s{i}", sample=i)
+                p.update(id=pid, sample=i)
                 out.append(p)
     return out
+
+
+def calibration_prompt(tok, length: int, recorded: dict[str, dict] | None = None) -> dict:
+    """The prompt budgets are calibrated on at ``length`` (recorded as ``calibration-L{length}``)."""
+    c, pid = CALIBRATION, f"calibration-L{length}"
+    rec = (recorded or {}).get(pid)
+    if rec is not None and (rec["task"], rec["target_tokens"], rec["seed"]) == (c["task"], length, c["seed"]):
+        return recorded_prompt(tok, rec)
+    p = fitted_prompt(tok, c["task"], length, c["depth"], c["seed"])
+    p["id"] = pid
+    return p
 
 
 def fit_tolerance(target: int) -> float:
@@ -244,13 +339,16 @@ def _evals(evals: dict[int, float]) -> list[dict]:
     return [{"budget_tokens": b, "share": s} for b, s in sorted(evals.items())]
 
 
-def budgets_for(model, tok, lengths, shares, extra_cfg: dict, cache_path: Path) -> dict:
+def budgets_for(
+    model, tok, lengths, shares, extra_cfg: dict, cache_path: Path, calibration: dict[int, dict] | None = None
+) -> dict:
     """``{length: {share: calibration}}`` for flashmem ``extra_cfg`` + a budget, from the cache file
-    when it holds the same length, target, resolved configuration and calibration prompt."""
+    when it holds the same length, target, resolved configuration and calibration prompt
+    (``calibration``: the prompt per length, default :func:`calibration_prompt`)."""
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     out: dict[int, dict[float, dict]] = {}
     for length in lengths:
-        cal = fitted_prompt(tok, CALIBRATION["task"], length, CALIBRATION["depth"], CALIBRATION["seed"])
+        cal = (calibration or {}).get(length) or calibration_prompt(tok, length)
         ids = prompt_ids(cal)
         measured: dict[int, float] = {}  # budget -> share at this length, shared by the targets
         for share in shares:
@@ -631,8 +729,15 @@ def main(argv: list[str] | None = None) -> int:
     log = RunLog(where["jsonl"], fresh=args.quick)
     model, tok, model_name = common.load_default()
     t0 = time.perf_counter()
-    prompts = make_samples(tok, args.tasks, args.lengths, args.samples, args.seed)
-    print(f"{len(prompts)} prompts fitted in {time.perf_counter() - t0:.1f} s")
+    recorded = {} if args.quick else load_recorded(where["prompts"])
+    prompts = make_samples(tok, args.tasks, args.lengths, args.samples, args.seed, recorded)
+    calibration = {length: calibration_prompt(tok, length, recorded) for length in args.lengths}
+    reused = sum(p["id"] in recorded for p in [*prompts, *calibration.values()])
+    print(
+        f"{len(prompts)} prompts ready in {time.perf_counter() - t0:.1f} s "
+        f"({reused} of {len(prompts) + len(calibration)} with calibration rebuilt from {where['prompts'].name})"
+    )
+    save_recorded(where["prompts"], [*prompts, *calibration.values()])
     for p in prompts:
         if abs(p["tokens"] - p["target_tokens"]) > fit_tolerance(p["target_tokens"]):
             raise AssertionError(f"{p['id']}: {p['tokens']} tokens, not within 3% of {p['target_tokens']}")
@@ -640,10 +745,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sanity: flashmem without a budget equals full attention on {check['prompt']}")
 
     need_budgets = "flashmem" in args.methods or "kvpress" in args.methods  # presses keep flashmem's share
-    budgets = budgets_for(model, tok, args.lengths, args.shares, {}, where["budgets"]) if need_budgets else {}
+    budgets = (
+        budgets_for(model, tok, args.lengths, args.shares, {}, where["budgets"], calibration)
+        if need_budgets
+        else {}
+    )
     tuned_budgets = None
     if args.tuned is not None and "budget_tokens" not in args.tuned:
-        tuned_budgets = budgets_for(model, tok, args.lengths, args.shares, args.tuned, where["budgets"])
+        tuned_budgets = budgets_for(
+            model, tok, args.lengths, args.shares, args.tuned, where["budgets"], calibration
+        )
     methods = method_list(args, budgets, tuned_budgets, args.tuned)
 
     wanted: list[tuple[str, str, float | None]] = []  # (run key, method label, target share)
@@ -753,27 +864,6 @@ def main(argv: list[str] | None = None) -> int:
         records=records,
     )
     common.write_json(where["json"], data)
-    common.write_json(
-        where["prompts"],
-        {
-            "prompts": [
-                {
-                    k: p[k]
-                    for k in (
-                        "id",
-                        "text",
-                        "question",
-                        "context_tokens",
-                        "question_tokens",
-                        "tokens",
-                        "references",
-                        "ids_sha",
-                    )
-                }
-                for p in prompts
-            ]
-        },
-    )
     plot(summary, order, where["png"])
     plot_frontier(data["frontier"], where["frontier_png"])
     for r in summary:

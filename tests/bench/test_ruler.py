@@ -4,6 +4,7 @@ default tokenizer, the split into context and question ids, the two scores, the 
 resumable results log, the whole entry with stub decoders, and the kvpress ruler mode with a stub
 worker and, in-process, a stub press on a tiny random model."""
 
+import dataclasses
 import json
 import random
 import sys
@@ -155,6 +156,41 @@ def test_prompts_fit_the_target_and_split_at_a_token_boundary(tok, length):
         assert p["depth"] == 0.5
     again = ruler.make_samples(tok, TASKS[:2], [length], 1)
     assert [p["ids_sha"] for p in again] == [p["ids_sha"] for p in prompts[:2]]
+
+
+def test_recorded_prompts_are_rebuilt_from_their_text(tok, tmp_path, monkeypatch):
+    """The haystacks come from the installed packages' files: once a prompt is recorded, a later
+    run takes its text from the record, not from the generators (a package update must not change
+    the prompts under cached results); another seed, or a prompt not recorded, is generated."""
+    tasks, path = ["niah_single_2", "qa_1"], tmp_path / "ruler_prompts.json"
+    first = ruler.make_samples(tok, tasks, [512], 2)
+    cal = ruler.calibration_prompt(tok, 512)
+    ruler.save_recorded(path, first + [cal])
+    recorded = ruler.load_recorded(path)
+    assert set(recorded) == {p["id"] for p in first} | {"calibration-L512"}
+
+    real_build = ruler.rt.build
+
+    def updated_package(task, n, depth, seed, length):  # other local text: other prompts
+        b = real_build(task, n, depth, seed, length)
+        return dataclasses.replace(b, context="Changed. " + b.context)
+
+    monkeypatch.setattr(ruler.rt, "build", updated_package)
+    again = ruler.make_samples(tok, tasks, [512], 2, recorded=recorded)
+    assert [p["ids_sha"] for p in again] == [p["ids_sha"] for p in first]
+    assert [(p["id"], p["sample"], p["depth"]) for p in again] == [
+        (p["id"], p["sample"], p["depth"]) for p in first
+    ]
+    assert again[0]["context_ids"] + again[0]["question_ids"] == tok(first[0]["text"]).input_ids
+    assert ruler.calibration_prompt(tok, 512, recorded)["ids_sha"] == cal["ids_sha"]
+    fresh = ruler.make_samples(tok, tasks, [512], 2)
+    assert all(a["ids_sha"] != b["ids_sha"] for a, b in zip(fresh, first))
+    other_seed = ruler.make_samples(tok, tasks[:1], [512], 2, base_seed=1, recorded=recorded)
+    assert all(p["text"].startswith("Changed. ") for p in other_seed)
+    # saving another selection keeps what was recorded before
+    ruler.save_recorded(path, other_seed[:1])
+    assert set(ruler.load_recorded(path)) == set(recorded)
+    assert ruler.load_recorded(path)[other_seed[0]["id"]]["seed"] == other_seed[0]["seed"]
 
 
 # ---------------------------------------------------------------------------------------------
