@@ -53,7 +53,8 @@ CONFIG_HELP = {
     "chunk_budget": "chunks recalled per recall window (default: budget // (2 x chunk size), at least 2; 0: no recall)",
     "lookahead": "decode steps between indexer refreshes",
     "prefetch_steps": "select and copy the next recall window this many steps before its boundary "
-    "(0: at the boundary; must be < --lookahead; left at its default, at most lookahead // 2)",
+    "(0, the default: at the boundary, one window on the device; > 0: copies overlap decoding and two "
+    "windows are held meanwhile; must be < --lookahead)",
     "indexer": "auto, quest, mean_key, mean_key_prerope, recency, lookahead, none, or an indexer "
     "checkpoint path",
     "index_backend": "chunk index used for candidate retrieval (faiss needs flashmem[faiss])",

@@ -78,13 +78,6 @@ def _path_field(name: str, value) -> str:
     return value
 
 
-class _DefaultInt(int):
-    """An int default that remembers it was not given (its identity tells, its value is the int)."""
-
-
-_DEFAULT_PREFETCH_STEPS = _DefaultInt(8)
-
-
 def known_indexers() -> tuple[str, ...]:
     """Indexer names the config accepts besides a checkpoint path: the keywords and the registry."""
     from flashmem.indexer.heuristics import INDEXERS
@@ -121,9 +114,11 @@ class FlashMemConfig:
     prefetch_steps: decode steps before each window boundary at which the next window's chunks are
         selected and their copies issued (on a side stream on CUDA), so decoding overlaps the
         transfer; at the boundary the new window replaces the old one. While both windows are held
-        the device may hold up to 2 x chunk_budget recalled chunks (the pool is sized for it).
-        0: select, copy and wait at the boundary. Must be < lookahead. Default 8; left at its
-        default with a lookahead of 8 or less it becomes lookahead // 2.
+        the device may hold up to 2 x chunk_budget recalled chunks (the pool is sized for it from
+        the first prefetch on). 0 (the default): select, copy and wait at the boundary, one window
+        on the device: at equal device share that decodes better than a second window held for the
+        overlap (``bench/results/fidelity*.json``); the price is a wait for the new window's copies
+        once per window. Must be < lookahead.
     indexer: "auto" (a learned indexer trained for this model by ``flashmem prepare --train-indexer``,
         else "quest"), a heuristic ("quest", "mean_key", "mean_key_prerope", "recency"), "lookahead"
         (the shipped learned checkpoint), a checkpoint path, or "none" (no recall).
@@ -166,7 +161,7 @@ class FlashMemConfig:
     chunk_size: int = 64
     chunk_budget: int | None = None
     lookahead: int = 64
-    prefetch_steps: int = _DEFAULT_PREFETCH_STEPS
+    prefetch_steps: int = 0
     indexer: str = "auto"
     index_backend: str = "torch"
     index_candidates: int = 0
@@ -188,8 +183,6 @@ class FlashMemConfig:
         self.chunk_size = _int_field("chunk_size", self.chunk_size, 1)
         self.chunk_budget = _int_field("chunk_budget", self.chunk_budget, 0, allow_none=True)
         self.lookahead = _int_field("lookahead", self.lookahead, 1)
-        if self.prefetch_steps is _DEFAULT_PREFETCH_STEPS:
-            self.prefetch_steps = min(int(self.prefetch_steps), self.lookahead // 2)
         self.prefetch_steps = _int_field("prefetch_steps", self.prefetch_steps, 0)
         self.index_candidates = _int_field("index_candidates", self.index_candidates, 0)
         self.prefill_chunk_tokens = _int_field(

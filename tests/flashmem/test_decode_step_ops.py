@@ -36,8 +36,8 @@ def model_stats(tmp_path_factory):
 
 
 def _config(stats, **overrides):
-    # the defaults scaled to the tiny model: compaction every 64 tokens, a 32-step recall window
-    # prefetched 8 steps ahead (the default), 16-token chunks
+    # the defaults scaled to the tiny model: compaction every 64 tokens, a 32-step recall window,
+    # 16-token chunks; prefetched 8 steps ahead, so that the prefetch path's cost is counted too
     settings = dict(
         budget_tokens=96,
         compaction_interval=64,
@@ -45,6 +45,7 @@ def _config(stats, **overrides):
         sink_tokens=4,
         chunk_size=16,
         lookahead=32,
+        prefetch_steps=8,
         indexer="quest",
         attention_backend="torch",
         stats_path=stats,
@@ -152,9 +153,12 @@ def test_decode_step_bench_skips_without_cuda(capsys):
     assert "skipped" in capsys.readouterr().out
 
 
-def test_default_prefetch_steps_fit_short_windows():
-    assert flashmem.FlashMemConfig().prefetch_steps == 8
-    assert flashmem.FlashMemConfig(lookahead=8).prefetch_steps == 4
+def test_default_loads_each_window_at_its_boundary():
+    """By default one recall window is on the device (select, copy and wait at the boundary); a
+    prefetch is asked for, and holds a second window while it overlaps the current one."""
+    assert flashmem.FlashMemConfig().prefetch_steps == 0
+    assert flashmem.FlashMemConfig(budget_tokens=256).recall_windows_held == 1
+    assert flashmem.FlashMemConfig(lookahead=8, prefetch_steps=4).recall_windows_held == 2
     assert flashmem.FlashMemConfig(lookahead=1).prefetch_steps == 0
     with pytest.raises(ValueError, match="prefetch_steps"):
         flashmem.FlashMemConfig(lookahead=8, prefetch_steps=8)

@@ -25,7 +25,7 @@ def test_bad_prefetch_steps_are_refused_at_construction():
         flashmem.FlashMemConfig(budget_tokens=256, prefetch_steps=2.0)
     with pytest.raises(TypeError, match="prefetch_steps must be an int"):
         flashmem.FlashMemConfig(budget_tokens=256, prefetch_steps=True)
-    assert flashmem.FlashMemConfig().prefetch_steps == 8  # the default: the next window prefetched
+    assert flashmem.FlashMemConfig().prefetch_steps == 0  # the default: each window loaded at its boundary
     assert flashmem.FlashMemConfig(lookahead=16, prefetch_steps=15).recall_windows_held == 2
 
 
