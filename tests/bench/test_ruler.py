@@ -442,6 +442,7 @@ def test_kvpress_ruler_scores_the_stream_and_skips_what_is_done(monkeypatch, tmp
                         "tokens": tok(" 123" if good else " 9").input_ids,
                         "kept_share": 0.3,
                         "kept_share_end": 0.29,
+                        "keep_share_requested": job["keep_share"],
                         "seconds": 1.0,
                     }
                     f.write(json.dumps(line) + "\n")
@@ -454,10 +455,17 @@ def test_kvpress_ruler_scores_the_stream_and_skips_what_is_done(monkeypatch, tmp
         "key": ruler_log.run_key(prompts[0], first),
         "tokens": tok(" 9").input_ids,
         "kept_share_end": 0.29,
+        "keep_share_requested": 0.31,
     }
-    (tmp_path / "runs_kvpress_stream.jsonl").write_text(json.dumps(left) + "\n" + '{"key": "cut sho')
+    # and a result of a job outside this selection (another press) stays for a run that selects it
+    other = {**left, "key": "another press's run"}
+    (tmp_path / "runs_kvpress_stream.jsonl").write_text(
+        json.dumps(left) + "\n" + json.dumps(other) + "\n" + '{"key": "cut sho'
+    )
     keys, status = kvpress_peer.run_ruler(prompts, budgets, log, tok, presses=["KnormPress", "TOVAPress"])
     assert len(keys) == 2 * 2 * 2 and status["recovered"] == 1
+    kept = (tmp_path / "runs_kvpress_stream.jsonl").read_text().splitlines()
+    assert [json.loads(t)["key"] for t in kept] == ["another press's run"]
     assert status["done"] == 7 and status["jobs"] == 7
     task = seen[0]
     assert task["kind"] == "ruler" and task["prompts"][0]["jobs"][0]["keep_share"] == 0.31
@@ -467,6 +475,18 @@ def test_kvpress_ruler_scores_the_stream_and_skips_what_is_done(monkeypatch, tmp
     assert {r["method"] for r in recs} >= {"kvpress KnormPress (question inside) (share 30%)"}
     keys2, status2 = kvpress_peer.run_ruler(prompts, budgets, log, tok, presses=["KnormPress", "TOVAPress"])
     assert keys2 == keys and len(seen) == 1  # everything in the log: the worker is not started
+    # flashmem's calibration share moved by a rounding error (a release changed a byte it holds): the
+    # logged press runs of the same prompts still count; a real change of share runs them again
+    nudged = {512: {0.3: {**budgets[512][0.3], "share": 0.31 + 5e-6}}}
+    keys3, _ = kvpress_peer.run_ruler(
+        prompts, budgets=nudged, log=log, tok=tok, presses=["KnormPress", "TOVAPress"]
+    )
+    assert [k for k, _, _ in keys3] == [k for k, _, _ in keys] and len(seen) == 1
+    moved = {512: {0.3: {**budgets[512][0.3], "share": 0.32}}}
+    keys4, _ = kvpress_peer.run_ruler(
+        prompts, budgets=moved, log=log, tok=tok, presses=["KnormPress", "TOVAPress"]
+    )
+    assert len(seen) == 2 and not {k for k, _, _ in keys4} & {k for k, _, _ in keys}
 
 
 STUB = """
