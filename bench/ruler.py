@@ -197,14 +197,8 @@ def make_samples(
             for i in range(samples):
                 depth = (i + 0.5) / samples
                 pid, seed = f"{task}-L{length}-s{i}", sample_seed(task, length, i, base_seed)
-                rec = recorded.get(pid)
-                if (
-                    rec is not None
-                    and (rec["task"], rec["target_tokens"], rec["seed"]) == (task, length, seed)
-                    and abs(rec["depth"] - depth) < 1e-9
-                ):
-                    p = recorded_prompt(tok, rec)
-                else:
+                p = _from_record(tok, recorded, pid, task, length, depth, seed)
+                if p is None:
                     p = fitted_prompt(tok, task, length, depth, seed, hint)
                 hint = p["units"]
                 p.update(id=pid, sample=i)
@@ -215,12 +209,19 @@ def make_samples(
 def calibration_prompt(tok, length: int, recorded: dict[str, dict] | None = None) -> dict:
     """The prompt budgets are calibrated on at ``length`` (recorded as ``calibration-L{length}``)."""
     c, pid = CALIBRATION, f"calibration-L{length}"
-    rec = (recorded or {}).get(pid)
-    if rec is not None and (rec["task"], rec["target_tokens"], rec["seed"]) == (c["task"], length, c["seed"]):
-        return recorded_prompt(tok, rec)
-    p = fitted_prompt(tok, c["task"], length, c["depth"], c["seed"])
-    p["id"] = pid
+    p = _from_record(tok, recorded, pid, c["task"], length, c["depth"], c["seed"])
+    if p is None:
+        p = fitted_prompt(tok, c["task"], length, c["depth"], c["seed"])
+        p["id"] = pid
     return p
+
+
+def _from_record(tok, recorded: dict[str, dict] | None, pid: str, task, length, depth, seed) -> dict | None:
+    """Prompt ``pid`` rebuilt from its record when one has the same task, length, depth and seed."""
+    rec = (recorded or {}).get(pid)
+    if rec is None or (rec["task"], rec["target_tokens"], rec["seed"]) != (task, length, seed):
+        return None
+    return recorded_prompt(tok, rec) if abs(rec["depth"] - depth) < 1e-9 else None
 
 
 def fit_tolerance(target: int) -> float:
