@@ -189,7 +189,6 @@ def make_samples(
     A prompt in ``recorded`` (:func:`load_recorded`) with the same task, length, depth and seed is
     rebuilt from its recorded text instead of the generators: the haystacks come from the installed
     packages' files, so a package update would otherwise change the prompts under cached results."""
-    recorded = recorded or {}
     out = []
     for length in lengths:
         for task in tasks:
