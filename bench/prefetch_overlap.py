@@ -82,7 +82,7 @@ def _ids(model, n: int, seed: int) -> torch.Tensor:
 def _config(stats: str, settings: dict, prefetch_steps: int, **overrides):
     import flashmem
 
-    kw = dict(settings, stats_path=stats, prefetch_steps=prefetch_steps)
+    kw = dict(settings, stats_path=stats, prefetch_steps=prefetch_steps, recall_mode="shared")
     kw.update(overrides)
     return flashmem.FlashMemConfig(**kw)
 

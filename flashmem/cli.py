@@ -21,7 +21,14 @@ import types
 import typing
 from pathlib import Path
 
-from .config import ATTENTION_BACKENDS, INDEX_BACKENDS, PREFILL_MODES, TRIATTENTION_MODES, FlashMemConfig
+from .config import (
+    ATTENTION_BACKENDS,
+    INDEX_BACKENDS,
+    PREFILL_MODES,
+    RECALL_MODES,
+    TRIATTENTION_MODES,
+    FlashMemConfig,
+)
 
 DTYPES = {
     "float32": "float32",
@@ -66,12 +73,15 @@ CONFIG_HELP = {
     "observe_tokens": "prompt-tail queries whose attention picks the first recalled chunks "
     "(0: ask the indexer)",
     "cuda_graph": "capture the decode step in a CUDA graph and replay it (CUDA only)",
+    "recall_mode": "per_layer_per_head: every layer and KV head recalls its own chunks; shared: one set "
+    "for the whole model (needed for --prefetch-steps > 0)",
 }
 CONFIG_CHOICES = {
     "triattention_mode": TRIATTENTION_MODES,
     "attention_backend": ATTENTION_BACKENDS,
     "index_backend": INDEX_BACKENDS,
     "prefill": PREFILL_MODES,
+    "recall_mode": RECALL_MODES,
 }
 CONFIG_ALIASES = {"stats_path": ("--stats",), "recent_tokens": ("--window-tokens",)}  # earlier spelling
 CONFIG_METAVARS = {"stats_path": "PATH", "indexer": "NAME|PATH"}
@@ -314,7 +324,12 @@ def print_memory_report(report: dict, out=None) -> None:
         ("compactions", str(report["compactions"])),
     ]  # fmt: skip
     off = report.get("offload")
-    if off is not None:
+    if off is not None and "window_loads" in off:  # per-head recall: one window, loaded at its boundary
+        rows.append((
+            "recall windows loaded / chunks copied",
+            "{} / {} (per layer and KV head)".format(off["window_loads"], off["chunks_loaded"]),
+        ))  # fmt: skip
+    elif off is not None:
         stall = off.get("stall_fraction")
         rows.append((
             "recall chunks prefetched / on demand",

@@ -11,6 +11,7 @@ ATTENTION_BACKENDS = ("auto", "triton", "torch")
 TRIATTENTION_MODES = ("per_head", "per_layer_per_head")
 INDEX_BACKENDS = ("torch", "faiss")
 PREFILL_MODES = ("exact", "sparse")
+RECALL_MODES = ("per_layer_per_head", "shared")
 INDEXER_KEYWORDS = ("auto", "lookahead", "none")
 CHECKPOINT_SUFFIXES = (".safetensors", ".json")
 
@@ -135,6 +136,11 @@ class FlashMemConfig:
         it (recall refreshes, compaction and the table updates run outside the graph); needs the
         model on a CUDA device (refused elsewhere when the model is wrapped). The block pool is then
         reserved at its bound for the whole call up front (a graph reads fixed addresses).
+    recall_mode: "per_layer_per_head": every layer and KV head recalls its own ``chunk_budget``
+        chunks (ranked by that head's prompt-tail attention, then by the indexer's score for that head's
+        query group); the device holds the same number of recalled slots as with one shared set, each
+        layer and head filling them with what it attends to. "shared": one set of chunks for every
+        layer and head (the top of the summed layer scores); the only mode that prefetches.
     observe_tokens: exact prefill measures the peak attention (largest share of one query head's
         attention, sinks left out) of the prompt's last observe_tokens queries on every chunk; the
         first recall after the prompt ranks chunks by it instead of asking the indexer (0: always ask
@@ -169,6 +175,7 @@ class FlashMemConfig:
     prefill_chunk_tokens: int | None = None
     observe_tokens: int = 16
     cuda_graph: bool = False
+    recall_mode: str = "per_layer_per_head"
 
     def __post_init__(self) -> None:
         # Types first, converting numpy integers (and other numbers.Integral) to plain int, so that a
@@ -196,6 +203,7 @@ class FlashMemConfig:
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_choice("index_backend", self.index_backend, INDEX_BACKENDS)
         _check_choice("prefill", self.prefill, PREFILL_MODES)
+        _check_choice("recall_mode", self.recall_mode, RECALL_MODES)
         if self.stats_path is not None and self.stats_path != "prompt":
             self.stats_path = _path_field("stats_path", self.stats_path)
             if not Path(self.stats_path).is_file():
@@ -216,6 +224,12 @@ class FlashMemConfig:
                 f"FlashMemConfig.prefetch_steps ({self.prefetch_steps}) must be < lookahead ({self.lookahead}): "
                 "the next window is prefetched that many steps before the boundary; lower prefetch_steps "
                 "(0 disables prefetching) or raise lookahead"
+            )
+        if self.prefetch_steps and self.recall_mode != "shared":
+            raise ValueError(
+                f"FlashMemConfig.prefetch_steps ({self.prefetch_steps}) overlaps the next window's copies with "
+                f"decoding, which recall_mode={self.recall_mode!r} does not do (it loads each window at its "
+                "boundary): set prefetch_steps=0, or recall_mode='shared'"
             )
         if self.index_backend == "faiss" and not self.index_candidates:
             raise ValueError(

@@ -249,10 +249,10 @@ class LayerMajorPrefill:
         self._query_stats.update(layer_idx, pre.transpose(0, 1))
 
     def _tail_mass(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
-        """Peak attention mass of the prompt's last ``observe_tokens`` queries on every chunk: for each
-        chunk, the largest share of one query's attention (over query heads and queries) that falls
-        on it, the always-resident tokens' share (sinks, recent window) left out:
-        ``[ceil(T / chunk_size)]`` fp32. query: ``[H_q, t, D]`` (the last tile).
+        """Peak attention mass of the prompt's last ``observe_tokens`` queries on every chunk, per KV
+        head: for each chunk, the largest share of one query's attention (over the head's query group
+        and the queries) that falls on it, the always-resident tokens' share (sinks, recent window)
+        left out: ``[H_kv, ceil(T / chunk_size)]`` fp32. query: ``[H_q, t, D]`` (the last tile).
 
         The peak, not the sum: a few retrieval heads look hard at the chunk a question is about, while
         the sum over all heads is dominated by broad attention to nearby text. Sinks and the recent
@@ -290,7 +290,7 @@ class LayerMajorPrefill:
                 others.append(every[-1])
         lse = torch.logsumexp(torch.cat(every, dim=-1), dim=-1, keepdim=True)  # [H_kv, G*W, 1]
         mass = torch.exp(torch.cat(others, dim=-1) - lse)  # [H_kv, G*W, n]: each query's share per chunk
-        return mass.amax(dim=(0, 1))
+        return mass.amax(dim=1)
 
     # ---- the working set ---------------------------------------------------------------------
     def _finish_layer(self, layer: int, keep: int, from_buffer: bool) -> None:

@@ -3,7 +3,10 @@
 The controller keeps, per layer, summaries of every closed chunk of ``chunk_size`` tokens (fed with
 the keys the cache writes), remembers the latest query of every layer, and on each refresh scores
 the chunks of every layer with an indexer (``flashmem.indexer``: a learned lookahead checkpoint or a
-heuristic such as ``quest``), sums the per-layer scores and picks the top ``chunk_budget`` chunks.
+heuristic such as ``quest``) and picks ``chunk_budget`` chunks: per layer and KV head
+(:meth:`RecallController.select_heads`, each head its own top chunks, ``recall_mode="per_layer_per_head"``)
+or one set for the whole model (:meth:`RecallController.select`, the top chunks of the summed layer
+scores, ``recall_mode="shared"``).
 Chunks that lie entirely inside the sinks or the recent window are never recalled: the working
 set holds those tokens already.
 
@@ -111,8 +114,10 @@ class RecallController:
         index_backend: str = "torch",
         index_candidates: int = 0,
         capacity_tokens: int = 0,
+        per_head: bool = False,
     ) -> None:
         self.model = model
+        self.per_head = per_head
         self.indexers = indexers
         self.chunk_size = chunk_size
         self.chunk_budget = chunk_budget
@@ -150,7 +155,8 @@ class RecallController:
         self._has_query = [False] * len(indexers)
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
-        self._observed: torch.Tensor | None = None
+        self._observed: torch.Tensor | None = None  # [N] (shared) or [L, H_kv, N] (per head)
+        self._prompt_ranks: torch.Tensor | None = None  # per head: the prompt-tail ranks, kept [L, H_kv, N]
         self.refreshes = 0
         self.observed_refreshes = 0
         self.refresh_time_s = 0.0
@@ -180,7 +186,7 @@ class RecallController:
             "chunk_index": [t for ix in self.indexes for t in getattr(ix, "tensors", list)()],
             "queries": [self._queries],
             "rotary": [self._cos, self._sin],
-            "observed": [self._observed],
+            "observed": [self._observed, self._prompt_ranks],
             "indexer_weights": weights,
         }
 
@@ -234,13 +240,22 @@ class RecallController:
         return torch.unique(torch.cat(found))
 
     def observe_mass(self, layer: int, mass: torch.Tensor) -> None:
-        """Peak attention mass ``[N]`` of the prompt's last queries on history chunks ``0..N-1`` (one
-        layer, measured by exact prefill: the largest share of one query head's attention on each
-        chunk). The next refresh ranks chunks by its maximum over layers instead of asking the
-        indexer: at the end of the prompt the real attention is known."""
+        """Peak attention mass ``[H_kv, N]`` of the prompt's last queries on history chunks ``0..N-1``
+        (one layer, measured by exact prefill: per KV head, the largest share of one of its query
+        heads' attention on each chunk). The next refresh ranks chunks by it instead of asking the
+        indexer: at the end of the prompt the real attention is known. Shared recall keeps the maximum
+        over layers and heads ``[N]``; per-head recall keeps every layer's ``[L, H_kv, N]``."""
+        mass = mass.float()
+        if self.per_head:
+            shape = (len(self.builders), *mass.shape)
+            if self._observed is None or tuple(self._observed.shape) != shape or layer == 0:
+                self._observed = torch.zeros(shape, dtype=torch.float32, device=mass.device)
+            self._observed[layer].copy_(mass)
+            return
+        mass = mass.amax(dim=0)
         if self._observed is None or self._observed.shape[0] != mass.shape[0] or layer == 0:
-            self._observed = torch.zeros_like(mass, dtype=torch.float32)
-        torch.maximum(self._observed, mass.float(), out=self._observed)
+            self._observed = torch.zeros_like(mass)
+        torch.maximum(self._observed, mass, out=self._observed)
 
     # ---- refresh -------------------------------------------------------------------------------
     def candidates(self, position: int, straddling: bool = False) -> tuple[int, int]:
@@ -258,41 +273,81 @@ class RecallController:
         hi = min(self.builders[0].num_chunks, ends)
         return lo, max(lo, hi)
 
-    @torch.no_grad()
-    def select(self, position: int) -> list[int]:
-        """Chunk ids to hold for ``[position, position + lookahead)``, ranked by summed layer scores."""
+    def _observed_ranks(self, position: int) -> tuple[torch.Tensor, int, int] | None:
+        """The prompt-tail mass (``[N]`` or ``[L, H_kv, N]``) and the candidate range, when the next
+        refresh ranks by it; consumed (the first refresh after the prefill only)."""
         observed = self._observed
         lo, hi = self.candidates(position, straddling=True)
-        by_mass = observed is not None and observed.shape[0] >= hi
-        if not by_mass:
-            lo, hi = self.candidates(position)
-        if hi <= lo or self.chunk_budget == 0 or not self._has_query[0]:
-            return []
-        k = min(self.chunk_budget, hi - lo)
+        if observed is None or observed.shape[-1] < hi:
+            return None
         self._observed = None
-        if by_mass:
-            # a chunk also inherits the peak of the chunk before it: a passage the question looks at
-            # (a key, a name) is followed by what it asks for, which may begin in the next chunk
-            score = observed.clone()
-            score[1:] = torch.maximum(observed[1:], observed[:-1])
-            top = torch.topk(score[lo:hi], k).indices + lo
-            self.refreshes += 1
-            self.observed_refreshes += 1
-            return sorted(int(c) for c in top.tolist())
+        # a chunk also inherits the peak of the chunk before it: a passage the question looks at
+        # (a key, a name) is followed by what it asks for, which may begin in the next chunk
+        score = observed.clone()
+        score[..., 1:] = torch.maximum(observed[..., 1:], observed[..., :-1])
+        return score, lo, hi
+
+    def _layer_scores(
+        self, position: int, lo: int, hi: int, candidates, per_head: bool
+    ) -> list[torch.Tensor]:
+        """Indexer scores of the candidate chunks, per layer: ``[n]`` or with ``per_head`` ``[H_kv, n]``."""
         # the queries are those of the token at position - 1 (the last one decoded)
         cos, sin = hf_compat.rotary_cos_sin(
             self.model, torch.arange(position - 1, position, device=self._queries.device)
         )
-        candidates = self._retrieve(lo, hi) if self.indexes else None
-        total = None
+        out = []
+        h_kv = self.num_kv_heads
         for layer, indexer in enumerate(self.indexers):
             q_rope = self._queries[layer].float()
             q_pre = hf_compat.unrotate(q_rope, cos, sin)
             summaries = self.builders[layer].summaries.select(
                 slice(lo, hi) if candidates is None else candidates
             )
-            scores = indexer.score(QueryState(q_pre=q_pre, q_rope=q_rope, position=position), summaries)
-            total = scores if total is None else total + scores
+            if not per_head or not getattr(indexer, "per_kv_head", False):
+                scores = indexer.score(QueryState(q_pre=q_pre, q_rope=q_rope, position=position), summaries)
+                out.append(scores.expand(h_kv, -1) if per_head else scores)
+                continue
+            g = q_rope.shape[0] // h_kv
+            out.append(
+                torch.stack(
+                    [
+                        indexer.score(
+                            QueryState(
+                                q_pre=q_pre[h * g : (h + 1) * g],
+                                q_rope=q_rope[h * g : (h + 1) * g],
+                                position=position,
+                            ),
+                            summaries.head(h),
+                        )
+                        for h in range(h_kv)
+                    ]
+                )
+            )
+        return out
+
+    @torch.no_grad()
+    def select(self, position: int) -> list[int]:
+        """Chunk ids every layer and head holds for ``[position, position + lookahead)``, ranked by
+        summed layer scores (shared recall)."""
+        if self.per_head:
+            raise ValueError("select() is shared recall; this controller recalls per head (select_heads)")
+        observed = self._observed_ranks(position)
+        if observed is not None:
+            score, lo, hi = observed
+            if hi <= lo or self.chunk_budget == 0:
+                return []
+            top = torch.topk(score[lo:hi], min(self.chunk_budget, hi - lo)).indices + lo
+            self.refreshes += 1
+            self.observed_refreshes += 1
+            return sorted(int(c) for c in top.tolist())
+        lo, hi = self.candidates(position)
+        if hi <= lo or self.chunk_budget == 0 or not self._has_query[0]:
+            return []
+        k = min(self.chunk_budget, hi - lo)
+        candidates = self._retrieve(lo, hi) if self.indexes else None
+        total = None
+        for scores in self._layer_scores(position, lo, hi, candidates, per_head=False):
+            total = scores if total is None else total + scores  # in layer order, as always
         if candidates is not None:
             k = min(k, candidates.numel())
             top = candidates[torch.topk(total, k).indices]
@@ -300,3 +355,43 @@ class RecallController:
             top = torch.topk(total, k).indices + lo
         self.refreshes += 1
         return sorted(int(c) for c in top.tolist())
+
+    @torch.no_grad()
+    def select_heads(self, position: int) -> torch.Tensor | None:
+        """Chunk ids ``[L, H_kv, k]`` (int64, host; ascending per layer and head) that each layer and KV
+        head holds for ``[position, position + lookahead)``; None when there is nothing to recall.
+
+        The first refresh after the prompt gives every layer and head the same chunks, the top of the
+        prompt-tail mass maximised over layers and heads (as shared recall does): a passage a few
+        retrieval heads look at hard (a needle and what follows it) is what the others must see too.
+        Later refreshes rank per layer and head by that head's own prompt-tail mass plus the indexer's
+        score for its query group (both are shares of attention): what the question made the head
+        look at stays a candidate, and what the decoded text turns to can displace it."""
+        if not self.per_head:
+            raise ValueError("select_heads() is per-head recall; this controller shares one set (select)")
+        observed = self._observed_ranks(position)
+        L, h_kv = len(self.builders), self.num_kv_heads
+        if observed is not None:
+            score, lo, hi = observed  # [L, H_kv, N]
+            self._prompt_ranks = score
+            if hi <= lo or self.chunk_budget == 0:
+                return None
+            top = torch.topk(score[..., lo:hi].amax(dim=(0, 1)), min(self.chunk_budget, hi - lo)).indices + lo
+            self.refreshes += 1
+            self.observed_refreshes += 1
+            return torch.sort(top).values.cpu().expand(L, h_kv, -1).contiguous()
+        lo, hi = self.candidates(position)
+        if hi <= lo or self.chunk_budget == 0 or not self._has_query[0]:
+            return None
+        candidates = self._retrieve(lo, hi) if self.indexes else None
+        scores = torch.stack(self._layer_scores(position, lo, hi, candidates, per_head=True))  # [L, H_kv, n]
+        prompt = self._prompt_ranks
+        if prompt is not None:
+            ids = candidates if candidates is not None else torch.arange(lo, hi, device=scores.device)
+            known = ids < prompt.shape[-1]  # chunks decoded after the prompt have no prompt-tail mass
+            scores = scores + torch.where(known, prompt[..., ids.clamp_max(prompt.shape[-1] - 1)], 0.0)
+        k = min(self.chunk_budget, scores.shape[-1])
+        top = torch.topk(scores, k, dim=-1).indices
+        top = candidates[top] if candidates is not None else top + lo
+        self.refreshes += 1
+        return torch.sort(top, dim=-1).values.cpu()

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from flashmem.indexer.heuristics import HEURISTICS, INDEXERS
 from flashmem.kernels.checks import device_tensor_bytes, resolve_backend
 from flashmem.offload.block_pool import BlockPool, BlockPoolExhausted
+from flashmem.offload.head_window import HeadRecallWindow
 from flashmem.offload.host_mirror import HostMirror
 from flashmem.offload.offload_manager import OffloadManager
 from flashmem.offload.paged_cache import PagedKVCache
@@ -315,7 +316,10 @@ class FlashMemModel:
         if c.mirror_enabled:
             self.mirror = self._mirror_for(total_tokens, reserve=True)
         if c.recall_enabled:
-            self.offload = OffloadManager(self.mirror, self.pool, max_chunks=self._recall_chunks_held())
+            if c.recall_mode == "shared":
+                self.offload = OffloadManager(self.mirror, self.pool, max_chunks=self._recall_chunks_held())
+            else:
+                self.offload = HeadRecallWindow(self.mirror, self.pool, max_slots=c.effective_chunk_budget)
             self.recall = RecallController(
                 self.model,
                 self._indexers,
@@ -329,6 +333,7 @@ class FlashMemModel:
                 index_backend=c.index_backend,
                 index_candidates=c.index_candidates,
                 capacity_tokens=total_tokens,  # summaries sized once, no doubling slack
+                per_head=c.recall_mode != "shared",
             )
         # decode tokens reach the mirror and the summaries in batches: never more than the recent
         # window (recall only reads chunks before it), so a refresh always finds them there
@@ -446,7 +451,9 @@ class FlashMemModel:
             cache.flush()  # the journaled tokens reach the mirror before their slots move
             self.policy.compact(cache.paged, cache.seq_id, cache.logical_length, prompt_len=self._prompt_len)
             self._compactions += 1
-            if self.offload is not None and len(self.offload.resident):
+            if isinstance(self.offload, HeadRecallWindow):
+                self.offload.refresh_positions(self._working_table())
+            elif self.offload is not None and len(self.offload.resident):
                 # ready chunks get new duplicate masks now; a pending prefetch's are marked outdated
                 # and rewritten at the window swap
                 self.offload.refresh_positions(self._working_positions(on_device=True))
@@ -462,6 +469,13 @@ class FlashMemModel:
             pos = pos.cpu()
         return [pos[:, h] for h in range(self.num_kv_heads)]
 
+    def _working_table(self) -> torch.Tensor:
+        """Positions held by the working slots ``[1, n, H_kv]`` on the pool's device (every layer keeps
+        the same tokens: recall needs ``triattention_mode='per_head'``), no read-back."""
+        cache = self.cache
+        _, _, pos = cache.paged.gather(cache.seq_id, 0)
+        return pos[None]
+
     def _refresh_recall(self) -> None:
         """Pick the chunks for the next ``lookahead`` steps and make them resident now (the copies
         are asynchronous on CUDA, and waited for before the next kernel)."""
@@ -469,6 +483,13 @@ class FlashMemModel:
             return
         t0 = time.perf_counter()
         position = self.cache.logical_length
+        if isinstance(self.offload, HeadRecallWindow):
+            assign = self.recall.select_heads(position)
+            if assign is not None:
+                # copies on the current stream: the kernels queued after them read the new rows
+                self.offload.load(assign, self._working_table())
+            self._timings["recall_s"] += time.perf_counter() - t0
+            return
         chunk_ids = self.recall.select(position)
         if self.config.prefetch_steps == 0:
             self.offload.release_window()
@@ -543,10 +564,9 @@ class FlashMemModel:
         held = self._held_device_bytes()
         total = held["kv_reserved"] + held["index"] + held["staging"] + held["outputs"]
         if self.offload is not None:
-            engine = self.offload.engine
-            self._staging_peak = max(self._staging_peak, engine.device_staging_bytes_since_mark)
-            total_then = total + engine.device_staging_bytes_since_mark
-            engine.device_staging_bytes_since_mark = 0
+            staged = self.offload.take_staging_mark()
+            self._staging_peak = max(self._staging_peak, staged)
+            total_then = total + staged
         else:
             total_then = total
         self._peak_total = max(self._peak_total, total_then + scratch)

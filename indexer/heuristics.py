@@ -41,7 +41,10 @@ class QueryState:
 @runtime_checkable
 class Indexer(Protocol):
     """``fields``: the chunk summary fields ``score`` reads (see :mod:`flashmem.indexer.summaries`); the
-    recall controller stores only the union of its indexers' fields."""
+    recall controller stores only the union of its indexers' fields. An indexer may also set
+    ``per_kv_head = True``: ``score`` then ranks chunks for one KV head when given that head's query
+    group ``[G, D]`` and that head's summaries (:meth:`ChunkSummaries.head`), which per-head recall uses;
+    without it per-head recall gives every head of a layer the layer's ranking."""
 
     name: str
     fields: tuple[str, ...]
@@ -94,6 +97,8 @@ class MeanKeyIndexer:
     """Dot product of the post-RoPE query with each chunk's mean post-RoPE key: the exact mean logit
     over the chunk (``prerope=True`` uses pre-RoPE query and mean key instead, ignoring position)."""
 
+    per_kv_head = True  # scoring one KV head's query group against that head's summaries is valid
+
     def __init__(self, head_reduce: str = "softmax_mean", prerope: bool = False):
         self.head_reduce = head_reduce
         self.prerope = prerope
@@ -112,6 +117,7 @@ class QuestIndexer:
 
     name = "quest"
     fields = ("min_key", "max_key")
+    per_kv_head = True
 
     def __init__(self, head_reduce: str = "softmax_mean"):
         self.head_reduce = head_reduce
@@ -131,6 +137,7 @@ class RecencyIndexer:
 
     name = "recency"
     fields: tuple[str, ...] = ()
+    per_kv_head = True
 
     def score(self, query: QueryState, summaries: ChunkSummaries) -> torch.Tensor:
         s = summaries.start.to(query.q_rope.dtype)

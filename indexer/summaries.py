@@ -103,6 +103,22 @@ class ChunkSummaries:
             compressed=pick(self.compressed),
         )
 
+    def head(self, h: int) -> ChunkSummaries:
+        """The summaries of KV head ``h`` alone (views, ``[N, 1, ...]`` per field)."""
+
+        def pick(x):
+            return None if x is None else x[:, h : h + 1]
+
+        return ChunkSummaries(
+            mean_key=pick(self.mean_key),
+            mean_key_rope=pick(self.mean_key_rope),
+            min_key=pick(self.min_key),
+            max_key=pick(self.max_key),
+            start=self.start,
+            chunk_size=self.chunk_size,
+            compressed=pick(self.compressed),
+        )
+
     @staticmethod
     def concat(parts: list[ChunkSummaries]) -> ChunkSummaries:
         if not parts:

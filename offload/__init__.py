@@ -6,6 +6,7 @@ Takes tensors and model fingerprints, never a model: running a model (calibratio
 
 from .block_pool import BlockPool, BlockPoolExhausted
 from .compaction import compact_sequence
+from .head_window import HeadRecallWindow, dedupe_heads
 from .host_mirror import HostMirror
 from .offload_manager import OffloadManager
 from .paged_cache import PagedKVCache
@@ -20,6 +21,7 @@ __all__ = [
     "TRIATTENTION_MODES",
     "BlockPool",
     "BlockPoolExhausted",
+    "HeadRecallWindow",
     "HostMirror",
     "OffloadManager",
     "PagedKVCache",
@@ -29,6 +31,7 @@ __all__ = [
     "TriAttentionPolicy",
     "TriAttentionStats",
     "compact_sequence",
+    "dedupe_heads",
     "dedupe_positions",
     "protected_mask",
     "score_layer",

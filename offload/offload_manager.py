@@ -367,6 +367,13 @@ class OffloadManager:
         self._blocks_cache = (version, *out)
         return out
 
+    def take_staging_mark(self) -> int:
+        """The largest device-side copy of a recall batch since the last call (it lived inside a step,
+        so a sampled total misses it); resets the mark."""
+        staged = self.engine.device_staging_bytes_since_mark
+        self.engine.device_staging_bytes_since_mark = 0
+        return staged
+
     def device_bytes(self) -> int:
         """Bytes this manager holds on the pool's device outside the pool: the cached block table and
         valid counts of the resident chunks (the recalled K/V live in pool blocks)."""

@@ -143,6 +143,7 @@ def test_prefill_observed_mass_equals_brute_force_attention(model_and_stats, bud
             observe_tokens=window,
             sink_tokens=sinks,
             recent_tokens=recent,
+            recall_mode="shared",  # one [N] over layers and heads (per head: test_recall_heads.py)
         ),
     )
     fm.generate(ids, 1, eos_token_id=None)
@@ -192,13 +193,21 @@ def test_chunk_index_backends_retrieve_the_same_candidates(model_and_stats, budg
         flashmem.FlashMemConfig(budget_tokens=256, index_backend="faiss")
 
 
-def test_recall_candidates_reach_the_chunk_the_recent_window_starts_in(model_and_stats, budget_config):
+@pytest.mark.parametrize("recall_mode", ["shared", "per_layer_per_head"])
+def test_recall_candidates_reach_the_chunk_the_recent_window_starts_in(
+    model_and_stats, budget_config, recall_mode
+):
     """Candidates are the closed chunks past the sinks that end before the recent window; the chunk
     the window's start falls inside (its older tokens are otherwise neither recent nor recallable) is
     one only for the ranking by the prompt's attention, which leaves the resident keys out, not for an
     indexer, which would rate it by its recent keys."""
     model, _ = model_and_stats
-    fm = flashmem.wrap(model, budget_config(indexer="quest", recent_tokens=16, chunk_size=16, sink_tokens=20))
+    fm = flashmem.wrap(
+        model,
+        budget_config(
+            indexer="quest", recent_tokens=16, chunk_size=16, sink_tokens=20, recall_mode=recall_mode
+        ),
+    )
     fm.generate(torch.randint(0, 128, (1, 200)), 1, eos_token_id=None)
     recall = fm.recall
     assert recall.builders[0].num_chunks == 12  # chunks [0, 16) .. [176, 192) closed
@@ -214,8 +223,14 @@ def test_recall_candidates_reach_the_chunk_the_recent_window_starts_in(model_and
     # the prefill's mass ranks the straddling chunk (its peak on chunk 11): it is recalled
     mass = torch.zeros(13)
     mass[11] = 1.0
-    recall._observed = mass
-    assert 11 in recall.select(200)
-    # an indexer refresh (no mass) never takes it, whatever it scores
-    assert recall._observed is None
-    assert all(c < 11 for c in recall.select(200))
+    if recall_mode == "shared":
+        recall._observed = mass
+        assert 11 in recall.select(200)
+        # an indexer refresh (no mass) never takes it, whatever it scores
+        assert recall._observed is None
+        assert all(c < 11 for c in recall.select(200))
+    else:
+        recall._observed = mass.expand(len(recall.builders), recall.num_kv_heads, -1).clone()
+        assert (recall.select_heads(200) == 11).any(-1).all()  # every layer and head holds it
+        assert recall._observed is None
+        assert (recall.select_heads(200) < 11).all()

@@ -313,12 +313,12 @@ def test_options_build_the_config_they_name():
     argv = ["generate", "--passkey-tokens", "300", "--budget-tokens", "512", "--block-size", "32",
             "--chunk-size", "64", "--host-mirror", "--protect-prompt", "--prefill-chunk-tokens", "128",
             "--observe-tokens", "0", "--prefill", "sparse", "--lookahead", "32", "--prefetch-steps", "4",
-            "--indexer", "recency", "--max-host-bytes", "123456789"]  # fmt: skip
+            "--indexer", "recency", "--max-host-bytes", "123456789", "--recall-mode", "shared"]  # fmt: skip
     config = cli.config_from_args(cli.build_parser().parse_args(argv))
     assert config == FlashMemConfig(
         budget_tokens=512, block_size=32, chunk_size=64, host_mirror=True, protect_prompt=True,
         prefill_chunk_tokens=128, observe_tokens=0, prefill="sparse", lookahead=32, prefetch_steps=4,
-        indexer="recency", max_host_bytes=123456789,
+        indexer="recency", max_host_bytes=123456789, recall_mode="shared",
     )  # fmt: skip
     no_mirror = cli.build_parser().parse_args(["generate", "--passkey-tokens", "300", "--no-host-mirror"])
     assert cli.config_from_args(no_mirror).host_mirror is False

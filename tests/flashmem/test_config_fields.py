@@ -27,7 +27,7 @@ def _budget_config(stats, **kw):
         budget_tokens=48, block_size=16, max_context_tokens=4096, compaction_interval=16, recent_tokens=16,
         sink_tokens=4, stats_path=stats, max_host_bytes=10**9, chunk_size=16, chunk_budget=2, lookahead=8,
         prefetch_steps=2, indexer="quest", index_candidates=4, prefill_chunk_tokens=16,
-        observe_tokens=4,
+        observe_tokens=4, recall_mode="shared",
     )  # fmt: skip
     base.update(kw)
     return FlashMemConfig(**base)

@@ -46,6 +46,7 @@ def _config(stats, **overrides):
         chunk_size=16,
         lookahead=32,
         prefetch_steps=8,
+        recall_mode="shared",
         indexer="quest",
         attention_backend="torch",
         stats_path=stats,
@@ -158,7 +159,9 @@ def test_default_loads_each_window_at_its_boundary():
     prefetch is asked for, and holds a second window while it overlaps the current one."""
     assert flashmem.FlashMemConfig().prefetch_steps == 0
     assert flashmem.FlashMemConfig(budget_tokens=256).recall_windows_held == 1
-    assert flashmem.FlashMemConfig(lookahead=8, prefetch_steps=4).recall_windows_held == 2
+    assert (
+        flashmem.FlashMemConfig(lookahead=8, prefetch_steps=4, recall_mode="shared").recall_windows_held == 2
+    )
     assert flashmem.FlashMemConfig(lookahead=1).prefetch_steps == 0
     with pytest.raises(ValueError, match="prefetch_steps"):
         flashmem.FlashMemConfig(lookahead=8, prefetch_steps=8)

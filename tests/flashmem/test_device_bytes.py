@@ -72,8 +72,10 @@ def _check(fm, tolerance: float) -> dict:
     return report
 
 
-@pytest.mark.parametrize("indexer", ["quest", "none"])
-def test_total_equals_an_independent_count(model_and_stats, indexer):
+@pytest.mark.parametrize(
+    "indexer, recall_mode", [("quest", "shared"), ("quest", "per_layer_per_head"), ("none", "shared")]
+)
+def test_total_equals_an_independent_count(model_and_stats, indexer, recall_mode):
     model, stats = model_and_stats
     config = flashmem.FlashMemConfig(
         budget_tokens=64,
@@ -82,6 +84,7 @@ def test_total_equals_an_independent_count(model_and_stats, indexer):
         recent_tokens=16,
         indexer=indexer,
         index_candidates=0,
+        recall_mode=recall_mode,
     )
     fm = flashmem.wrap(model, config)
     ids = torch.randint(0, 128, (1, 700), generator=torch.Generator().manual_seed(5))

@@ -44,6 +44,7 @@ CHOICES = {
     "attention_backend": ("auto", "triton", "torch"),
     "index_backend": ("torch", "faiss"),
     "prefill": ("exact", "sparse"),
+    "recall_mode": ("per_layer_per_head", "shared"),
 }
 INDEXERS = ("auto", "none", "lookahead", *HEURISTICS)
 HAS_FAISS = importlib.util.find_spec("faiss") is not None
@@ -98,9 +99,11 @@ def _draw(rng: random.Random, stats: str) -> dict:
     # seed gives) stays what it was
     for name in OWN_DRAW:
         good, bad = FIELDS[name]
-        kw[name] = (
-            _OWN_RNG.choice(bad) if mode == "bad" and _OWN_RNG.random() < 0.05 else _OWN_RNG.choice(good)
-        )
+        own = _OWN_RNGS[name]
+        kw[name] = own.choice(bad) if mode == "bad" and own.random() < 0.05 else own.choice(good)
+    if mode != "raw" and kw["recall_mode"] in CHOICES["recall_mode"] and _is_int(kw["prefetch_steps"]):
+        if kw["prefetch_steps"] > 0:
+            kw["recall_mode"] = "shared"  # only shared recall prefetches
     if NUMPY_INTS and rng.random() < 0.1:
         ints = [k for k, v in kw.items() if k in INT_FIELDS and _is_int(v)]
         if ints:
@@ -136,9 +139,10 @@ FIELDS = {  # name: (values that are valid on their own, invalid or boundary val
     "prefill_chunk_tokens": ([None, None, 1, 7, 64], [0, -7, 7.5]),
     "observe_tokens": ([16, 0, 1, 1000], [-1, 1.5]),
     "cuda_graph": ([False] * 19 + [True], [1, "yes", None]),
+    "recall_mode": (["per_layer_per_head", "per_layer_per_head", "shared"], ["per_token", None]),
 }
-OWN_DRAW = ("cuda_graph",)
-_OWN_RNG = random.Random(11)
+OWN_DRAW = ("cuda_graph", "recall_mode")
+_OWN_RNGS = {"cuda_graph": random.Random(11), "recall_mode": random.Random(12)}
 
 
 def config_error(kw: dict) -> bool:
@@ -151,6 +155,8 @@ def config_error(kw: dict) -> bool:
             return True
     if kw["prefetch_steps"] >= kw["lookahead"]:
         return True
+    if kw["prefetch_steps"] and kw["recall_mode"] == "per_layer_per_head":
+        return True  # only shared recall prefetches
     for name, choices in CHOICES.items():
         if kw[name] not in choices:
             return True
@@ -227,7 +233,8 @@ def test_every_field_has_a_generator():
 def test_random_settings_never_crash_and_bad_ones_are_refused_before_any_work(model_and_stats):
     model, stats = model_and_stats
     rng = random.Random(7)
-    _OWN_RNG.seed(11)
+    for name, seed in (("cuda_graph", 11), ("recall_mode", 12)):
+        _OWN_RNGS[name].seed(seed)
     probe = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         plain_before = model(probe).logits

@@ -125,7 +125,8 @@ def test_summaries_and_tail_mass_equal_a_dense_pass(tmp_path):
         assert set(built) >= {"min_key", "max_key"}  # what quest reads
         for name in built:
             torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5)
-    assert fm.recall._observed.shape == (math.ceil(T / cs),)  # every chunk, the partial last one too
+    # per layer and KV head, every chunk, the partial last one too
+    assert fm.recall._observed.shape == (2, 2, math.ceil(T / cs))
 
 
 @pytest.mark.parametrize("T", [400, 1600])

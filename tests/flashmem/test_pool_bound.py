@@ -87,6 +87,9 @@ def test_random_sweep_of_budgets_intervals_chunks_and_modes_stays_within_the_poo
             prefetch_steps=rng.choice([0, 0, 5]),
             stats_path=stats,
         )
+        kw["recall_mode"] = (
+            "shared" if kw["prefetch_steps"] else "per_layer_per_head"
+        )  # only shared prefetches
         # compaction every token over a long prompt is slow on a CPU and adds nothing new
         if kw["compaction_interval"] < 7 and (kw["prefill_chunk_tokens"] or kw["compaction_interval"]) < 64:
             continue

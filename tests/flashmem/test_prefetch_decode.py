@@ -13,7 +13,7 @@ from flashmem.offload.transfer import TransferEngine
 from flashmem.recall import RecallController
 from flashmem.wrapper import FlashMemModel
 
-PREFETCH = dict(indexer="quest", chunk_budget=3, lookahead=16, prefetch_steps=6)
+PREFETCH = dict(indexer="quest", chunk_budget=3, lookahead=16, prefetch_steps=6, recall_mode="shared")
 
 
 def test_bad_prefetch_steps_are_refused_at_construction():
@@ -26,7 +26,10 @@ def test_bad_prefetch_steps_are_refused_at_construction():
     with pytest.raises(TypeError, match="prefetch_steps must be an int"):
         flashmem.FlashMemConfig(budget_tokens=256, prefetch_steps=True)
     assert flashmem.FlashMemConfig().prefetch_steps == 0  # the default: each window loaded at its boundary
-    assert flashmem.FlashMemConfig(lookahead=16, prefetch_steps=15).recall_windows_held == 2
+    assert (
+        flashmem.FlashMemConfig(lookahead=16, prefetch_steps=15, recall_mode="shared").recall_windows_held
+        == 2
+    )
 
 
 class _Recorder:
