@@ -434,12 +434,32 @@ AUTO_WAS_LEARNED = (
 )
 
 
+# Until this time (unix seconds) recall gave every layer and KV head one set of chunks; since then
+# (0.2.3) the default, recall_mode="per_layer_per_head", fills the slots per layer and head after the
+# first window. A file from before it says so, unless its benchmark recalls nothing by default or
+# compares presses only (the kvpress tables take flashmem's row from the current fidelity files).
+RECALL_PER_HEAD_SINCE = 1796612650
+SHARED_RECALL_UNAFFECTED = (*NO_RECALL_BENCHMARKS, "bandwidth", "freed_blocks", "kvpress_fidelity")
+RECALL_WAS_SHARED = (
+    'run when recall held one set of chunks for every layer and head (`recall_mode="shared"`, the '
+    "default before 0.2.3)"
+)
+
+
+def _recall_was_shared(d: dict) -> bool:
+    return (
+        d.get("benchmark") not in SHARED_RECALL_UNAFFECTED
+        and d.get("created_unix", 0) < RECALL_PER_HEAD_SINCE
+    )
+
+
 def _stamp(d: dict) -> str:
     m = d.get("machine", {})
     load = m.get("load_average_1min")
     gpu = (m.get("gpu") or {}).get("name") or "no GPU"
     when = f", load average {load:.1f} at the start" if isinstance(load, (int, float)) else ""
     old = f"; {AUTO_WAS_LEARNED}" if _auto_was_learned(d) else ""
+    old += f"; {RECALL_WAS_SHARED}" if _recall_was_shared(d) else ""
     return f"{m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores, {gpu}){when}{old}"
 
 
@@ -614,6 +634,25 @@ def throughput(results: Path) -> str:
     return out
 
 
+def _current_flashmem_rows(fidelity_name: str, results: Path, settings: dict) -> dict:
+    """flashmem's rows of the current ``fidelity*.json`` for the press run's share labels, where that run
+    used the same documents and steps and its share is still the one the presses were matched to
+    (within 0.5 points): a flashmem release that changes what it decodes, not what it holds, needs no
+    new press runs. Labels whose share moved keep the row the press run recorded."""
+    d = _load(fidelity_name, results)
+    if d is None or d["settings"].get("docs") != settings.get("docs"):
+        return {}
+    if d["settings"].get("new_tokens") != settings.get("new_tokens"):
+        return {}
+    rows = {x["method"].replace("flashmem ", ""): x for x in d["summary"]}
+    out = {}
+    for share in settings["keep_shares"]:
+        row = rows.get(share["label"])
+        if row is not None and abs(row["mean_avg_device_share"] - share["share"]) <= 0.005:
+            out[share["label"]] = row
+    return out
+
+
 def kvpress_fidelity(results: Path) -> str:
     """Per kind of document and flashmem budget: flashmem's row, then every press at the share
     matched to flashmem's (measured kept share, its largest gap to the target over the documents),
@@ -622,6 +661,7 @@ def kvpress_fidelity(results: Path) -> str:
     for name, what, d in _per_text("kvpress_fidelity", results):
         st = d["settings"]
         fm = {x["method"].replace("flashmem ", ""): x for x in (d.get("flashmem") or [])}
+        fm.update(_current_flashmem_rows(name.replace("kvpress_", ""), results, st))
         rows = []
         for share in st["keep_shares"]:
             label = share["label"]

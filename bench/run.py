@@ -73,6 +73,12 @@ ENTRIES: dict[str, tuple[str, str, list[str], list[str]]] = {
         [],
         [],
     ),
+    "recall-granularity": (
+        "bench.recall_granularity",
+        "what-if: recall shared vs per layer and head vs an oracle, next-token KL at the minimum budget",
+        ["--model", "tiny"],
+        [],
+    ),
     "indexer": (
         "bench.indexer_eval",
         "attention mass covered by each indexer at a chunk budget",
@@ -115,7 +121,16 @@ QUICK_ONLY = {"ruler"}
 
 def _result_override(name: str, quick: bool) -> list[str]:
     """Send quick runs of the other modules' entries to bench/results/quick/ (their --json option)."""
-    if not quick or name in ("memory", "passkey", "fidelity", "throughput", "kvpress", "indexer", "ruler"):
+    if not quick or name in (
+        "memory",
+        "passkey",
+        "fidelity",
+        "throughput",
+        "kvpress",
+        "indexer",
+        "ruler",
+        "recall-granularity",
+    ):
         return []
     json_path, _ = common.result_paths(name.replace("-", "_"), True)
     return ["--json", str(json_path)]

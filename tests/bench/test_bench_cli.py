@@ -357,3 +357,21 @@ def test_median_ms_and_the_kernel_timings_on_cpu():
     args = paged_decode_timing._parse(argv + ["--warmup", "1", "--iters", "2"])
     r = paged_decode_timing.run_length(40, args, torch.device("cpu"), torch.float32)
     assert r["correct"] and r["kernel_ms"] > 0 and r["sdpa_best_ms"] > 0
+
+
+def test_recall_granularity_what_if_reproduces_the_engine(tmp_path):
+    """The what-if's masked forward is the engine's decode: in shared mode (queries barely drift on
+    the tiny model) its next-token KL equals the engine's to 1e-4 relative over three recall windows;
+    per head, where the engine ranks with its own drifted queries, within 5%."""
+    from bench import recall_granularity
+
+    out = tmp_path / "rg.json"
+    argv = ["--model", "tiny", "--tokens", "640", "--docs", "1", "--new-tokens", "150", "--json", str(out)]
+    assert recall_granularity.main(argv) == 0
+    data = json.loads(out.read_text())
+    kl = {s["method"]: s["mean_kl"] for s in data["summary"]}
+    assert data["check"][0]["top1_agreement"] == 1.0 and data["check"][0]["max_kl"] < 1e-6
+    assert kl["what-if shared_quest"] == pytest.approx(kl["engine recall_mode=shared"], rel=1e-4)
+    assert kl["what-if per_head"] == pytest.approx(kl["engine recall_mode=per_layer_per_head"], rel=0.05)
+    assert kl["what-if per_head"] != kl["what-if shared_quest"]  # three windows: the modes did differ
+    assert out.with_suffix(".png").is_file()

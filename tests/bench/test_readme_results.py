@@ -75,3 +75,79 @@ def test_runs_from_before_the_auto_switch_say_which_indexer_they_used():
         {"model": model, "benchmark": "prepare-cost", "created_unix": old},
     ):
         assert readme.AUTO_WAS_LEARNED not in readme._stamp(d)
+
+
+def test_runs_from_before_per_head_recall_say_that_recall_was_shared():
+    old = readme.RECALL_PER_HEAD_SINCE - 1
+    assert readme.RECALL_WAS_SHARED in readme._stamp({"benchmark": "throughput", "created_unix": old})
+    assert readme.RECALL_WAS_SHARED in readme._stamp({"benchmark": "passkey_trials"})  # undated
+    for d in (
+        {"benchmark": "fidelity", "created_unix": readme.RECALL_PER_HEAD_SINCE},
+        {"benchmark": "prefill-cost", "created_unix": old},
+        {"benchmark": "kvpress_fidelity", "created_unix": old},
+    ):
+        assert readme.RECALL_WAS_SHARED not in readme._stamp(d)
+
+
+def _fidelity_json(path: Path, summary: list[dict], docs=("a.py", "b.py"), new_tokens=8) -> None:
+    import json
+
+    path.write_text(
+        json.dumps(
+            {
+                "benchmark": "fidelity",
+                "settings": {"docs": list(docs), "new_tokens": new_tokens},
+                "summary": summary,
+            }
+        )
+    )
+
+
+def test_the_press_table_takes_flashmems_row_from_the_current_fidelity_run_only_at_the_matched_share(
+    tmp_path: Path,
+):
+    import json
+
+    shares = [{"label": "budget_tokens=132", "share": 0.113}, {"label": "budget_tokens=256", "share": 0.139}]
+    press = {
+        "benchmark": "kvpress_fidelity",
+        "settings": {"docs": ["a.py", "b.py"], "new_tokens": 8, "context_tokens": 64, "keep_shares": shares},
+        "flashmem": [
+            {
+                "method": "flashmem budget_tokens=132",
+                "top1_agreement": 0.5,
+                "mean_kl": 0.9,
+                "mean_avg_device_share": 0.113,
+            },
+            {
+                "method": "flashmem budget_tokens=256",
+                "top1_agreement": 0.6,
+                "mean_kl": 0.8,
+                "mean_avg_device_share": 0.139,
+            },
+        ],
+        "summary": [],
+        "peers": {},
+    }
+    (tmp_path / "kvpress_fidelity.json").write_text(json.dumps(press))
+    current = [
+        {
+            "method": "flashmem budget_tokens=132",
+            "top1_agreement": 0.7,
+            "mean_kl": 0.25,
+            "mean_avg_device_share": 0.1131,
+        },
+        # its share moved by a point: the press rows were matched to another share, keep the old row
+        {
+            "method": "flashmem budget_tokens=256",
+            "top1_agreement": 0.75,
+            "mean_kl": 0.2,
+            "mean_avg_device_share": 0.149,
+        },
+    ]
+    _fidelity_json(tmp_path / "fidelity.json", current)
+    table = readme.kvpress_fidelity(tmp_path)
+    assert "**0.700**" in table and "**0.2500**" in table and "**0.500**" not in table
+    assert "**0.600**" in table and "**0.750**" not in table
+    _fidelity_json(tmp_path / "fidelity.json", current, docs=("c.py", "b.py"))  # other documents: no
+    assert "**0.500**" in readme.kvpress_fidelity(tmp_path)
