@@ -39,7 +39,7 @@ step "kernel tests (GPU, bf16)" 100 $PY -m pytest -q -x tests/kernels -p no:cach
 step "paged decode vs SDPA" 40 $PY -m bench.paged_decode_timing --json "$OUTDIR/paged_decode_timing.json"
 step "TriAttention kernels @128K" 30 $PY -m bench.freed_blocks --gpu-timing --json "$OUTDIR/freed_blocks_gpu.json"
 step "H2D bandwidth" 25 $PY -m bench.bandwidth --quick --json "$OUTDIR/bandwidth.json"
-step "offload CUDA tests" 30 $PY -m pytest -q tests/offload/test_transfer.py tests/offload/test_host_mirror.py tests/offload/test_prefetch.py -p no:cacheprovider
+step "offload CUDA tests" 30 $PY -m pytest -q tests/offload/test_transfer.py tests/offload/test_host_mirror.py tests/offload/test_prefetch.py tests/offload/test_head_window.py -p no:cacheprovider
 # decode with recall, the next window prefetched 8 steps ahead vs copied at the boundary: stall
 # time / decode time for both (fails when the prefetched run stalls 5% or more)
 step "prefetch overlap stall/step" 35 $PY -m bench.prefetch_overlap --quick --json "$OUTDIR/prefetch_overlap.json"

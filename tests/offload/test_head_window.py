@@ -23,13 +23,13 @@ def _mirror(n_tokens: int, seed=0) -> HostMirror:
 
 
 def _slot_rows(pool, window, layer, slot):
-    """K, V [C, H, D] and positions [C, H] of one slot of one layer, in token order."""
+    """K, V [C, H, D] and positions [C, H] of one slot of one layer, in token order (on the host)."""
     per = window.blocks_per_chunk
-    idx = torch.tensor(window.blocks[slot * per : (slot + 1) * per])
+    idx = torch.tensor(window.blocks[slot * per : (slot + 1) * per], device=pool.device)
     return (
-        pool.keys[layer][idx].reshape(C, H, D),
-        pool.values[layer][idx].reshape(C, H, D),
-        pool.positions[layer][idx].reshape(C, H),
+        pool.keys[layer][idx].reshape(C, H, D).cpu(),
+        pool.values[layer][idx].reshape(C, H, D).cpu(),
+        pool.positions[layer][idx].reshape(C, H).cpu(),
     )
 
 
@@ -51,9 +51,16 @@ def _check_window(pool, mirror, window, assign, working):
                 assert p[:, h].tolist() == want
 
 
-def test_each_layer_and_head_holds_its_own_chunk():
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_each_layer_and_head_holds_its_own_chunk(device):
     mirror = _mirror(100)  # closed chunks 0..11
-    pool = BlockPool(L, 16, H, D, block_size=BS)
+    pool = BlockPool(L, 16, H, D, block_size=BS, device=device)
     window = HeadRecallWindow(mirror, pool, max_slots=3)
     assign = torch.tensor(
         [
@@ -65,24 +72,25 @@ def test_each_layer_and_head_holds_its_own_chunk():
     working = torch.full((1, 10, H), -1, dtype=torch.int32)
     working[0, :9, 0] = torch.tensor([3, 40, 41, 42, 43, 44, 45, 46, 47])
     working[0, 0, 2] = 90
-    copied = window.load(assign, working)
+    copied = window.load(assign, working.to(device))
     assert copied == int((assign >= 0).sum()) == 14
     assert window.num_slots == 3 and len(window.blocks) == 3 * (C // BS) and len(window) == 3
     _check_window(pool, mirror, window, assign, working)
     blocks, valid = window.resident_blocks()
-    assert blocks.tolist() == window.blocks and (valid == BS).all()
+    assert blocks.device.type == device and blocks.tolist() == window.blocks and (valid == BS).all()
 
 
-def test_refresh_positions_follows_the_working_set():
+@pytest.mark.parametrize("device", DEVICES)
+def test_refresh_positions_follows_the_working_set(device):
     mirror = _mirror(64)
-    pool = BlockPool(L, 8, H, D, block_size=BS)
+    pool = BlockPool(L, 8, H, D, block_size=BS, device=device)
     window = HeadRecallWindow(mirror, pool, max_slots=2)
     assign = torch.tensor([[[1, 2], [2, 3], [0, 1]]] * L)
-    empty = torch.full((1, 0, H), -1, dtype=torch.int32)
+    empty = torch.full((1, 0, H), -1, dtype=torch.int32, device=device)
     window.load(assign, empty)
     _check_window(pool, mirror, window, assign, torch.full((1, 1, H), -1))
     working = torch.tensor([[[8, 16, 0], [9, 17, 15], [23, 30, -1]]], dtype=torch.int32)  # [1, 3, H]
-    window.refresh_positions(working)
+    window.refresh_positions(working.to(device))
     _check_window(pool, mirror, window, assign, working)
 
 
