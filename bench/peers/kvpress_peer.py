@@ -299,7 +299,10 @@ def run_fidelity(
 # ---------------------------------------------------------------------------------------------
 # RULER-style suite (bench/ruler.py)
 # ---------------------------------------------------------------------------------------------
-KEEP_SHARE_TOLERANCE = 1e-4  # a logged press run counts for a keep share within 0.01 points of its own
+# a logged press run counts for a keep share within 0.05 points of its own: a flashmem release that
+# adds a few KB of index (0.2.3's per-head prompt ranks: +0.013 points at 4K) keeps its press rows,
+# ten times inside the 0.5-point match the fidelity comparison asks for
+KEEP_SHARE_TOLERANCE = 5e-4
 
 
 def ruler_methods(

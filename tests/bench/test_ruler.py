@@ -475,9 +475,10 @@ def test_kvpress_ruler_scores_the_stream_and_skips_what_is_done(monkeypatch, tmp
     assert {r["method"] for r in recs} >= {"kvpress KnormPress (question inside) (share 30%)"}
     keys2, status2 = kvpress_peer.run_ruler(prompts, budgets, log, tok, presses=["KnormPress", "TOVAPress"])
     assert keys2 == keys and len(seen) == 1  # everything in the log: the worker is not started
-    # flashmem's calibration share moved by a rounding error (a release changed a byte it holds): the
-    # logged press runs of the same prompts still count; a real change of share runs them again
-    nudged = {512: {0.3: {**budgets[512][0.3], "share": 0.31 + 5e-6}}}
+    # flashmem's calibration share moved by a few hundredths of a point (a release added a few KB of
+    # index): the logged press runs of the same prompts still count; a real change of share runs them
+    # again
+    nudged = {512: {0.3: {**budgets[512][0.3], "share": 0.31 + 3e-4}}}
     keys3, _ = kvpress_peer.run_ruler(
         prompts, budgets=nudged, log=log, tok=tok, presses=["KnormPress", "TOVAPress"]
     )
