@@ -463,8 +463,7 @@ class FlashMemModel:
         """Positions held by the working slots, per KV head: host tensors (read back from the
         device: called at compaction and recall refreshes only, never per decode step), or with
         ``on_device`` tensors on the pool's device (no read-back)."""
-        cache = self.cache
-        _, _, pos = cache.paged.gather(cache.seq_id, 0)
+        pos = self._working_table()[0]
         if not on_device:
             pos = pos.cpu()
         return [pos[:, h] for h in range(self.num_kv_heads)]
