@@ -375,3 +375,72 @@ def test_recall_granularity_what_if_reproduces_the_engine(tmp_path):
     assert kl["what-if per_head"] == pytest.approx(kl["engine recall_mode=per_layer_per_head"], rel=0.05)
     assert kl["what-if per_head"] != kl["what-if shared_quest"]  # three windows: the modes did differ
     assert out.with_suffix(".png").is_file()
+
+
+def test_recall_granularity_variants_select_what_they_say():
+    """The diagnostic variants on a synthetic state: ``oracle_first``/``oracle_later`` take the
+    oracle's chunks in exactly their windows and the default's elsewhere; ``first_mixed`` gives every
+    head the shared top chunk first; the exact-attention estimate is a brute-force softmax's mass."""
+    from bench import recall_granularity as rg
+
+    g = torch.Generator().manual_seed(0)
+    L, h_kv, G, D, cs, P, look, total = 2, 2, 3, 8, 4, 64, 8, 88
+    n = total // cs
+    rg._STATE.clear()
+    rg._STATE.update(
+        prompt=P, chunk=cs, lookahead=look, recent=16, observe=4,
+        q={l: torch.randn(h_kv * G, total, D, generator=g) for l in range(L)},
+        k={l: torch.randn(h_kv, total, D, generator=g) for l in range(L)},
+        observed={l: torch.rand(h_kv, P // cs, generator=g) for l in range(L)},
+        future={l: torch.rand(h_kv, 3, n, generator=g) for l in range(L)},
+    )  # fmt: skip
+    k = 2
+    base, oracle = rg.select("per_head", L, h_kv, total, k), rg.select("per_head_oracle", L, h_kv, total, k)
+    first, later = (
+        rg.select(m, L, h_kv, total, k) for m in ("per_head_oracle_first", "per_head_oracle_later")
+    )
+    for layer in range(L):
+        assert len(base[layer]) == 3
+        assert torch.equal(first[layer][0], oracle[layer][0]) and torch.equal(later[layer][0], base[layer][0])
+        for w in (1, 2):
+            assert torch.equal(first[layer][w], base[layer][w]) and torch.equal(
+                later[layer][w], oracle[layer][w]
+            )
+    assert not all(torch.equal(base[l][0], oracle[l][0]) for l in range(L))  # the windows do differ
+    mixed = rg.select("per_head_first_mixed", L, h_kv, total, k)
+    shared_top = base[0][0][0]  # the default's first window is the shared top-k, the same for every head
+    prior = torch.stack([rg._STATE["observed"][l] for l in range(L)])
+    prior[..., 1:] = torch.maximum(prior[..., 1:], prior[..., :-1].clone())
+    top = int(prior[..., : -(-(P - 16) // cs)].amax((0, 1)).argmax())
+    assert top in shared_top.tolist()
+    for layer in range(L):
+        assert all(top in row.tolist() for row in mixed[layer][0])
+    # the exact estimate against a brute-force loop over query heads
+    position, hi, r = P + look, 10, 3
+    est = rg._exact(0, position, hi, queries=r)  # the last r queries, each causal
+    for h in range(h_kv):
+        ref = 0
+        for row in range(position - r, position):
+            q, kk = rg._STATE["q"][0][:, row], rg._STATE["k"][0][h, : row + 1]
+            ref = ref + sum(
+                torch.softmax(kk @ q[h * G + j] / D**0.5, 0)[: hi * cs].reshape(hi, cs).sum(1)
+                for j in range(G)
+            )
+        assert torch.allclose(est[h], ref / (G * r), atol=1e-6)
+
+
+def test_recall_granularity_plots_a_folder_of_what_ifs(tmp_path):
+    """``--plot-dir`` draws every row of every what-if JSON in the folder into one summary.png, and an
+    empty folder is a clear error."""
+    from bench import recall_granularity
+
+    settings = {"chunk_size": 64, "chunk_budget": 2, "lookahead": 64}
+    for name, kl in (("a", 0.3), ("b", 0.2)):
+        row = {"method": "what-if per_head", "top1_agreement": 0.8, "mean_kl": kl, "docs": 2}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"settings": settings, "summary": [row]}))
+    assert recall_granularity.main(["--plot-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "summary.png").stat().st_size > 1000
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="no what-if JSON"):
+        recall_granularity.main(["--plot-dir", str(empty)])
