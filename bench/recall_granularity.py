@@ -1,6 +1,8 @@
 """What recall could give: chunk selection per model, per layer and KV head, and by an oracle.
 
     python -m bench.run recall-granularity [--quick] [--text code|prose] [--modes LIST] [--json PATH]
+        [--chunk-size C --chunk-budget K --lookahead N] [--no-engine]
+    python -m bench.run recall-granularity --plot-dir FOLDER   # every what-if JSON there, one figure
 
 A what-if beside the engine, at the minimum budget (``sink_tokens + recent_tokens``, where the device
 holds the sinks, the recent window with its compaction interval, and ``chunk_budget`` recalled chunks
@@ -16,6 +18,11 @@ to the whole prompt, as the exact prefill does). Selection modes, refreshed ever
 * ``shared_oracle`` / ``per_head_oracle``: each window's chunks are those its own queries (under full
   attention) give the most mass, summed over the model or per layer and head: what a perfect ranking
   could reach with the same slots.
+
+``VARIANTS`` are diagnostics, not engine modes: the oracle in the first or the later windows only,
+other estimates for the later windows (Quest alone, its group max or a mean over recent queries, the
+mean key, the exact attention of the current queries on every key), other first windows, and
+SnapKV-style kept prompt tokens instead of (some of) the recall slots.
 
 Selection reads the queries of a full-attention pass (the engine reads its own, which drift a little
 from them); the entry runs the engine in both recall modes on the same documents so the what-if can
