@@ -453,6 +453,19 @@ def _recall_was_shared(d: dict) -> bool:
     )
 
 
+# Until this time (unix seconds) ``compaction_interval`` defaulted to 128; since then (0.2.4) to 64,
+# which at the same budget reserves 64 fewer pool slots. A file from before it says so, unless its
+# benchmark does not depend on the interval (the kvpress fidelity tables take flashmem's row from the
+# current fidelity files; the copy benchmarks and the prepare step compact nothing).
+INTERVAL_64_SINCE = 1796654000
+INTERVAL_UNAFFECTED = ("prepare-cost", "bandwidth", "kvpress_fidelity")
+INTERVAL_WAS_128 = "run when `compaction_interval` defaulted to 128 (before 0.2.4)"
+
+
+def _interval_was_128(d: dict) -> bool:
+    return d.get("benchmark") not in INTERVAL_UNAFFECTED and d.get("created_unix", 0) < INTERVAL_64_SINCE
+
+
 def _stamp(d: dict) -> str:
     m = d.get("machine", {})
     load = m.get("load_average_1min")
@@ -460,6 +473,7 @@ def _stamp(d: dict) -> str:
     when = f", load average {load:.1f} at the start" if isinstance(load, (int, float)) else ""
     old = f"; {AUTO_WAS_LEARNED}" if _auto_was_learned(d) else ""
     old += f"; {RECALL_WAS_SHARED}" if _recall_was_shared(d) else ""
+    old += f"; {INTERVAL_WAS_128}" if _interval_was_128(d) else ""
     return f"{m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores, {gpu}){when}{old}"
 
 
@@ -638,18 +652,26 @@ def _current_flashmem_rows(fidelity_name: str, results: Path, settings: dict) ->
     """flashmem's rows of the current ``fidelity*.json`` for the press run's share labels, where that run
     used the same documents and steps and its share is still the one the presses were matched to
     (within 0.5 points): a flashmem release that changes what it decodes, not what it holds, needs no
-    new press runs. Labels whose share moved keep the row the press run recorded."""
+    new press runs. A label's own row comes first; else a row that sets nothing but the budget (the
+    default configuration at another budget, as after a default that changes what a budget holds) at
+    that share. Labels with neither keep the row the press run recorded."""
     d = _load(fidelity_name, results)
     if d is None or d["settings"].get("docs") != settings.get("docs"):
         return {}
     if d["settings"].get("new_tokens") != settings.get("new_tokens"):
         return {}
     rows = {x["method"].replace("flashmem ", ""): x for x in d["summary"]}
+    budget_only = [x for label, x in rows.items() if "," not in label and label.startswith("budget_tokens=")]
     out = {}
     for share in settings["keep_shares"]:
-        row = rows.get(share["label"])
-        if row is not None and abs(row["mean_avg_device_share"] - share["share"]) <= 0.005:
-            out[share["label"]] = row
+        own = rows.get(share["label"])
+        near = [
+            x
+            for x in ([own] if own else []) + budget_only
+            if abs(x["mean_avg_device_share"] - share["share"]) <= 0.005
+        ]
+        if near:
+            out[share["label"]] = near[0]
     return out
 
 
@@ -673,7 +695,7 @@ def kvpress_fidelity(results: Path) -> str:
                 lead = "n/a" if best is None else f"{f['top1_agreement'] - best['top1_agreement']:+.3f}"
                 rows.append(
                     [
-                        f"**{_method('flashmem ' + label)}**",
+                        f"**{_method(f.get('method', 'flashmem ' + label))}**",
                         _pct(f["mean_avg_device_share"]),
                         "(every device byte)",
                         f"**{f['top1_agreement']:.3f}**",

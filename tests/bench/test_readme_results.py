@@ -151,3 +151,49 @@ def test_the_press_table_takes_flashmems_row_from_the_current_fidelity_run_only_
     assert "**0.600**" in table and "**0.750**" not in table
     _fidelity_json(tmp_path / "fidelity.json", current, docs=("c.py", "b.py"))  # other documents: no
     assert "**0.500**" in readme.kvpress_fidelity(tmp_path)
+
+
+def test_the_press_table_takes_a_budget_only_row_of_another_budget_at_the_matched_share(tmp_path: Path):
+    import json
+
+    shares = [{"label": "budget_tokens=132", "share": 0.113}]
+    press = {
+        "benchmark": "kvpress_fidelity",
+        "settings": {"docs": ["a.py"], "new_tokens": 8, "context_tokens": 64, "keep_shares": shares},
+        "flashmem": [
+            {
+                "method": "flashmem budget_tokens=132",
+                "top1_agreement": 0.5,
+                "mean_kl": 0.9,
+                "mean_avg_device_share": 0.113,
+            }
+        ],
+        "summary": [],
+        "peers": {},
+    }
+    (tmp_path / "kvpress_fidelity.json").write_text(json.dumps(press))
+    row = {"top1_agreement": 0.7, "mean_kl": 0.25, "mean_avg_device_share": 0.1132}
+    # a row that sets more than the budget is another configuration, not the default at this share
+    _fidelity_json(
+        tmp_path / "fidelity.json",
+        [{**row, "method": "flashmem budget_tokens=196,indexer=lookahead"}],
+        docs=("a.py",),
+    )
+    assert "**0.500**" in readme.kvpress_fidelity(tmp_path)
+    _fidelity_json(
+        tmp_path / "fidelity.json", [{**row, "method": "flashmem budget_tokens=196"}], docs=("a.py",)
+    )
+    table = readme.kvpress_fidelity(tmp_path)
+    assert "**0.700**" in table and "**0.500**" not in table and "flashmem (budget 196)" in table
+
+
+def test_runs_from_before_the_64_token_interval_say_that_it_was_128():
+    old = readme.INTERVAL_64_SINCE - 1
+    assert readme.INTERVAL_WAS_128 in readme._stamp({"benchmark": "fidelity", "created_unix": old})
+    assert readme.INTERVAL_WAS_128 in readme._stamp({"benchmark": "passkey_trials"})  # undated
+    for d in (
+        {"benchmark": "fidelity", "created_unix": readme.INTERVAL_64_SINCE},
+        {"benchmark": "bandwidth", "created_unix": old},
+        {"benchmark": "kvpress_fidelity", "created_unix": old},
+    ):
+        assert readme.INTERVAL_WAS_128 not in readme._stamp(d)
