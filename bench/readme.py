@@ -648,9 +648,12 @@ def throughput(results: Path) -> str:
     return out
 
 
-def _current_flashmem_rows(fidelity_name: str, results: Path, settings: dict) -> dict:
+def _current_flashmem_rows(
+    fidelity_name: str, results: Path, settings: dict, machine_transformers: str | None = None
+) -> dict:
     """flashmem's rows of the current ``fidelity*.json`` for the press run's share labels, where that run
-    used the same documents and steps and its share is still the one the presses were matched to
+    used the same documents (names, and the same transformers, whose files they are read from) and
+    steps and its share is still the one the presses were matched to
     (within 0.5 points): a flashmem release that changes what it decodes, not what it holds, needs no
     new press runs. A label's own row comes first; else a row that sets nothing but the budget (the
     default configuration at another budget, as after a default that changes what a budget holds) at
@@ -659,6 +662,9 @@ def _current_flashmem_rows(fidelity_name: str, results: Path, settings: dict) ->
     if d is None or d["settings"].get("docs") != settings.get("docs"):
         return {}
     if d["settings"].get("new_tokens") != settings.get("new_tokens"):
+        return {}
+    # the documents are read from the installed packages: another transformers, other text
+    if (d.get("machine") or {}).get("transformers") != machine_transformers:
         return {}
     rows = {x["method"].replace("flashmem ", ""): x for x in d["summary"]}
     budget_only = [x for label, x in rows.items() if "," not in label and label.startswith("budget_tokens=")]
@@ -683,7 +689,8 @@ def kvpress_fidelity(results: Path) -> str:
     for name, what, d in _per_text("kvpress_fidelity", results):
         st = d["settings"]
         fm = {x["method"].replace("flashmem ", ""): x for x in (d.get("flashmem") or [])}
-        fm.update(_current_flashmem_rows(name.replace("kvpress_", ""), results, st))
+        tf = (d.get("machine") or {}).get("transformers")
+        fm.update(_current_flashmem_rows(name.replace("kvpress_", ""), results, st, tf))
         rows = []
         for share in st["keep_shares"]:
             label = share["label"]

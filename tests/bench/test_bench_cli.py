@@ -253,6 +253,11 @@ def test_fidelity_entry_tiny(tmp_path, text):
     assert out.with_suffix(".png").is_file()
     assert data["settings"]["text"] == text
     assert data["settings"]["docs"][0].startswith("prose[") == (text == "prose")
+    # the hash of the continuation every row was compared on, per document
+    (ref,) = data["references"]
+    assert ref["doc"] == data["settings"]["docs"][0] and len(ref["tokens_sha"]) == len(ref["ids_sha"]) == 16
+    assert fidelity.reference_sha([1, 2]) != fidelity.reference_sha([2, 1])
+    assert fidelity.reference_sha(torch.tensor([1, 2])) == fidelity.reference_sha([1, 2])
 
 
 def test_kvpress_peer_records_why_it_did_not_run(monkeypatch, tmp_path):

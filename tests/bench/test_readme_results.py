@@ -89,13 +89,16 @@ def test_runs_from_before_per_head_recall_say_that_recall_was_shared():
         assert readme.RECALL_WAS_SHARED not in readme._stamp(d)
 
 
-def _fidelity_json(path: Path, summary: list[dict], docs=("a.py", "b.py"), new_tokens=8) -> None:
+def _fidelity_json(
+    path: Path, summary: list[dict], docs=("a.py", "b.py"), new_tokens=8, transformers=None
+) -> None:
     import json
 
     path.write_text(
         json.dumps(
             {
                 "benchmark": "fidelity",
+                "machine": {"transformers": transformers},
                 "settings": {"docs": list(docs), "new_tokens": new_tokens},
                 "summary": summary,
             }
@@ -197,3 +200,37 @@ def test_runs_from_before_the_64_token_interval_say_that_it_was_128():
         {"benchmark": "kvpress_fidelity", "created_unix": old},
     ):
         assert readme.INTERVAL_WAS_128 not in readme._stamp(d)
+
+
+def test_the_press_table_keeps_its_row_when_the_fidelity_run_read_its_documents_from_another_transformers(
+    tmp_path: Path,
+):
+    import json
+
+    shares = [{"label": "budget_tokens=132", "share": 0.113}]
+    press = {
+        "benchmark": "kvpress_fidelity",
+        "machine": {"transformers": "5.24.0"},
+        "settings": {"docs": ["prose[0:64]"], "new_tokens": 8, "context_tokens": 64, "keep_shares": shares},
+        "flashmem": [
+            {
+                "method": "flashmem budget_tokens=132",
+                "top1_agreement": 0.5,
+                "mean_kl": 0.9,
+                "mean_avg_device_share": 0.113,
+            }
+        ],
+        "summary": [],
+        "peers": {},
+    }
+    (tmp_path / "kvpress_fidelity.json").write_text(json.dumps(press))
+    row = {
+        "method": "flashmem budget_tokens=132",
+        "top1_agreement": 0.7,
+        "mean_kl": 0.25,
+        "mean_avg_device_share": 0.113,
+    }
+    _fidelity_json(tmp_path / "fidelity.json", [row], docs=("prose[0:64]",), transformers="5.25.0")
+    assert "**0.500**" in readme.kvpress_fidelity(tmp_path)  # same name, other text: not comparable
+    _fidelity_json(tmp_path / "fidelity.json", [row], docs=("prose[0:64]",), transformers="5.24.0")
+    assert "**0.700**" in readme.kvpress_fidelity(tmp_path)
