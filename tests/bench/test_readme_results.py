@@ -77,16 +77,26 @@ def test_runs_from_before_the_auto_switch_say_which_indexer_they_used():
         assert readme.AUTO_WAS_LEARNED not in readme._stamp(d)
 
 
-def test_runs_from_before_per_head_recall_say_that_recall_was_shared():
-    old = readme.RECALL_PER_HEAD_SINCE - 1
-    assert readme.RECALL_WAS_SHARED in readme._stamp({"benchmark": "throughput", "created_unix": old})
-    assert readme.RECALL_WAS_SHARED in readme._stamp({"benchmark": "passkey_trials"})  # undated
+@pytest.mark.parametrize(
+    "since, note, affected, unaffected",
+    [
+        # runs from before per-head recall say that recall was shared
+        ("RECALL_PER_HEAD_SINCE", "RECALL_WAS_SHARED", "throughput", "prefill-cost"),
+        # runs from before the 64-token interval say that it was 128
+        ("INTERVAL_64_SINCE", "INTERVAL_WAS_128", "fidelity", "bandwidth"),
+    ],
+)
+def test_runs_from_before_a_default_changed_say_what_they_ran_under(since, note, affected, unaffected):
+    since, note = getattr(readme, since), getattr(readme, note)
+    old = since - 1
+    assert note in readme._stamp({"benchmark": affected, "created_unix": old})
+    assert note in readme._stamp({"benchmark": "passkey_trials"})  # undated
     for d in (
-        {"benchmark": "fidelity", "created_unix": readme.RECALL_PER_HEAD_SINCE},
-        {"benchmark": "prefill-cost", "created_unix": old},
+        {"benchmark": affected, "created_unix": since},
+        {"benchmark": unaffected, "created_unix": old},
         {"benchmark": "kvpress_fidelity", "created_unix": old},
     ):
-        assert readme.RECALL_WAS_SHARED not in readme._stamp(d)
+        assert note not in readme._stamp(d)
 
 
 def _fidelity_json(
@@ -188,18 +198,6 @@ def test_the_press_table_takes_a_budget_only_row_of_another_budget_at_the_matche
     )
     table = readme.kvpress_fidelity(tmp_path)
     assert "**0.700**" in table and "**0.500**" not in table and "flashmem (budget 196)" in table
-
-
-def test_runs_from_before_the_64_token_interval_say_that_it_was_128():
-    old = readme.INTERVAL_64_SINCE - 1
-    assert readme.INTERVAL_WAS_128 in readme._stamp({"benchmark": "fidelity", "created_unix": old})
-    assert readme.INTERVAL_WAS_128 in readme._stamp({"benchmark": "passkey_trials"})  # undated
-    for d in (
-        {"benchmark": "fidelity", "created_unix": readme.INTERVAL_64_SINCE},
-        {"benchmark": "bandwidth", "created_unix": old},
-        {"benchmark": "kvpress_fidelity", "created_unix": old},
-    ):
-        assert readme.INTERVAL_WAS_128 not in readme._stamp(d)
 
 
 def test_the_press_table_keeps_its_row_when_the_fidelity_run_read_its_documents_from_another_transformers(
