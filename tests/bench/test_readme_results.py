@@ -166,13 +166,20 @@ def test_the_press_table_takes_flashmems_row_from_the_current_fidelity_run_only_
     assert "**0.500**" in readme.kvpress_fidelity(tmp_path)
 
 
-def test_the_press_table_takes_a_budget_only_row_of_another_budget_at_the_matched_share(tmp_path: Path):
+def _one_share_press_json(tmp_path: Path, doc: str, transformers=None) -> None:
+    """A press run matched to flashmem's budget 132 at 11.3% on one document; its own flashmem row
+    has top-1 0.5."""
     import json
 
-    shares = [{"label": "budget_tokens=132", "share": 0.113}]
     press = {
         "benchmark": "kvpress_fidelity",
-        "settings": {"docs": ["a.py"], "new_tokens": 8, "context_tokens": 64, "keep_shares": shares},
+        "machine": {"transformers": transformers},
+        "settings": {
+            "docs": [doc],
+            "new_tokens": 8,
+            "context_tokens": 64,
+            "keep_shares": [{"label": "budget_tokens=132", "share": 0.113}],
+        },
         "flashmem": [
             {
                 "method": "flashmem budget_tokens=132",
@@ -185,6 +192,10 @@ def test_the_press_table_takes_a_budget_only_row_of_another_budget_at_the_matche
         "peers": {},
     }
     (tmp_path / "kvpress_fidelity.json").write_text(json.dumps(press))
+
+
+def test_the_press_table_takes_a_budget_only_row_of_another_budget_at_the_matched_share(tmp_path: Path):
+    _one_share_press_json(tmp_path, "a.py")
     row = {"top1_agreement": 0.7, "mean_kl": 0.25, "mean_avg_device_share": 0.1132}
     # a row that sets more than the budget is another configuration, not the default at this share
     _fidelity_json(
@@ -203,25 +214,7 @@ def test_the_press_table_takes_a_budget_only_row_of_another_budget_at_the_matche
 def test_the_press_table_keeps_its_row_when_the_fidelity_run_read_its_documents_from_another_transformers(
     tmp_path: Path,
 ):
-    import json
-
-    shares = [{"label": "budget_tokens=132", "share": 0.113}]
-    press = {
-        "benchmark": "kvpress_fidelity",
-        "machine": {"transformers": "5.24.0"},
-        "settings": {"docs": ["prose[0:64]"], "new_tokens": 8, "context_tokens": 64, "keep_shares": shares},
-        "flashmem": [
-            {
-                "method": "flashmem budget_tokens=132",
-                "top1_agreement": 0.5,
-                "mean_kl": 0.9,
-                "mean_avg_device_share": 0.113,
-            }
-        ],
-        "summary": [],
-        "peers": {},
-    }
-    (tmp_path / "kvpress_fidelity.json").write_text(json.dumps(press))
+    _one_share_press_json(tmp_path, "prose[0:64]", transformers="5.24.0")
     row = {
         "method": "flashmem budget_tokens=132",
         "top1_agreement": 0.7,
