@@ -466,6 +466,23 @@ def _interval_was_128(d: dict) -> bool:
     return d.get("benchmark") not in INTERVAL_UNAFFECTED and d.get("created_unix", 0) < INTERVAL_64_SINCE
 
 
+# Until this time (unix seconds) Quest's chunk bounds were stored in the model's dtype (1.56% of the
+# full KV at 64-token chunks); since then (0.2.5) as int8 codes with one fp32 scale per chunk and head
+# (0.40% of the KV in bf16 at head_dim 64, 0.20% in fp32), so the same budget holds less device share.
+# A file from before it says so, unless its benchmark holds no chunk summaries (the kvpress fidelity
+# tables take flashmem's row from the current fidelity files).
+INT8_BOUNDS_SINCE = 1796666200
+INT8_BOUNDS_UNAFFECTED = ("prepare-cost", "bandwidth", "kvpress_fidelity", "freed_blocks")
+BOUNDS_WERE_FLOAT = (
+    "run when Quest's chunk bounds were stored in the model's dtype (before 0.2.5; now int8): they held "
+    "1.56% of the full KV (now 0.20% in fp32), so the same budget gave about 1.2 points more share"
+)
+
+
+def _bounds_were_float(d: dict) -> bool:
+    return d.get("benchmark") not in INT8_BOUNDS_UNAFFECTED and d.get("created_unix", 0) < INT8_BOUNDS_SINCE
+
+
 def _stamp(d: dict) -> str:
     m = d.get("machine", {})
     load = m.get("load_average_1min")
@@ -474,6 +491,7 @@ def _stamp(d: dict) -> str:
     old = f"; {AUTO_WAS_LEARNED}" if _auto_was_learned(d) else ""
     old += f"; {RECALL_WAS_SHARED}" if _recall_was_shared(d) else ""
     old += f"; {INTERVAL_WAS_128}" if _interval_was_128(d) else ""
+    old += f"; {BOUNDS_WERE_FLOAT}" if _bounds_were_float(d) else ""
     return f"{m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores, {gpu}){when}{old}"
 
 

@@ -45,7 +45,7 @@ __all__ = [
     "wrap",
     *_LAZY,
 ]
-__version__ = "0.2.4"
+__version__ = "0.2.5"
 
 
 def __getattr__(name: str):

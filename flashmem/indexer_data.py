@@ -75,8 +75,8 @@ def extract_document(
         q_rope=torch.stack([x[1] for x in layers]),
         mean_key=torch.stack([x[2].mean_key for x in layers]).cpu(),
         mean_key_rope=torch.stack([x[2].mean_key_rope for x in layers]).cpu(),
-        min_key=torch.stack([x[2].min_key for x in layers]).cpu(),
-        max_key=torch.stack([x[2].max_key for x in layers]).cpu(),
+        min_key=torch.stack([x[2].bounds()[0] for x in layers]).cpu(),  # dequantized, as recall sees them
+        max_key=torch.stack([x[2].bounds()[1] for x in layers]).cpu(),
         start=layers[0][2].start.cpu(),
         refresh=torch.tensor(refresh, dtype=torch.int64),
         candidates=layers[0][3].candidates,

@@ -125,10 +125,9 @@ class QuestIndexer:
     def score(self, query: QueryState, summaries: ChunkSummaries) -> torch.Tensor:
         _check(query, summaries, self.fields)
         q = query.q_rope.float()
+        lo, hi = summaries.bounds()  # fp32 [N, H_kv, D], dequantized from the int8 codes
         # max(q*lo, q*hi) summed over d = relu(q) . hi + min(q, 0) . lo (lo <= hi)
-        bound = _grouped_logits(q.clamp_min(0), summaries.max_key) + _grouped_logits(
-            q.clamp_max(0), summaries.min_key
-        )  # [..., H_q, N]
+        bound = _grouped_logits(q.clamp_min(0), hi) + _grouped_logits(q.clamp_max(0), lo)  # [..., H_q, N]
         return reduce_heads(bound, self.head_reduce, q.shape[-1])
 
 

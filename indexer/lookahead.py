@@ -203,7 +203,7 @@ class LookaheadIndexer(torch.nn.Module):
             self.compress(layer, summ.mean_key),
             summ.start,
             record.candidates,
-            bounds=(summ.min_key, summ.max_key),
+            bounds=summ.bounds() if self.config.use_bounds else None,
         )
 
     def fields(self) -> tuple[str, ...]:
@@ -219,7 +219,7 @@ class LookaheadIndexer(torch.nn.Module):
         comp = summaries.compressed
         if comp is None or comp.shape[-1] != self.config.rank:
             comp = self.compress(layer, summaries.field("mean_key"))
-        bounds = (summaries.field("min_key"), summaries.field("max_key")) if self.config.use_bounds else None
+        bounds = summaries.bounds() if self.config.use_bounds else None
         z = self.logits(
             layer,
             query.q_pre,

@@ -9,23 +9,28 @@ When a chunk of ``chunk_size`` tokens closes, each KV head gets (the *fields*):
 * ``min_key`` / ``max_key``: element-wise bounds of the *post-RoPE* keys ``[D]`` (Quest). Quest scores
   the decode query against the keys the attention actually sees, i.e. rotated at their true
   positions, so its upper bound ``sum_d max(q_d min_d, q_d max_d) >= q . k`` holds for every key of the
-  chunk;
+  chunk. The bounds are stored as int8 codes with one fp32 scale per chunk and KV head
+  (``bound_scale``, see :func:`quantize_bounds`), rounded outward: ``min_code * scale <= min`` and
+  ``max_code * scale >= max``, so the dequantized bounds (:meth:`ChunkSummaries.bounds`) still bound
+  every key and Quest's score stays an upper bound;
 * ``compressed``: the learned indexer's own compressed key ``[r]`` (``mean_key @ Wk``, see
   :meth:`flashmem.indexer.lookahead.LookaheadIndexer.compress`), optional.
 
 Only closed (full) chunks are summarised; tokens of the open chunk stay in the recency tail.
 
-Summaries are stored in the dtype of the keys fed in (the model's dtype); means are computed in fp32
-and rounded once when stored. A :class:`ChunkSummaryBuilder` computes and stores only the fields it is
+Means and the compressed key are stored in the dtype of the keys fed in (the model's dtype), computed
+in fp32 and rounded once when stored; the bounds in int8 (above). A :class:`ChunkSummaryBuilder` computes and stores only the fields it is
 asked for (each indexer declares the fields it reads: ``Indexer.fields``), appended in place into
 preallocated storage that grows by doubling; the open chunk is held as running fp32 sums and
 element-wise bounds (``[H_kv, D]`` per field), not as keys.
 
-Device bytes per closed chunk and KV head, in the model's dtype: ``D`` per stored field of
-``mean_key``, ``mean_key_rope``, ``min_key``, ``max_key`` and ``r`` for ``compressed``; the chunk's KV is
-``2 x chunk_size x D``. At ``chunk_size = 64``: one ``D`` field is 0.78% of the chunk's KV, Quest's
-min + max 1.56%, the learned indexer with bounds (``mean_key_rope``, ``compressed``, ``min_key``,
-``max_key``; ``D = 64``, ``r = 32``) 2.73%.
+Device bytes per closed chunk and KV head: ``D x e`` (``e``: the model's element size) per stored field
+of ``mean_key`` and ``mean_key_rope``, ``r x e`` for ``compressed``, and ``2 D + 4`` for the bounds
+(two int8 codes per dimension and the fp32 scale); the chunk's KV is ``2 x chunk_size x D x e``. At
+``chunk_size = 64`` in bf16: one ``D`` field is 0.78% of the chunk's KV and Quest's bounds 0.40% at
+``D = 64`` (0.39% at ``D = 128``; in the model's dtype they would be 1.56%); the learned indexer with
+bounds (``mean_key_rope``, ``compressed``, ``min_key``, ``max_key``; ``D = 64``, ``r = 32``) 1.57%. In fp32
+(the CPU default) the bounds are 0.20% of the KV.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ SUMMARY_FIELDS = ("mean_key", "mean_key_rope", "min_key", "max_key")
 """The fields :func:`summarize_chunks` computes from keys alone."""
 ALL_FIELDS = (*SUMMARY_FIELDS, "compressed")
 PRE_ROPE_FIELDS = ("mean_key", "compressed")
+BOUND_FIELDS = ("min_key", "max_key")
+"""Fields stored as int8 codes with a per-chunk, per-head fp32 scale (``ChunkSummaries.bound_scale``)."""
 """Fields computed from the pre-RoPE keys (a builder without them needs no un-rotation)."""
 
 
@@ -57,11 +64,15 @@ class ChunkSummaries:
 
     mean_key:      [N, H_kv, D]  mean pre-RoPE key
     mean_key_rope: [N, H_kv, D]  mean post-RoPE key
-    min_key:       [N, H_kv, D]  element-wise min of post-RoPE keys
-    max_key:       [N, H_kv, D]  element-wise max of post-RoPE keys
+    min_key:       [N, H_kv, D]  element-wise min of post-RoPE keys: int8 codes when ``bound_scale`` is
+                                 set (as the builder and :func:`summarize_chunks` store them), else floats
+    max_key:       [N, H_kv, D]  element-wise max of post-RoPE keys, likewise
     start:         [N] int64     position of each chunk's first token
     chunk_size:    tokens per chunk
     compressed:    [N, H_kv, r]  learned compressed key, or None
+    bound_scale:   [N, H_kv] fp32 the bounds' scale (codes x scale = bound), or None for float bounds
+
+    Read the bounds through :meth:`bounds`, which dequantizes them.
     """
 
     mean_key: torch.Tensor | None
@@ -71,10 +82,21 @@ class ChunkSummaries:
     start: torch.Tensor
     chunk_size: int
     compressed: torch.Tensor | None = None
+    bound_scale: torch.Tensor | None = None
 
     @property
     def num_chunks(self) -> int:
         return int(self.start.shape[0])
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quest's bounds as fp32 ``(min_key, max_key)``, each ``[N, H_kv, D]``: the int8 codes times
+        ``bound_scale`` (outward-rounded, so they still bound every key of the chunk), or the float
+        bounds as stored."""
+        lo, hi = self.field("min_key"), self.field("max_key")
+        if self.bound_scale is None:
+            return lo.float(), hi.float()
+        scale = self.bound_scale[..., None]
+        return lo.float() * scale, hi.float() * scale
 
     def field(self, name: str) -> torch.Tensor:
         """The field ``name``; a clear error when these summaries were built without it."""
@@ -101,6 +123,7 @@ class ChunkSummaries:
             start=self.start[index],
             chunk_size=self.chunk_size,
             compressed=pick(self.compressed),
+            bound_scale=pick(self.bound_scale),
         )
 
     def head(self, h: int) -> ChunkSummaries:
@@ -117,12 +140,16 @@ class ChunkSummaries:
             start=self.start,
             chunk_size=self.chunk_size,
             compressed=pick(self.compressed),
+            bound_scale=pick(self.bound_scale),
         )
 
     @staticmethod
     def concat(parts: list[ChunkSummaries]) -> ChunkSummaries:
         if not parts:
             raise ValueError("concat needs at least one ChunkSummaries")
+
+        if len({p.bound_scale is None for p in parts if p.min_key is not None}) > 1:
+            raise ValueError("concat cannot mix int8 bounds (with bound_scale) and float bounds")
 
         def cat(name):
             values = [getattr(p, name) for p in parts]
@@ -136,7 +163,29 @@ class ChunkSummaries:
             start=torch.cat([p.start for p in parts]),
             chunk_size=parts[0].chunk_size,
             compressed=cat("compressed"),
+            bound_scale=cat("bound_scale"),
         )
+
+
+BOUND_LEVELS = 126
+"""Largest code magnitude the scale maps ``max(|min|, |max|)`` to; the outward rounding moves a code at
+most one step further, so every code fits int8."""
+
+
+def quantize_bounds(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quest's bounds ``lo <= hi`` (``[..., H_kv, D]``, any float dtype) as int8 codes and one fp32 scale
+    per ``[..., H_kv]`` row, rounded outward: ``lo_code * scale <= lo`` and ``hi_code * scale >= hi``,
+    exactly as :meth:`ChunkSummaries.bounds` computes them in fp32. Returns ``(lo_code, hi_code, scale)``;
+    a row of zeros gets scale 1."""
+    lo32, hi32 = lo.float(), hi.float()
+    amax = torch.maximum(lo32.abs().amax(-1), hi32.abs().amax(-1))
+    scale = torch.where(amax > 0, amax / BOUND_LEVELS, torch.ones_like(amax))
+    s = scale[..., None]
+    lo_c = torch.floor(lo32 / s)
+    lo_c = lo_c - (lo_c * s > lo32).float()  # the division rounded up: one step further out
+    hi_c = torch.ceil(hi32 / s)
+    hi_c = hi_c + (hi_c * s < hi32).float()
+    return lo_c.to(torch.int8), hi_c.to(torch.int8), scale
 
 
 def _check_keys(keys_rope: torch.Tensor, keys_pre: torch.Tensor | None, chunk_size: int) -> None:
@@ -185,7 +234,8 @@ def summarize_chunks(
     keys_rope: [T, H_kv, D] post-RoPE keys at positions ``start_position + arange(T)``
     keys_pre:  [T, H_kv, D] the same keys before RoPE (None when no pre-RoPE field is asked for)
     fields:    which summaries to compute (others are None; ``compressed`` is never computed here)
-    dtype:     storage dtype (None: the keys' dtype); means are computed in fp32
+    dtype:     storage dtype of the means (None: the keys' dtype), computed in fp32; bounds: int8 codes
+               with ``bound_scale`` (:func:`quantize_bounds`)
     returns ChunkSummaries with N = T // chunk_size chunks.
     """
     fields = check_fields(fields)
@@ -201,11 +251,15 @@ def summarize_chunks(
         keys_rope[:take], None if keys_pre is None else keys_pre[:take], fields, chunk_size
     )
     start = start_position + torch.arange(n, dtype=torch.int64, device=keys_rope.device) * chunk_size
-    return ChunkSummaries(
-        **{f: values[f].to(dtype) if f in fields else None for f in SUMMARY_FIELDS},
-        start=start,
-        chunk_size=chunk_size,
-    )
+    stored = {f: values[f].to(dtype) if f in fields else None for f in SUMMARY_FIELDS}
+    scale = None
+    if "min_key" in fields or "max_key" in fields:
+        lo = values["min_key"] if "min_key" in values else values["max_key"]
+        hi = values["max_key"] if "max_key" in values else values["min_key"]
+        lo_c, hi_c, scale = quantize_bounds(lo, hi)
+        stored["min_key"] = lo_c if "min_key" in fields else None
+        stored["max_key"] = hi_c if "max_key" in fields else None
+    return ChunkSummaries(**stored, start=start, chunk_size=chunk_size, bound_scale=scale)
 
 
 class ChunkSummaryBuilder:
@@ -222,8 +276,9 @@ class ChunkSummaryBuilder:
         ``n`` chunks that just closed (means in fp32).
     capacity_chunks: initial storage rows.
 
-    Device bytes held: ``capacity x H_kv x (sum of field dims) x element size`` + ``capacity`` int64
-    chunk starts + the open chunk's running sums/bounds (``[H_kv, D]`` per field).
+    Device bytes held: ``capacity x H_kv x (sum of field dims) x element size`` (1 byte for the int8
+    bounds, plus ``capacity x H_kv`` fp32 bound scales) + ``capacity`` int64 chunk starts + the open
+    chunk's running sums/bounds (``[H_kv, D]`` per field).
     """
 
     def __init__(
@@ -260,6 +315,7 @@ class ChunkSummaryBuilder:
         computed = set(self.fields) | set(self.extra_fields)
         self._computed = tuple(f for f in ALL_FIELDS if f in computed)
         self.needs_pre_rope = any(f in PRE_ROPE_FIELDS for f in self._computed)
+        self._has_bounds = any(f in BOUND_FIELDS for f in self.fields)
         self._capacity = capacity_chunks
         self._store: dict[str, torch.Tensor] = {}
         self._start: torch.Tensor | None = None
@@ -295,9 +351,14 @@ class ChunkSummaryBuilder:
             dim = compressed_dim if f == "compressed" else d
             if f == "compressed" and f in old:
                 dim = old[f].shape[-1]
-            new[f] = torch.empty(rows, h, dim, dtype=dtype, device=self.device)
+            kind = torch.int8 if f in BOUND_FIELDS else dtype
+            new[f] = torch.empty(rows, h, dim, dtype=kind, device=self.device)
             if f in old and n:
                 new[f][:n] = old[f][:n]
+        if self._has_bounds:
+            new["bound_scale"] = torch.empty(rows, h, dtype=torch.float32, device=self.device)
+            if n:
+                new["bound_scale"][:n] = old["bound_scale"][:n]
         self._store = new
         self._start = torch.arange(rows, dtype=torch.int64, device=self.device) * self.chunk_size
         self._capacity = rows
@@ -315,8 +376,14 @@ class ChunkSummaryBuilder:
             comp = values["compressed"].shape[-1] if "compressed" in values else None
             self._allocate(rows, self.dtype, comp)
         lo, hi = self._closed, self._closed + n
+        stored = dict(values)
+        if self._has_bounds:
+            b_lo = values.get("min_key", values.get("max_key"))
+            b_hi = values.get("max_key", b_lo)
+            stored["min_key"], stored["max_key"], stored["bound_scale"] = quantize_bounds(b_lo, b_hi)
+            self._store["bound_scale"][lo:hi] = stored["bound_scale"]
         for f in self.fields:
-            self._store[f][lo:hi] = values[f]
+            self._store[f][lo:hi] = stored[f]
         self._closed = hi
         if self.on_close is not None:
             self.on_close({f: values[f] for f in self._computed})
@@ -412,13 +479,17 @@ class ChunkSummaryBuilder:
             dtype = self.dtype or torch.float32
 
             def empty(f):
-                return torch.empty(0, h, d, dtype=dtype, device=self.device) if f in self.fields else None
+                if f not in self.fields:
+                    return None
+                kind = torch.int8 if f in BOUND_FIELDS else dtype
+                return torch.empty(0, h, d, dtype=kind, device=self.device)
 
             return ChunkSummaries(
                 *(empty(f) for f in SUMMARY_FIELDS),
                 start=torch.empty(0, dtype=torch.int64, device=self.device),
                 chunk_size=self.chunk_size,
                 compressed=empty("compressed"),
+                bound_scale=torch.empty(0, h, device=self.device) if self._has_bounds else None,
             )
         store = self._store
         return ChunkSummaries(
@@ -426,4 +497,5 @@ class ChunkSummaryBuilder:
             start=self._start[:n],
             chunk_size=self.chunk_size,
             compressed=store["compressed"][:n] if "compressed" in store else None,
+            bound_scale=store["bound_scale"][:n] if "bound_scale" in store else None,
         )

@@ -84,6 +84,8 @@ def test_runs_from_before_the_auto_switch_say_which_indexer_they_used():
         ("RECALL_PER_HEAD_SINCE", "RECALL_WAS_SHARED", "throughput", "prefill-cost"),
         # runs from before the 64-token interval say that it was 128
         ("INTERVAL_64_SINCE", "INTERVAL_WAS_128", "fidelity", "bandwidth"),
+        # runs from before the int8 bounds say that the bounds were floats
+        ("INT8_BOUNDS_SINCE", "BOUNDS_WERE_FLOAT", "memory", "freed_blocks"),
     ],
 )
 def test_runs_from_before_a_default_changed_say_what_they_ran_under(since, note, affected, unaffected):

@@ -53,11 +53,12 @@ def test_each_head_takes_its_own_top_chunks(model_and_stats, budget_config, obse
     differ = 0
     for layer in range(len(recall.builders)):
         s = recall.builders[layer].summaries.select(slice(lo, hi))
+        s_lo, s_hi = s.bounds()  # [N, H_kv, D] fp32
         q = recall._queries[layer].float()  # [H_q, D] post-RoPE
         g = q.shape[0] // h_kv
         for h in range(h_kv):
             qh = q[h * g : (h + 1) * g]
-            bound = qh.clamp_min(0) @ s.max_key[:, h].float().T + qh.clamp_max(0) @ s.min_key[:, h].float().T
+            bound = qh.clamp_min(0) @ s_hi[:, h].T + qh.clamp_max(0) @ s_lo[:, h].T
             score = torch.softmax(bound / math.sqrt(q.shape[-1]), dim=-1).mean(0)
             if prompt is not None:
                 score = score + prompt[layer, h, lo:hi]

@@ -73,12 +73,16 @@ def test_device_bytes_is_every_tensor_recall_holds(model_and_stats, indexer, ind
     L, H, D = fm.num_layers, fm.num_kv_heads, fm.head_dim
     esz = torch.empty((), dtype=fm.dtype).element_size()
     n_fields = {"quest": 2, "mean_key": 1}[indexer]
+    # per chunk and KV head: quest's bounds as two int8 codes per dimension and one fp32 scale; the mean
+    # key in the model's dtype
+    per_chunk_head = {"quest": 2 * D + 4, "mean_key": D * esz}[indexer]
     cap = recall.builders[0].capacity_chunks
     assert recall.builders[0].num_chunks == (150 + 39) // 16 <= cap
-    # summaries: the indexer's fields only, in the model's dtype, plus chunk starts and the open chunk's
-    # running state (one [H, D] per computed field: the chunk index's mean key is computed, not stored)
+    # summaries: the indexer's fields only, plus chunk starts and the open chunk's running state (one
+    # [H, D] per computed field, in the model's dtype (fp32 here): the chunk index's mean key is computed,
+    # not stored)
     running = n_fields + (index_candidates > 0)
-    assert parts["summaries"] == L * (cap * (H * D * esz * n_fields + 8) + running * H * D * 4)
+    assert parts["summaries"] == L * (cap * (H * per_chunk_head + 8) + running * H * D * 4)
     # the latest query per layer, not the step's whole query tensor
     assert parts["queries"] == L * fm.num_q_heads * D * esz
     assert parts["rotary"] == 2 * D * 4  # this (decode) step's cos/sin
@@ -130,8 +134,9 @@ def test_learned_indexer_stores_compressed_keys_not_mean_keys():
     assert s.mean_key is None and s.compressed.shape == (10, 2, 8)
     assert len(recall.select(161)) == 2
     parts = recall.device_bytes_by_part()
-    # mean_key_rope, min, max [12, 2, 16] and compressed [12, 2, 8], fp32, + starts + open chunk sums
-    per_layer = 12 * (2 * 16 * 4 * 3 + 2 * 8 * 4 + 8) + 4 * 2 * 16 * 4
+    # mean_key_rope [12, 2, 16] and compressed [12, 2, 8] in fp32, min and max [12, 2, 16] in int8 with one
+    # fp32 scale [12, 2], + starts + the open chunk's sums and bounds
+    per_layer = 12 * (2 * 16 * 4 + 2 * 16 * 2 + 2 * 4 + 2 * 8 * 4 + 8) + 4 * 2 * 16 * 4
     assert parts["summaries"] == 2 * per_layer
     assert parts["indexer_weights"] == sum(p.numel() * 4 for p in look.parameters())
     assert recall.device_bytes() == independent_count(recall, "cpu")

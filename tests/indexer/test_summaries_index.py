@@ -25,10 +25,40 @@ def test_summaries_match_direct_computation():
         for h in range(2):
             torch.testing.assert_close(s.mean_key[c, h], kp[sl, h].mean(0))
             torch.testing.assert_close(s.mean_key_rope[c, h], kr[sl, h].mean(0))
-            for d in range(8):
-                assert s.min_key[c, h, d] == min(kr[sl, h, d].tolist())
-                assert s.max_key[c, h, d] == max(kr[sl, h, d].tolist())
         assert s.start[c] == 32 + 16 * c
+    # the bounds: int8 codes, one scale per chunk and head, rounded outward by at most one step
+    assert s.min_key.dtype == s.max_key.dtype == torch.int8 and s.bound_scale.shape == (s.num_chunks, 2)
+    lo, hi = s.bounds()
+    blocks = kr[: 16 * s.num_chunks].reshape(s.num_chunks, 16, 2, 8)
+    true_lo, true_hi = blocks.amin(1), blocks.amax(1)
+    step = s.bound_scale[..., None]
+    assert (lo <= true_lo).all() and (hi >= true_hi).all()
+    assert (true_lo - lo <= step * 1.0001).all() and (hi - true_hi <= step * 1.0001).all()
+    amax = torch.maximum(true_lo.abs(), true_hi.abs()).amax(-1)
+    torch.testing.assert_close(s.bound_scale, amax / 126)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantized_bounds_are_outward_on_hard_values(dtype):
+    """Exact multiples of the scale, zeros, a row of zeros, equal bounds, tiny and huge magnitudes: the
+    dequantized bounds (computed in fp32 as ChunkSummaries.bounds does) still enclose the float bounds,
+    every code fits int8, and a row of zeros keeps scale 1."""
+    from flashmem.indexer.summaries import quantize_bounds
+
+    g = torch.Generator().manual_seed(5)
+    lo = torch.randn(64, 3, 16, generator=g) * torch.logspace(-6, 4, 64)[:, None, None]
+    hi = lo + torch.rand(64, 3, 16, generator=g) * lo.abs()
+    lo[0], hi[0] = 0.0, 0.0  # a row of zeros
+    lo[1, :, :4] = hi[1, :, :4] = 1.0  # equal bounds
+    amax = torch.maximum(lo[2].abs(), hi[2].abs()).amax(-1, keepdim=True)
+    lo[2], hi[2] = (torch.arange(16) - 8.0) * amax / 126, (torch.arange(16) - 7.0) * amax / 126  # multiples
+    lo, hi = lo.to(dtype), hi.to(dtype)
+    lo_c, hi_c, scale = quantize_bounds(lo, hi)
+    assert lo_c.dtype == hi_c.dtype == torch.int8 and scale.dtype == torch.float32
+    assert (lo_c.float() * scale[..., None] <= lo.float()).all()
+    assert (hi_c.float() * scale[..., None] >= hi.float()).all()
+    assert lo_c.min() >= -127 and hi_c.max() <= 127
+    assert (scale[0] == 1).all() and (lo_c[0] == 0).all() and (hi_c[0] == 0).all()
 
 
 def test_builder_incremental_equals_batch():
@@ -39,7 +69,7 @@ def test_builder_incremental_equals_batch():
         closed += b.append(kr[lo:hi], kp[lo:hi])
     assert closed == b.num_chunks == 12 and b.num_tokens == 203
     ref = summarize_chunks(kr, kp, 16)
-    for name in ("mean_key", "mean_key_rope", "min_key", "max_key", "start"):
+    for name in ("mean_key", "mean_key_rope", "min_key", "max_key", "bound_scale", "start"):
         torch.testing.assert_close(getattr(b.summaries, name), getattr(ref, name))
     with pytest.raises(ValueError):
         b.append(kr[:3, :1], kp[:3, :1])
@@ -127,10 +157,13 @@ def test_indexers_declare_fields_and_builder_stores_only_those():
         for f in ("mean_key", "mean_key_rope", "min_key", "max_key", "compressed"):
             assert (getattr(s, f) is not None) == (f in fields), (name, f)
         assert b.needs_pre_rope == (name == "mean_key_prerope")
-        # the stored bytes are the declared fields only: [capacity, H, D] each, the int64 chunk starts,
-        # and one [H, D] running sum or bound per field for the open chunk
+        # the stored bytes are the declared fields only: [capacity, H, D] each (fp32 means; int8 bounds
+        # and one fp32 scale per head), the int64 chunk starts, and one [H, D] running sum or bound per
+        # field for the open chunk
+        bounds = len([f for f in fields if f in ("min_key", "max_key")])
+        per_chunk = 2 * 8 * 4 * (len(fields) - bounds) + 2 * 8 * bounds + 2 * 4 * (bounds > 0)
         assert sum(t.untyped_storage().nbytes() for t in b.tensors()) == b.capacity_chunks * (
-            2 * 8 * 4 * len(fields) + 8
+            per_chunk + 8
         ) + 2 * 8 * 4 * len(fields)
         torch.testing.assert_close(get_indexer(name).score(qs, s), get_indexer(name).score(qs, full))
     layer = look.for_layer(0)
@@ -165,7 +198,8 @@ def test_model_dtype_summaries_score_like_fp32(dtype):
             _chunked_append(
                 b, kr if b is low else kr.float(), kp if b is low else kp.float(), (1,) * 300 + (500,)
             )
-        assert getattr(low.summaries, ix.fields[0]).dtype == dtype
+        for f in ix.fields:  # means in the keys' dtype, bounds as int8 codes
+            assert getattr(low.summaries, f).dtype == (torch.int8 if f in ("min_key", "max_key") else dtype)
         worst = 0.0
         for seed in range(8):
             q = torch.randn(8, D, generator=torch.Generator().manual_seed(seed))
@@ -176,7 +210,8 @@ def test_model_dtype_summaries_score_like_fp32(dtype):
             worst = max(worst, ((a - b).abs() / b.abs().clamp_min(1e-6)).max().item())
             top_a, top_b = set(torch.topk(a, 16).indices.tolist()), set(torch.topk(b, 16).indices.tolist())
             assert len(top_a & top_b) >= 15, (ix.name, seed)
-        if ix.name == "quest":  # bounds of low-precision keys are exact in that precision
+        # bounds of low-precision keys are exact in that precision, so their int8 codes agree too
+        if ix.name == "quest":
             assert worst < 1e-6
 
 
@@ -195,11 +230,13 @@ def test_builder_appends_in_place_and_grows_by_doubling():
     assert b.capacity_chunks == 64 and b.growths == 4 and len(ptrs) == 5
     s = b.summaries
     assert s.num_chunks == 40
-    for name in ("min_key", "max_key"):
+    for name, nbytes in (("min_key", 64 * 2 * 8), ("max_key", 64 * 2 * 8), ("bound_scale", 64 * 2 * 4)):
         v = getattr(s, name)
         assert v.untyped_storage().data_ptr() == b._store[name].untyped_storage().data_ptr()  # a view
-        assert v.untyped_storage().nbytes() == 64 * 2 * 8 * 4
-    torch.testing.assert_close(s.max_key, summarize_chunks(kr, kp, 16).max_key)
+        assert v.untyped_storage().nbytes() == nbytes  # int8 codes, fp32 scales
+    batch = summarize_chunks(kr, kp, 16)
+    torch.testing.assert_close(s.max_key, batch.max_key)
+    torch.testing.assert_close(s.bound_scale, batch.bound_scale)
     torch.testing.assert_close(views_before.max_key, s.max_key[:3])
 
 
@@ -214,8 +251,7 @@ def test_grouped_quest_equals_the_per_head_expanded_bound(head_reduce):
     q = torch.randn(h_q, d, generator=torch.Generator().manual_seed(4))
     got = get_indexer("quest", head_reduce=head_reduce).score(QueryState(q_pre=q, q_rope=q, position=160), s)
     group = h_q // h_kv
-    lo = s.min_key.float().repeat_interleave(group, dim=1)  # [N, H_q, D]
-    hi = s.max_key.float().repeat_interleave(group, dim=1)
+    lo, hi = (b.repeat_interleave(group, dim=1) for b in s.bounds())  # [N, H_q, D]
     per_head = torch.maximum(q[None] * lo, q[None] * hi).sum(-1).T  # [H_q, N]
     if head_reduce == "max":
         ref = per_head.amax(0)
