@@ -468,14 +468,14 @@ def _interval_was_128(d: dict) -> bool:
 
 # Until this time (unix seconds) Quest's chunk bounds were stored in the model's dtype (1.56% of the
 # full KV at 64-token chunks); since then (0.2.5) as int8 codes with one fp32 scale per chunk and head
-# (0.40% of the KV in bf16 at head_dim 64, 0.20% in fp32), so the same budget holds less device share.
+# (0.81% of the KV in bf16 at head_dim 64, 0.40% in fp32), so the same budget holds less device share.
 # A file from before it says so, unless its benchmark holds no chunk summaries (the kvpress fidelity
 # tables take flashmem's row from the current fidelity files).
 INT8_BOUNDS_SINCE = 1796666200
 INT8_BOUNDS_UNAFFECTED = ("prepare-cost", "bandwidth", "kvpress_fidelity", "freed_blocks")
 BOUNDS_WERE_FLOAT = (
     "run when Quest's chunk bounds were stored in the model's dtype (before 0.2.5; now int8): they held "
-    "1.56% of the full KV (now 0.20% in fp32), so the same budget gave about 1.2 points more share"
+    "1.56% of the full KV (now 0.40% in fp32), so the same budget gave about 1.2 points more share"
 )
 
 

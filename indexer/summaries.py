@@ -27,10 +27,10 @@ element-wise bounds (``[H_kv, D]`` per field), not as keys.
 Device bytes per closed chunk and KV head: ``D x e`` (``e``: the model's element size) per stored field
 of ``mean_key`` and ``mean_key_rope``, ``r x e`` for ``compressed``, and ``2 D + 4`` for the bounds
 (two int8 codes per dimension and the fp32 scale); the chunk's KV is ``2 x chunk_size x D x e``. At
-``chunk_size = 64`` in bf16: one ``D`` field is 0.78% of the chunk's KV and Quest's bounds 0.40% at
-``D = 64`` (0.39% at ``D = 128``; in the model's dtype they would be 1.56%); the learned indexer with
-bounds (``mean_key_rope``, ``compressed``, ``min_key``, ``max_key``; ``D = 64``, ``r = 32``) 1.57%. In fp32
-(the CPU default) the bounds are 0.20% of the KV.
+``chunk_size = 64`` in bf16: one ``D`` field is 0.78% of the chunk's KV and Quest's bounds 0.81% at
+``D = 64`` (0.79% at ``D = 128``; in the model's dtype they would be 1.56%); the learned indexer with
+bounds (``mean_key_rope``, ``compressed``, ``min_key``, ``max_key``; ``D = 64``, ``r = 32``) 2.0%. In fp32
+(the CPU default) the bounds are 0.40% of the KV (in fp32 they would be 1.56%).
 """
 
 from __future__ import annotations
