@@ -254,12 +254,18 @@ def summarize_chunks(
     stored = {f: values[f].to(dtype) if f in fields else None for f in SUMMARY_FIELDS}
     scale = None
     if "min_key" in fields or "max_key" in fields:
-        lo = values["min_key"] if "min_key" in values else values["max_key"]
-        hi = values["max_key"] if "max_key" in values else values["min_key"]
-        lo_c, hi_c, scale = quantize_bounds(lo, hi)
+        lo_c, hi_c, scale = _quantize_fields(values)
         stored["min_key"] = lo_c if "min_key" in fields else None
         stored["max_key"] = hi_c if "max_key" in fields else None
     return ChunkSummaries(**stored, start=start, chunk_size=chunk_size, bound_scale=scale)
+
+
+def _quantize_fields(values: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`quantize_bounds` of the bounds among ``values`` (``[..., H_kv, D]``); a bound computed
+    without the other stands in for it, so the scale fits the field that is stored."""
+    lo = values.get("min_key", values.get("max_key"))
+    hi = values.get("max_key", lo)
+    return quantize_bounds(lo, hi)
 
 
 class ChunkSummaryBuilder:
@@ -378,9 +384,7 @@ class ChunkSummaryBuilder:
         lo, hi = self._closed, self._closed + n
         stored = dict(values)
         if self._has_bounds:
-            b_lo = values.get("min_key", values.get("max_key"))
-            b_hi = values.get("max_key", b_lo)
-            stored["min_key"], stored["max_key"], stored["bound_scale"] = quantize_bounds(b_lo, b_hi)
+            stored["min_key"], stored["max_key"], stored["bound_scale"] = _quantize_fields(values)
             self._store["bound_scale"][lo:hi] = stored["bound_scale"]
         for f in self.fields:
             self._store[f][lo:hi] = stored[f]
