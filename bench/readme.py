@@ -79,16 +79,20 @@ def _cfg(cfg: dict) -> str:
 # sections
 # ---------------------------------------------------------------------------------------------
 def passkey_trials(results: Path) -> str:
-    rows = []
+    """Per length: full attention, flashmem with only ``budget_tokens`` set (``*_default.json``) and
+    the kvpress presses; a flashmem run from before a change of the defaults is named below the table."""
+    rows, notes = [], []
     for tag in ("4k", "7k", "2k"):
-        for method in ("full", "flashmem"):
+        for method in ("full", "default"):
             name = f"passkey_trials_{tag}_{method}.json"
             d = _load(name, results)
             if d is None:
                 rows.append([tag, method, "not run", "", "", f"`{name}`"])
                 continue
             tokens = d["records"][0]["tokens"] if d["records"] else "?"
-            label = "full attention" if not d["config"] else f"flashmem ({_cfg(d['config'])})"
+            label = "full attention" if not d["config"] else f"**flashmem ({_cfg(d['config'])})**"
+            if d["config"] and _stamp_old(d):
+                notes.append(f"`{name}`: {_stamp_old(d)}.")
             rows.append(
                 [
                     f"{_int(tokens)} tokens",
@@ -112,7 +116,8 @@ def passkey_trials(results: Path) -> str:
                     f"`{name}`",
                 ]
             )
-    return _table(["prompt", "method", "correct", "peak device share", "avg device share", "results"], rows)
+    table = _table(["prompt", "method", "correct", "peak device share", "avg device share", "results"], rows)
+    return table + "".join(f"\n{n}\n" for n in notes)
 
 
 def long_context(results: Path) -> str:
@@ -244,8 +249,8 @@ def prefill_cost(results: Path) -> str:
 
 
 STATS_SOURCE_FILES = (
-    "passkey_trials_4k_default_budget256.json",
-    "passkey_trials_4k_prompt_stats_budget256.json",
+    "passkey_trials_4k_default.json",
+    "passkey_trials_4k_prompt_stats.json",
 )
 
 
@@ -483,16 +488,22 @@ def _bounds_were_float(d: dict) -> bool:
     return d.get("benchmark") not in INT8_BOUNDS_UNAFFECTED and d.get("created_unix", 0) < INT8_BOUNDS_SINCE
 
 
+def _stamp_old(d: dict) -> str:
+    """What has changed in the defaults since ``d`` ran ("" for a current run), joined by "; "."""
+    old = [AUTO_WAS_LEARNED] if _auto_was_learned(d) else []
+    old += [RECALL_WAS_SHARED] if _recall_was_shared(d) else []
+    old += [INTERVAL_WAS_128] if _interval_was_128(d) else []
+    old += [BOUNDS_WERE_FLOAT] if _bounds_were_float(d) else []
+    return "; ".join(old)
+
+
 def _stamp(d: dict) -> str:
     m = d.get("machine", {})
     load = m.get("load_average_1min")
     gpu = (m.get("gpu") or {}).get("name") or "no GPU"
     when = f", load average {load:.1f} at the start" if isinstance(load, (int, float)) else ""
-    old = f"; {AUTO_WAS_LEARNED}" if _auto_was_learned(d) else ""
-    old += f"; {RECALL_WAS_SHARED}" if _recall_was_shared(d) else ""
-    old += f"; {INTERVAL_WAS_128}" if _interval_was_128(d) else ""
-    old += f"; {BOUNDS_WERE_FLOAT}" if _bounds_were_float(d) else ""
-    return f"{m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores, {gpu}){when}{old}"
+    old = _stamp_old(d)
+    return f"{m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores, {gpu}){when}{'; ' + old if old else ''}"
 
 
 def memory(results: Path) -> str:
@@ -884,11 +895,12 @@ def fidelity_choices(results: Path) -> str:
         return _missing(name)
     st = d["settings"]
     rows = []
+    auto = "`auto` (the shipped learned one)" if _auto_was_learned(d) else "`auto` (Quest)"
     for s in d["summary"]:
         cfg = s["flashmem_config"]
         rows.append(
             [
-                f"`{cfg.get('indexer', 'auto')}`",
+                f"`{cfg['indexer']}`" if "indexer" in cfg else auto,
                 "the prompt's own queries" if cfg.get("stats_path") == "prompt" else "shipped",
                 f"{s['top1_agreement']:.3f}",
                 f"{s['mean_kl']:.4f}",

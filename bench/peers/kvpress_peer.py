@@ -33,7 +33,7 @@ Modes (``--mode``):
   seed 100 + i, ids = ``tok(prompt.text).input_ids``), split into context and question at a token
   boundary (:func:`bench.inputs.split_question`). Correct = the key string is in the decoded 8 tokens, the rule of
   ``passkey_trials``. The keep share is ``--keep-share`` or flashmem's ``mean_avg_device_share`` in
-  ``passkey_trials_<L>k_flashmem.json``; the full-attention answers are read from
+  ``passkey_trials_<L>k_default.json``; the full-attention answers are read from
   ``passkey_trials_<L>k_full.json`` when it holds these trials, else computed here. The worker also
   decodes every trial under full attention (environment check). Writes
   ``kvpress_passkey_trials_<L>k.json``.
@@ -570,7 +570,7 @@ def _main_trials(args, p) -> int:
     fm_path = (
         Path(args.flashmem_json)
         if args.flashmem_json
-        else common.RESULTS / f"passkey_trials_{tag}_flashmem.json"
+        else common.RESULTS / f"passkey_trials_{tag}_default.json"
     )
     if keep:
         share, source = keep[0], "--keep-share"
@@ -936,7 +936,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--flashmem-json",
         default=None,
-        help="flashmem results that give the keep shares (trials: passkey_trials_<L>k_flashmem.json; "
+        help="flashmem results that give the keep shares (trials: passkey_trials_<L>k_default.json; "
         "fidelity: fidelity.json, fidelity_prose.json with --text prose)",
     )
     p.add_argument("--full-json", default=None, help="trials: full-attention passkey_trials JSON")

