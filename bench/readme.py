@@ -232,7 +232,8 @@ def prefill_cost(results: Path) -> str:
     ]
     return (
         f"{a['model']}, `budget_tokens={a['budget_tokens']}` and every other setting at its default; "
-        f"median of {d['settings']['repeats']} runs each, interleaved in one process. {_stamp(d)}\n\n"
+        f"median of {d['settings']['repeats']} runs each, interleaved in one process, "
+        f"{d['machine'].get('torch_threads', '?')} torch thread(s). {_stamp(d)}\n\n"
         + _table(
             [
                 "prompt tokens",
