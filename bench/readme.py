@@ -91,8 +91,9 @@ def passkey_trials(results: Path) -> str:
                 continue
             tokens = d["records"][0]["tokens"] if d["records"] else "?"
             label = "full attention" if not d["config"] else f"**flashmem ({_cfg(d['config'])})**"
-            if d["config"] and _stamp_old(d):
-                notes.append(f"`{name}`: {_stamp_old(d)}.")
+            old = _stamp_old(d) if d["config"] else ""  # full attention depends on no flashmem default
+            if old:
+                notes.append(f"`{name}`: {old}.")
             rows.append(
                 [
                     f"{_int(tokens)} tokens",
