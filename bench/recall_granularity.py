@@ -18,6 +18,8 @@ to the whole prompt, as the exact prefill does). Selection modes, refreshed ever
 * ``shared_oracle`` / ``per_head_oracle``: each window's chunks are those its own queries (under full
   attention) give the most mass, summed over the model or per layer and head: what a perfect ranking
   could reach with the same slots.
+  (the resident sinks' share left out: counted in, it made chunk 0 the oracle's pick for 60-70% of
+  the heads, a slot spent on keys the device holds anyway).
 
 ``VARIANTS`` are diagnostics, not engine modes: the oracle in the first or the later windows only,
 other estimates for the later windows (Quest alone, its group max or a mean over recent queries, the
@@ -102,6 +104,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         # the oracle: each window's full-attention mass per KV head and chunk
         logits = torch.einsum("hgrd,hsd->hgrs", _group(q[:, P:], h_kv), k) * scale
         prob = logits.masked_fill(torch.arange(T)[None] > rows[:, None], -math.inf).softmax(-1).sum(1)
+        prob[..., : st["sinks"]] = 0  # resident: no chunk is worth recalling for its sinks
         m = (T // cs) * cs
         mass = prob[..., :m].unflatten(-1, (m // cs, cs)).sum(-1)  # [H_kv, R, N]
         st["future"][layer] = torch.stack(

@@ -434,6 +434,40 @@ def test_recall_granularity_variants_select_what_they_say():
         assert torch.allclose(est[h], ref / (G * r), atol=1e-6)
 
 
+def test_recall_granularity_oracle_counts_no_resident_sink():
+    """The oracle's label per window, KV head and chunk is its queries' full-attention mass summed over
+    the window's rows and the query group, the sinks' share left out (they are resident: a chunk is
+    no better a recall for holding them); checked against a brute-force softmax."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from bench import recall_granularity as rg
+
+    g = torch.Generator().manual_seed(1)
+    h_kv, G, D, cs, P, look, T, sinks = 2, 2, 8, 4, 16, 3, 22, 2
+    q, k = torch.randn(1, h_kv * G, T, D, generator=g), torch.randn(1, h_kv, T, D, generator=g)
+    k[0, :, 0] = q[0, :, P:].mean((0, 1)) * 4  # a sink most decode queries attend to
+    rg._STATE.clear()
+    rg._STATE.update(
+        prompt=P, chunk=cs, lookahead=look, observe=4, sinks=sinks, recent=8, mode="record",
+        q={}, k={}, observed={}, tokens={}, future={},
+    )  # fmt: skip
+    rg._attention(SimpleNamespace(layer_idx=0), q, k, torch.randn(1, h_kv, T, D, generator=g), None)
+    future = rg._STATE["future"][0]  # [H_kv, windows, N]
+    assert future.shape == (h_kv, 2, T // cs)
+    for h in range(h_kv):
+        for w, rows in enumerate((range(P, P + look), range(P + look, T))):
+            want = torch.zeros(T // cs)
+            for row in rows:
+                for j in range(G):
+                    p = torch.softmax(k[0, h, : row + 1] @ q[0, h * G + j, row] / D**0.5, 0)
+                    p[:sinks] = 0
+                    want += F.pad(p, (0, T - row - 1))[: T // cs * cs].reshape(-1, cs).sum(1)
+            torch.testing.assert_close(future[h, w], want, rtol=1e-5, atol=1e-6)
+    assert future[:, :, 0].max() < 0.5 * future.sum(-1).min()  # the sink's large share is not chunk 0's
+
+
 def test_recall_granularity_plots_a_folder_of_what_ifs(tmp_path):
     """``--plot-dir`` draws every row of every what-if JSON in the folder into one summary.png, and an
     empty folder is a clear error."""
