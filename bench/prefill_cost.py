@@ -6,7 +6,9 @@ first token's logits must equal the dense forward's (fp32, 1e-4 relative) before
 timed. Then, interleaved in the same process, the dense prefill (``model(ids, logits_to_keep=1)``,
 the whole prompt in one forward) and flashmem's (``generate(ids, 1)``, its ``prefill_s``), the median
 of ``--repeats``; and the prefill's host traffic from the host mirror's counters: device-to-host
-once per prompt row, host-to-device only the working set (independent of the prompt length).
+once per prompt row; host-to-device nothing under the default (each layer's keep-set is written
+from its own buffer), the working set with ``triattention_mode="per_head"`` (read back from the mirror
+once every layer is scored): independent of the prompt length either way.
 
 Part B (``--llama8b``, CUDA only): a Llama-3.1-8B-shaped random-init model in bf16 at ``--tokens``
 (default 131072): prefill seconds against the compute floor (prefill FLOPs divided by the bf16
@@ -188,7 +190,7 @@ def _plot(a: dict, png) -> None:
     a1.set_title("prefill time (same process)", fontsize=9)
     a1.legend(fontsize=7)
     a2.plot(x, [r["prefill_d2h_bytes"] / 2**20 for r in rows], "o-", label="device-to-host (mirror writes)")
-    a2.plot(x, [r["prefill_h2d_bytes"] / 2**20 for r in rows], "s-", label="host-to-device (working set)")
+    a2.plot(x, [r["prefill_h2d_bytes"] / 2**20 for r in rows], "s-", label="host-to-device (read-back)")
     a2.set_xlabel("prompt tokens")
     a2.set_ylabel("MiB")
     a2.set_title("prefill host traffic", fontsize=9)

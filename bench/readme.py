@@ -490,12 +490,33 @@ def _bounds_were_float(d: dict) -> bool:
     return d.get("benchmark") not in INT8_BOUNDS_UNAFFECTED and d.get("created_unix", 0) < INT8_BOUNDS_SINCE
 
 
+# Until this time (unix seconds) ``triattention_mode`` defaulted to "per_head" (one keep-set per KV
+# head for every layer); since then (0.2.6) each layer keeps its own tokens per KV head
+# ("per_layer_per_head"), with the same device share at a budget. A file from before it says so,
+# unless its benchmark compacts nothing under the defaults (the kvpress fidelity tables take
+# flashmem's row from the current fidelity files).
+KEEP_PER_LAYER_SINCE = 1796697892
+KEEP_PER_LAYER_UNAFFECTED = ("prepare-cost", "bandwidth", "kvpress_fidelity", "freed_blocks")
+KEEP_WAS_SHARED = (
+    'run when `triattention_mode` defaulted to "per_head", one keep-set per KV head for every layer '
+    '(before 0.2.6; now "per_layer_per_head", at the same share)'
+)
+
+
+def _keep_was_shared(d: dict) -> bool:
+    return (
+        d.get("benchmark") not in KEEP_PER_LAYER_UNAFFECTED
+        and d.get("created_unix", 0) < KEEP_PER_LAYER_SINCE
+    )
+
+
 def _stamp_old(d: dict) -> str:
     """What has changed in the defaults since ``d`` ran ("" for a current run), joined by "; "."""
     old = [AUTO_WAS_LEARNED] if _auto_was_learned(d) else []
     old += [RECALL_WAS_SHARED] if _recall_was_shared(d) else []
     old += [INTERVAL_WAS_128] if _interval_was_128(d) else []
     old += [BOUNDS_WERE_FLOAT] if _bounds_were_float(d) else []
+    old += [KEEP_WAS_SHARED] if _keep_was_shared(d) else []
     return "; ".join(old)
 
 

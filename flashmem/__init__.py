@@ -45,7 +45,7 @@ __all__ = [
     "wrap",
     *_LAZY,
 ]
-__version__ = "0.2.5"
+__version__ = "0.2.6"
 
 
 def __getattr__(name: str):

@@ -49,7 +49,8 @@ CONFIG_HELP = {
     "recent_tokens": "most recent tokens, never evicted",
     "sink_tokens": "first tokens, never evicted",
     "protect_prompt": "never evict prompt tokens (only generated tokens compete for the budget)",
-    "triattention_mode": "one keep-set per KV head shared by all layers, or one per layer and head",
+    "triattention_mode": "one keep-set per layer and KV head, or per_head: one per KV head shared by all "
+    "layers (default: per_layer_per_head; per_head with --recall-mode shared)",
     "stats_path": "TriAttention calibration stats written by 'flashmem calibrate' (.safetensors), or "
     "'prompt' to derive them from the prompt (default: those 'flashmem prepare' stored for the model, "
     "else the shipped ones when they fit, else derived from the prompt)",

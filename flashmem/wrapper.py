@@ -463,17 +463,18 @@ class FlashMemModel:
         """Positions held by the working slots, per KV head: host tensors (read back from the
         device: called at compaction and recall refreshes only, never per decode step), or with
         ``on_device`` tensors on the pool's device (no read-back)."""
-        pos = self._working_table()[0]
+        pos = self._working_table()[0]  # shared recall runs with one keep-set for every layer
         if not on_device:
             pos = pos.cpu()
         return [pos[:, h] for h in range(self.num_kv_heads)]
 
     def _working_table(self) -> torch.Tensor:
-        """Positions held by the working slots ``[1, n, H_kv]`` on the pool's device (every layer keeps
-        the same tokens: recall needs ``triattention_mode='per_head'``), no read-back."""
+        """Positions held by the working slots on the pool's device, no read-back: ``[1, n, H_kv]``
+        when every layer keeps the same tokens (``triattention_mode='per_head'``), else ``[L, n,
+        H_kv]`` (each layer its own keep-set)."""
         cache = self.cache
-        _, _, pos = cache.paged.gather(cache.seq_id, 0)
-        return pos[None]
+        per_layer = self.policy is not None and self.policy.mode == "per_layer_per_head"
+        return cache.paged.positions(cache.seq_id, None if per_layer else range(1))
 
     def _refresh_recall(self) -> None:
         """Pick the chunks for the next ``lookahead`` steps and make them resident now (the copies

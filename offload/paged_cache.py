@@ -254,6 +254,20 @@ class PagedKVCache:
         table = self.block_table_tensor(seq_id).long()
         return table[slots // self.block_size] * self.block_size + slots % self.block_size
 
+    def positions(self, seq_id: int, layers: range | None = None) -> torch.Tensor:
+        """True positions ``[len(layers), S, H_kv]`` of the sequence's occupied slots in slot order, for
+        ``layers`` (default: every layer); where the tensors live, no K/V read."""
+        pool = self.pool
+        slot_index = self.slot_indices(seq_id)
+        flat = pool.num_blocks * pool.block_size
+        layers = range(pool.num_layers) if layers is None else layers
+        return torch.stack(
+            [
+                pool.positions[layer].view(flat, pool.num_kv_heads).index_select(0, slot_index)
+                for layer in layers
+            ]
+        )
+
     def gather(
         self, seq_id: int, layer: int, include_pending: bool = False, slot_index: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

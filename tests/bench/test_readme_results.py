@@ -86,6 +86,8 @@ def test_runs_from_before_the_auto_switch_say_which_indexer_they_used():
         ("INTERVAL_64_SINCE", "INTERVAL_WAS_128", "fidelity", "bandwidth"),
         # runs from before the int8 bounds say that the bounds were floats
         ("INT8_BOUNDS_SINCE", "BOUNDS_WERE_FLOAT", "memory", "freed_blocks"),
+        # runs from before per-layer keep-sets say that one keep-set served every layer
+        ("KEEP_PER_LAYER_SINCE", "KEEP_WAS_SHARED", "ruler", "bandwidth"),
     ],
 )
 def test_runs_from_before_a_default_changed_say_what_they_ran_under(since, note, affected, unaffected):
@@ -250,7 +252,7 @@ def test_passkey_trials_lead_with_the_budget_only_run_and_name_a_stale_one(tmp_p
     import json
 
     (tmp_path / "passkey_trials_4k_full.json").write_text(json.dumps(_trials({}, 5, None)))
-    now = readme.INT8_BOUNDS_SINCE + 1
+    now = readme.KEEP_PER_LAYER_SINCE + 1
     (tmp_path / "passkey_trials_4k_default.json").write_text(
         json.dumps(_trials({"budget_tokens": 256}, 5, now))
     )

@@ -80,7 +80,7 @@ def test_int_fields_refuse_other_types_saying_what_to_pass(name, value, exc, wor
         ({"protect_prompt": np.bool_(True)}, TypeError, "protect_prompt must be True or False"),
         ({"host_mirror": "yes"}, TypeError, "host_mirror must be True, False or None"),
         ({"prefill": 1}, TypeError, "prefill must be a string"),
-        ({"triattention_mode": None}, TypeError, "triattention_mode must be a string"),
+        ({"triattention_mode": 0}, TypeError, "triattention_mode must be a string"),
         ({"stats_path": 3}, TypeError, "stats_path must be a non-empty path"),
         ({"stats_path": ""}, TypeError, "stats_path must be a non-empty path"),
         ({"stats_path": "no/such/stats.safetensors"}, ValueError, "stats_path 'no/such/stats.safetensors' is not a file"),

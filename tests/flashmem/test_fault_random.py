@@ -120,7 +120,7 @@ FIELDS = {  # name: (values that are valid on their own, invalid or boundary val
     "recent_tokens": ([0, 8, 8, 16, 32], [-1, 8.0, None]),
     "sink_tokens": ([0, 4, 4, 16], [-1, "4"]),
     "protect_prompt": ([False, False, True], [1, "yes", None]),
-    "triattention_mode": (["per_head", "per_head", "per_layer_per_head"], ["global", "", None]),
+    "triattention_mode": ([None, "per_head", "per_head", "per_layer_per_head"], ["global", "", 0]),
     "stats_path": (["tiny"] * 9 + [None], [None]),
     "attention_backend": (["auto"] * 60 + ["torch"] * 38 + ["triton"], ["cuda", "TORCH", None]),
     "host_mirror": ([None, None, True, False], [1, "on"]),
@@ -157,6 +157,9 @@ def config_error(kw: dict) -> bool:
         return True
     if kw["prefetch_steps"] and kw["recall_mode"] == "per_layer_per_head":
         return True  # only shared recall prefetches
+    kw = dict(kw)
+    if kw["triattention_mode"] is None:  # the default: per layer, per KV head under shared recall
+        kw["triattention_mode"] = "per_head" if kw["recall_mode"] == "shared" else "per_layer_per_head"
     for name, choices in CHOICES.items():
         if kw[name] not in choices:
             return True
@@ -177,7 +180,7 @@ def config_error(kw: dict) -> bool:
         if (
             kw["chunk_size"] % kw["block_size"]
             or not mirror_enabled(kw)
-            or kw["triattention_mode"] != "per_head"
+            or (kw["triattention_mode"] != "per_head" and kw["recall_mode"] == "shared")
         ):
             return True
     if budget is not None and kw["prefill"] == "exact" and kw["triattention_mode"] == "per_head":

@@ -135,21 +135,30 @@ def test_summaries_and_tail_mass_equal_a_dense_pass(tmp_path):
     assert fm.recall._observed.shape == (2, 2, math.ceil(T / cs))
 
 
+@pytest.mark.parametrize("mode", ["per_head", "per_layer_per_head"])
 @pytest.mark.parametrize("T", [400, 1600])
-def test_prefill_traffic_and_device_memory_are_bounded(T, model_and_stats):
-    """Host-to-device bytes: the working set only (budget rows per layer), whatever the prompt
-    length; device KV during the pass: at most one layer's prompt K/V beside the pool."""
+def test_prefill_traffic_and_device_memory_are_bounded(T, mode, model_and_stats):
+    """Host-to-device bytes: the working set only (budget rows per layer) when one keep-set serves
+    every layer (it is known once every layer has been scored, and read back from the mirror), none
+    when each layer keeps its own (written from the layer's buffer), whatever the prompt length;
+    device KV during the pass: at most one layer's prompt K/V beside the pool."""
     model, stats = model_and_stats  # 2 layers, 2 KV heads, head_dim 16, fp32
     budget = 64
     config = flashmem.FlashMemConfig(
-        budget_tokens=budget, stats_path=stats, chunk_size=16, recent_tokens=16, prefill_chunk_tokens=128
+        budget_tokens=budget,
+        stats_path=stats,
+        chunk_size=16,
+        recent_tokens=16,
+        prefill_chunk_tokens=128,
+        triattention_mode=mode,
     )
     fm = flashmem.wrap(model, config)
     ids = torch.randint(0, 128, (1, T), generator=torch.Generator().manual_seed(4))
     fm.generate(ids, 1, eos_token_id=None, progress=False)
     mirror = fm.mirror.traffic()
     row = 2 * 16 * 4  # H_kv x D x fp32
-    assert mirror["h2d_bytes"] == 2 * 2 * budget * row  # K and V, 2 layers, budget rows
+    # K and V, 2 layers, budget rows
+    assert mirror["h2d_bytes"] == (2 * 2 * budget * row if mode == "per_head" else 0)
     assert mirror["d2h_bytes"] == 2 * 2 * T * row  # every prompt row written once
     layer_kv = 2 * T * row
     report = fm.memory_report()

@@ -90,6 +90,8 @@ def test_random_sweep_of_budgets_intervals_chunks_and_modes_stays_within_the_poo
         kw["recall_mode"] = (
             "shared" if kw["prefetch_steps"] else "per_layer_per_head"
         )  # only shared prefetches
+        if kw["recall_mode"] == "per_layer_per_head":  # shared recall needs one keep-set for all layers
+            kw["triattention_mode"] = rng.choice(["per_head", "per_layer_per_head"])
         # compaction every token over a long prompt is slow on a CPU and adds nothing new
         if kw["compaction_interval"] < 7 and (kw["prefill_chunk_tokens"] or kw["compaction_interval"]) < 64:
             continue

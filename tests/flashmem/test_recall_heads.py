@@ -21,7 +21,14 @@ def test_query_independent_ranking_gives_exactly_what_shared_recall_gives(model_
     for mode in ("shared", "per_layer_per_head"):
         fm = flashmem.wrap(
             model,
-            budget_config(indexer="recency", chunk_budget=3, lookahead=8, observe_tokens=0, recall_mode=mode),
+            budget_config(
+                indexer="recency",
+                chunk_budget=3,
+                lookahead=8,
+                observe_tokens=0,
+                recall_mode=mode,
+                triattention_mode="per_head",  # the same working set under both modes
+            ),
         )
         out = fm.generate(ids, 60, eos_token_id=None, collect_logits=True)
         r = fm.memory_report()
@@ -114,16 +121,30 @@ def test_per_head_prefill_mass_equals_brute_force_attention(model_and_stats, bud
         torch.testing.assert_close(observed[layer], expected, rtol=1e-4, atol=1e-6)
 
 
-def test_no_token_is_attended_twice_in_any_layer_or_head(model_and_stats, budget_config):
+@pytest.mark.parametrize("triattention_mode", ["per_head", "per_layer_per_head"])
+def test_no_token_is_attended_twice_in_any_layer_or_head(model_and_stats, budget_config, triattention_mode):
+    """Recalled slots drop the tokens the working set of their own layer and head holds, also when
+    every layer keeps its own tokens (``triattention_mode="per_layer_per_head"``)."""
     model, _ = model_and_stats
-    fm = flashmem.wrap(model, budget_config(indexer="quest", chunk_budget=3, lookahead=8, **PER_HEAD))
-    fm.generate(torch.randint(0, 128, (1, 160)), 90, eos_token_id=None)
+    fm = flashmem.wrap(
+        model,
+        budget_config(
+            indexer="quest", chunk_budget=3, lookahead=8, triattention_mode=triattention_mode, **PER_HEAD
+        ),
+    )
+    fm.generate(
+        torch.randint(0, 128, (1, 160), generator=torch.Generator().manual_seed(14)), 90, eos_token_id=None
+    )
     cache, pool = fm.cache, fm.pool
     blocks, valid = fm.offload.resident_blocks()
     assert blocks.numel() == 3 * (16 // pool.block_size) and fm.memory_report()["compactions"] > 0
+    works = [cache.paged.gather(cache.seq_id, layer)[2] for layer in range(pool.num_layers)]
+    assert torch.equal(cache.paged.positions(cache.seq_id), torch.stack(works))
+    # per layer and head, the layers' keep-sets differ (else this shows nothing beyond per_head)
+    assert any(not torch.equal(w, works[0]) for w in works) == (triattention_mode == "per_layer_per_head")
     recalled = 0
     for layer in range(pool.num_layers):
-        _, _, work = cache.paged.gather(cache.seq_id, layer)
+        work = works[layer]
         for h in range(pool.num_kv_heads):
             seen = work[:, h].tolist()
             extra = [
@@ -140,6 +161,14 @@ def test_no_token_is_attended_twice_in_any_layer_or_head(model_and_stats, budget
                     if p >= 0:
                         assert torch.equal(pool.keys[layer][b, slot, h], fm.mirror.keys[layer][p, h])
     assert recalled > 0
+
+
+def test_shared_recall_needs_one_keep_set_for_every_layer():
+    with pytest.raises(ValueError, match="recall_mode='per_layer_per_head'"):
+        flashmem.FlashMemConfig(
+            budget_tokens=256, recall_mode="shared", triattention_mode="per_layer_per_head"
+        )
+    flashmem.FlashMemConfig(budget_tokens=256, triattention_mode="per_layer_per_head")  # per-head recall
 
 
 def test_per_head_recall_refuses_prefetch():
