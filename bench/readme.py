@@ -453,13 +453,6 @@ RECALL_WAS_SHARED = (
 )
 
 
-def _recall_was_shared(d: dict) -> bool:
-    return (
-        d.get("benchmark") not in SHARED_RECALL_UNAFFECTED
-        and d.get("created_unix", 0) < RECALL_PER_HEAD_SINCE
-    )
-
-
 # Until this time (unix seconds) ``compaction_interval`` defaulted to 128; since then (0.2.4) to 64,
 # which at the same budget reserves 64 fewer pool slots. A file from before it says so, unless its
 # benchmark does not depend on the interval (the kvpress fidelity tables take flashmem's row from the
@@ -467,10 +460,6 @@ def _recall_was_shared(d: dict) -> bool:
 INTERVAL_64_SINCE = 1796654000
 INTERVAL_UNAFFECTED = ("prepare-cost", "bandwidth", "kvpress_fidelity")
 INTERVAL_WAS_128 = "run when `compaction_interval` defaulted to 128 (before 0.2.4)"
-
-
-def _interval_was_128(d: dict) -> bool:
-    return d.get("benchmark") not in INTERVAL_UNAFFECTED and d.get("created_unix", 0) < INTERVAL_64_SINCE
 
 
 # Until this time (unix seconds) Quest's chunk bounds were stored in the model's dtype (1.56% of the
@@ -486,10 +475,6 @@ BOUNDS_WERE_FLOAT = (
 )
 
 
-def _bounds_were_float(d: dict) -> bool:
-    return d.get("benchmark") not in INT8_BOUNDS_UNAFFECTED and d.get("created_unix", 0) < INT8_BOUNDS_SINCE
-
-
 # Until this time (unix seconds) ``triattention_mode`` defaulted to "per_head" (one keep-set per KV
 # head for every layer); since then (0.2.6) each layer keeps its own tokens per KV head
 # ("per_layer_per_head"), with the same device share at a budget. A file from before it says so,
@@ -503,20 +488,23 @@ KEEP_WAS_SHARED = (
 )
 
 
-def _keep_was_shared(d: dict) -> bool:
-    return (
-        d.get("benchmark") not in KEEP_PER_LAYER_UNAFFECTED
-        and d.get("created_unix", 0) < KEEP_PER_LAYER_SINCE
-    )
+# (since, benchmarks it does not touch, note): a run of another benchmark created before ``since``
+# (or undated) ran under the former default, which ``note`` names.
+DEFAULT_CHANGES = (
+    (RECALL_PER_HEAD_SINCE, SHARED_RECALL_UNAFFECTED, RECALL_WAS_SHARED),
+    (INTERVAL_64_SINCE, INTERVAL_UNAFFECTED, INTERVAL_WAS_128),
+    (INT8_BOUNDS_SINCE, INT8_BOUNDS_UNAFFECTED, BOUNDS_WERE_FLOAT),
+    (KEEP_PER_LAYER_SINCE, KEEP_PER_LAYER_UNAFFECTED, KEEP_WAS_SHARED),
+)
 
 
 def _stamp_old(d: dict) -> str:
     """What has changed in the defaults since ``d`` ran ("" for a current run), joined by "; "."""
     old = [AUTO_WAS_LEARNED] if _auto_was_learned(d) else []
-    old += [RECALL_WAS_SHARED] if _recall_was_shared(d) else []
-    old += [INTERVAL_WAS_128] if _interval_was_128(d) else []
-    old += [BOUNDS_WERE_FLOAT] if _bounds_were_float(d) else []
-    old += [KEEP_WAS_SHARED] if _keep_was_shared(d) else []
+    when, benchmark = d.get("created_unix", 0), d.get("benchmark")
+    old += [
+        note for since, unaffected, note in DEFAULT_CHANGES if benchmark not in unaffected and when < since
+    ]
     return "; ".join(old)
 
 
