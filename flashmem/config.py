@@ -206,9 +206,8 @@ class FlashMemConfig:
         self.protect_prompt = _bool_field("protect_prompt", self.protect_prompt)
         self.host_mirror = _bool_field("host_mirror", self.host_mirror, allow_none=True)
         self.cuda_graph = _bool_field("cuda_graph", self.cuda_graph)
-        if self.triattention_mode is None:
-            shared = isinstance(self.recall_mode, str) and self.recall_mode == "shared"
-            self.triattention_mode = "per_head" if shared else "per_layer_per_head"
+        if self.triattention_mode is None:  # recall_mode's type is checked below; == is safe on any value
+            self.triattention_mode = "per_head" if self.recall_mode == "shared" else "per_layer_per_head"
         _check_choice("triattention_mode", self.triattention_mode, TRIATTENTION_MODES)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_choice("index_backend", self.index_backend, INDEX_BACKENDS)
